@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random LLaMA checkpoints, SmolLM2, and a real vLLM engine per call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+# Engines in tests: float32 (bf16 takes a CPU path that crashes on some machines),
+# a 1 GiB KV cache, and a private compile cache.
+ENGINE_DEFAULTS = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_env(tmp_path_factory):
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm_cache")))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6) -> Path:
+    """A random LLaMA: 4 heads of 32 (2 KV heads) so tensor parallelism 2 divides it.
+
+    Weights are drawn with a large scale so logits are peaked: greedy choices are
+    then far from ties and exact comparisons between implementations are fair.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from vllm_early_exit.assets import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+def tiny_prompts(n: int, length: int = 17, seed: int = 1) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(length + i)] for i in range(n)]
+
+
+def run_engine(
+    model: Path,
+    requests: list[tuple[list[int], int]],
+    *,
+    early_exit: dict | None = None,
+    batched: bool = False,
+    env: dict | None = None,
+    timeout: int = 600,
+    **engine,
+) -> dict:
+    """Starts a real vLLM engine in a fresh process and greedily decodes ``requests``.
+
+    Returns ``{"outputs": [token ids per request], "stats": [per rank] (early exit only)}``.
+    """
+    kwargs = {**ENGINE_DEFAULTS, "skip_tokenizer_init": True, **engine}
+    if early_exit is not None:
+        kwargs["additional_config"] = {"early_exit": early_exit}
+    spec = {
+        "model": str(model),
+        "engine": kwargs,
+        "requests": [[list(p), n] for p, n in requests],
+        "batched": batched,
+        "stats": early_exit is not None or "hf_overrides" in engine,
+    }
+    work = Path(os.environ["VLLM_CACHE_ROOT"]).parent
+    spec_path = work / f"spec_{os.getpid()}_{id(spec)}.json"
+    result_path = spec_path.with_suffix(".out.json")
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "engine_runner.py"), str(spec_path), str(result_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(result_path.read_text())

@@ -1,0 +1,125 @@
+"""An independent early-exit reference written on HF transformers.
+
+Greedy decoding with the weights of an HF ``LlamaForCausalLM``, its own K/V
+cache and attention, and the early-exit rule of the product: the prompt runs
+at full depth; every decode token leaves after ``exit_layer``; the deeper
+layers get K/V at that position from the exit-layer residual stream (state
+propagation), or, with ``propagate=False``, get none (later tokens attend only
+to the positions those layers really computed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class ReferenceDecoder:
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        self.model = model.eval().float()
+        cfg = model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos, sin = self.model.model.rotary_emb(x, positions[None])
+        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        return q[0], k[0]
+
+    def _project_kv(self, layer, x_normed, positions):
+        attn = layer.self_attn
+        t = x_normed.shape[0]
+        q = attn.q_proj(x_normed).view(t, self.num_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x_normed).view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x_normed).view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        q, k = self._rotate(x_normed, positions, q, k)
+        return q, k, v
+
+    def _attention(self, index, layer, x_normed, positions, cache):
+        q, k, v = self._project_kv(layer, x_normed, positions)
+        keys, values, key_pos = cache[index]
+        keys = torch.cat([keys, k], dim=1)
+        values = torch.cat([values, v], dim=1)
+        key_pos = torch.cat([key_pos, positions])
+        cache[index] = (keys, values, key_pos)
+        group = self.num_heads // self.num_kv_heads
+        keys = keys.repeat_interleave(group, dim=0)
+        values = values.repeat_interleave(group, dim=0)
+        scores = (q @ keys.transpose(1, 2)) * self.head_dim**-0.5
+        mask = key_pos[None, :] <= positions[:, None]
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ values
+        out = out.transpose(0, 1).reshape(x_normed.shape[0], -1)
+        return layer.self_attn.o_proj(out)
+
+    def _readout(self, hidden):
+        return self.model.lm_head(self.model.model.norm(hidden[-1:]))[0]
+
+    def _step(self, token_ids, positions, cache, exit_layers, threshold, propagate):
+        """One forward; returns (greedy token, exit layer or None, max-prob per check layer)."""
+        hidden = self.model.model.embed_tokens(token_ids)
+        layers = self.model.model.layers
+        exit_layer, confidences = None, {}
+        for index, layer in enumerate(layers):
+            hidden = hidden + self._attention(
+                index, layer, layer.input_layernorm(hidden), positions, cache
+            )
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            if index in exit_layers:
+                confidence = float(torch.softmax(self._readout(hidden), -1).max())
+                confidences[index] = confidence
+                if confidence >= threshold:
+                    exit_layer = index
+                    break
+        if exit_layer is not None and propagate:
+            for index in range(exit_layer + 1, self.num_layers):
+                layer = layers[index]
+                _, k, v = self._project_kv(layer, layer.input_layernorm(hidden), positions)
+                keys, values, key_pos = cache[index]
+                cache[index] = (
+                    torch.cat([keys, k], dim=1),
+                    torch.cat([values, v], dim=1),
+                    torch.cat([key_pos, positions]),
+                )
+        return int(self._readout(hidden).argmax()), exit_layer, confidences
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        exit_layers: tuple[int, ...] = (),
+        threshold: float = 0.0,
+        propagate: bool = True,
+    ) -> Trace:
+        """Greedy decoding with the max-prob rule at ``exit_layers`` for decode tokens.
+
+        ``threshold=0`` forces every decode token out at the first check layer.
+        """
+        empty = torch.empty(self.num_kv_heads, 0, self.head_dim)
+        cache = [(empty, empty, torch.empty(0, dtype=torch.long)) for _ in range(self.num_layers)]
+        token, _, _ = self._step(torch.tensor(prompt), torch.arange(len(prompt)), cache, (), 0.0, True)
+        trace = Trace([token], [], [])
+        while len(trace.tokens) < max_new_tokens:
+            position = torch.tensor([len(prompt) + len(trace.tokens) - 1])
+            token, exit_layer, confidences = self._step(
+                torch.tensor([token]), position, cache, exit_layers, threshold, propagate
+            )
+            trace.tokens.append(token)
+            trace.exit_layers.append(exit_layer)
+            trace.confidences.append(confidences)
+        return trace
+
+
+@dataclass
+class Trace:
+    """Greedy tokens, and per decode token its exit layer (None: full depth) and max-probs."""
+
+    tokens: list[int]
+    exit_layers: list[int | None]
+    confidences: list[dict[int, float]]

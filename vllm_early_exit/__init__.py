@@ -1,0 +1,31 @@
+"""vllm-early-exit: early-exit decoding for LLaMA-family models in vLLM.
+
+vLLM calls :func:`register` in every process through the
+``vllm.general_plugins`` entry point. It registers the model class lazily (by
+``"module:Class"`` string) and installs the engine hooks in ``engine``.
+"""
+
+from .config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError
+from .stats import ExitStats, get_exit_stats, reset_exit_stats
+
+__all__ = [
+    "CONFIG_KEY",
+    "EarlyExitConfig",
+    "EarlyExitConfigError",
+    "ExitStats",
+    "get_exit_stats",
+    "register",
+    "reset_exit_stats",
+]
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    from .engine import ARCHITECTURE, MODEL_CLASS, install_hooks
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    install_hooks()

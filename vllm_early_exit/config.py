@@ -1,0 +1,186 @@
+"""Early-exit settings: the one place where they are parsed and validated.
+
+Users pass the settings as the ``early_exit`` entry of vLLM's
+``additional_config`` (offline ``LLM(..., additional_config={"early_exit": {...}})``,
+or ``--additional-config`` / ``--early-exit-config`` on the command line).
+Everything that can be checked without the model is checked in
+:meth:`EarlyExitConfig.from_dict`; the layer indices are checked against the
+model's depth in :meth:`EarlyExitConfig.exit_layers_for`. Both run at engine
+start-up, before any request is served.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+CONFIG_KEY = "early_exit"
+
+# Signal name -> how ``threshold`` is read for it.
+SIGNALS: dict[str, str] = {
+    "max_prob": "exit when the top-1 probability >= threshold (0 <= threshold <= 1)",
+    "margin": "exit when top-1 minus top-2 probability >= threshold (0 <= threshold <= 1)",
+    "entropy": "exit when the entropy of the distribution (nats) <= threshold (threshold >= 0)",
+}
+
+POLICIES: dict[str, str] = {
+    "all": "the step leaves at a layer only when every logits row is confident there",
+    "quorum": "the step leaves when at least a share `quorum` of the rows is confident",
+}
+
+
+class EarlyExitConfigError(ValueError):
+    """An early-exit setting is invalid. The message names the key and what is allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> EarlyExitConfigError:
+    return EarlyExitConfigError(
+        f"early_exit.{key}={value!r} is invalid: {allowed}."
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Validated early-exit settings.
+
+    Attributes:
+        enabled: run exit checks at all. ``False`` gives plain full-depth decoding.
+        signal: confidence signal read from a layer's residual stream through the
+            final norm and the shared LM head (see ``SIGNALS``).
+        threshold: confidence threshold; its meaning depends on ``signal``.
+        min_layer: first layer (0-based) where checks run when ``exit_layers`` is
+            not given. Default: half the stack.
+        exit_layers: layers (0-based) after which checks run. Default: every layer
+            from ``min_layer`` to the second-to-last.
+        policy: how per-row confidence becomes a decision for the step (see ``POLICIES``).
+        quorum: share of rows that must be confident, for ``policy="quorum"``.
+        log_interval_s: seconds between the engine's early-exit log lines (0: never).
+    """
+
+    enabled: bool = True
+    signal: str = "max_prob"
+    threshold: float = 0.9
+    min_layer: int | None = None
+    exit_layers: tuple[int, ...] | None = None
+    policy: str = "all"
+    quorum: float = 0.75
+    log_interval_s: float = 10.0
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> "EarlyExitConfig":
+        """Parses and checks a settings dict (``None`` or ``{}`` gives the defaults)."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise EarlyExitConfigError(
+                f"early_exit settings must be a JSON object (dict), got {type(raw).__name__}."
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise EarlyExitConfigError(
+                f"unknown early_exit setting(s) {unknown}; allowed keys are {sorted(known)}."
+            )
+        values = dict(raw)
+
+        enabled = values.get("enabled", cls.enabled)
+        if not isinstance(enabled, bool):
+            raise _fail("enabled", enabled, "expected true or false")
+
+        signal = values.get("signal", cls.signal)
+        if signal not in SIGNALS:
+            raise _fail("signal", signal, f"allowed values are {sorted(SIGNALS)}")
+
+        threshold = values.get("threshold", cls.threshold)
+        if not _is_number(threshold) or not math.isfinite(threshold):
+            raise _fail("threshold", threshold, "expected a finite number")
+        if signal in ("max_prob", "margin") and not 0.0 <= threshold <= 1.0:
+            raise _fail("threshold", threshold, f"for signal {signal!r} it must lie in [0, 1]")
+        if signal == "entropy" and threshold < 0.0:
+            raise _fail("threshold", threshold, "for signal 'entropy' it must be >= 0 (nats)")
+
+        min_layer = values.get("min_layer", cls.min_layer)
+        if min_layer is not None and (not _is_int(min_layer) or min_layer < 0):
+            raise _fail("min_layer", min_layer, "expected a layer index >= 0")
+
+        exit_layers = values.get("exit_layers", cls.exit_layers)
+        if exit_layers is not None:
+            if isinstance(exit_layers, (str, bytes)) or not isinstance(exit_layers, (list, tuple)):
+                raise _fail("exit_layers", exit_layers, "expected a list of layer indices")
+            if not exit_layers or not all(_is_int(x) and x >= 0 for x in exit_layers):
+                raise _fail("exit_layers", exit_layers, "expected a non-empty list of layer indices >= 0")
+            if min_layer is not None:
+                raise EarlyExitConfigError(
+                    "early_exit.min_layer and early_exit.exit_layers are exclusive: "
+                    "give the first layer or the list of layers, not both."
+                )
+            exit_layers = tuple(sorted(set(exit_layers)))
+
+        policy = values.get("policy", cls.policy)
+        if policy not in POLICIES:
+            raise _fail("policy", policy, f"allowed values are {sorted(POLICIES)}")
+
+        quorum = values.get("quorum", cls.quorum)
+        if not _is_number(quorum) or not 0.0 < quorum <= 1.0:
+            raise _fail("quorum", quorum, "expected a share in (0, 1]")
+        if "quorum" in values and policy != "quorum":
+            raise _fail("quorum", quorum, "it only applies with policy 'quorum'")
+
+        log_interval_s = values.get("log_interval_s", cls.log_interval_s)
+        if not _is_number(log_interval_s) or log_interval_s < 0:
+            raise _fail("log_interval_s", log_interval_s, "expected seconds >= 0 (0 turns logging off)")
+
+        return cls(
+            enabled=enabled,
+            signal=signal,
+            threshold=float(threshold),
+            min_layer=min_layer,
+            exit_layers=exit_layers,
+            policy=policy,
+            quorum=float(quorum),
+            log_interval_s=float(log_interval_s),
+        )
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EarlyExitConfig":
+        """Reads the ``early_exit`` entry of vLLM's ``additional_config``."""
+        return cls.from_dict((additional_config or {}).get(CONFIG_KEY))
+
+    def exit_layers_for(self, num_layers: int) -> tuple[int, ...]:
+        """The layers after which checks run, checked against the model's depth.
+
+        A check after the last layer would save nothing, so the last allowed
+        index is ``num_layers - 2``.
+        """
+        last = num_layers - 2
+        if self.exit_layers is not None:
+            bad = [x for x in self.exit_layers if x > last]
+            if bad:
+                raise _fail(
+                    "exit_layers", list(self.exit_layers),
+                    f"this model has {num_layers} layers, so exit layers must lie in [0, {last}]",
+                )
+            return self.exit_layers
+        first = num_layers // 2 if self.min_layer is None else self.min_layer
+        if first > last:
+            raise _fail(
+                "min_layer", self.min_layer,
+                f"this model has {num_layers} layers, so min_layer must lie in [0, {last}]",
+            )
+        return tuple(range(first, last + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.exit_layers is not None:
+            data["exit_layers"] = list(self.exit_layers)
+        return {k: v for k, v in data.items() if v is not None}

@@ -1,0 +1,126 @@
+"""How the plugin hooks into vLLM's engine set-up.
+
+Two hooks, both installed by ``register()``:
+
+* ``EngineArgs.create_engine_config`` is wrapped so that ``early_exit``
+  settings in ``additional_config`` alone select the early-exit architecture
+  (an ``hf_overrides`` entry, as if the user had written it).
+* ``MODELS_CONFIG_MAP`` gets an entry for the early-exit architecture. vLLM
+  calls it while it builds the ``VllmConfig`` (in the process that starts the
+  engine, before any worker exists): it checks the model and the settings and
+  adapts the engine settings that early exit needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from .config import CONFIG_KEY, EarlyExitConfig
+from .stats import WORKER_EXTENSION
+
+logger = logging.getLogger("vllm_early_exit")
+
+ARCHITECTURE = "EarlyExitLlamaForCausalLM"
+MODEL_CLASS = "vllm_early_exit.model:EarlyExitLlamaForCausalLM"
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def wants_early_exit(additional_config: Any) -> bool:
+    return isinstance(additional_config, dict) and CONFIG_KEY in additional_config
+
+
+def select_architecture(hf_overrides: Any) -> Any:
+    """``hf_overrides`` with the early-exit architecture, unless the user chose one."""
+    if callable(hf_overrides):
+
+        def override(config):
+            config = hf_overrides(config)
+            config.architectures = [ARCHITECTURE]
+            return config
+
+        return override
+    overrides = dict(hf_overrides or {})
+    overrides.setdefault("architectures", [ARCHITECTURE])
+    return overrides
+
+
+def _wrap_create_engine_config(original):
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        if wants_early_exit(self.additional_config):
+            # Fail on bad settings before vLLM loads anything.
+            EarlyExitConfig.from_additional_config(self.additional_config)
+            self.hf_overrides = select_architecture(self.hf_overrides)
+        return original(self, *args, **kwargs)
+
+    create_engine_config.__early_exit_hook__ = True
+    return create_engine_config
+
+
+def _model_config_hook():
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class EarlyExitModelConfig(VerifyAndUpdateConfig):
+        """Checks and adapts the engine settings for the early-exit model."""
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            verify_and_update(vllm_config)
+
+    return EarlyExitModelConfig
+
+
+def verify_and_update(vllm_config) -> None:
+    """Start-up checks and the engine settings early exit needs.
+
+    Raises ``ValueError`` (an ``EarlyExitConfigError`` for bad settings) with a
+    message that names the setting and what is allowed.
+    """
+    model_config = vllm_config.model_config
+    hf_config = model_config.hf_config
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"early exit supports LLaMA-family models (model_type {list(SUPPORTED_MODEL_TYPES)}); "
+            f"{model_config.model} has model_type {model_type!r}. Start it without early exit."
+        )
+    settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
+    settings.exit_layers_for(hf_config.num_hidden_layers)
+
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(
+            "early exit does not support pipeline parallelism "
+            f"(pipeline_parallel_size={parallel.pipeline_parallel_size}): the exit decision "
+            "needs the LM head at every check layer. Use tensor parallelism instead."
+        )
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            "early exit cannot be combined with speculative decoding: both change how "
+            "decode steps run the layer stack. Turn one of them off."
+        )
+    if not model_config.enforce_eager:
+        # The exit decision is a host-side branch between layers: no whole-model
+        # graph capture. vLLM derives its compilation settings from this flag.
+        logger.info("Early exit runs the model eagerly (enforce_eager=True).")
+        model_config.enforce_eager = True
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = WORKER_EXTENSION
+    elif parallel.worker_extension_cls != WORKER_EXTENSION:
+        logger.warning(
+            "worker_extension_cls=%s is set, so get_exit_stats() cannot read the counters.",
+            parallel.worker_extension_cls,
+        )
+
+
+def install_hooks() -> None:
+    """Installs both hooks once per process (``register()`` may be called again)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    if not getattr(EngineArgs.create_engine_config, "__early_exit_hook__", False):
+        EngineArgs.create_engine_config = _wrap_create_engine_config(EngineArgs.create_engine_config)
+    if ARCHITECTURE not in MODELS_CONFIG_MAP:
+        MODELS_CONFIG_MAP[ARCHITECTURE] = _model_config_hook()
