@@ -5,13 +5,14 @@ vLLM calls :func:`register` in every process through the
 ``"module:Class"`` string) and installs the engine hooks in ``engine``.
 """
 
-from .config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError
+from .config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
 from .stats import ExitStats, get_exit_stats, reset_exit_stats
 
 __all__ = [
     "CONFIG_KEY",
     "EarlyExitConfig",
     "EarlyExitConfigError",
+    "EarlyExitUnsupportedError",
     "ExitStats",
     "get_exit_stats",
     "register",

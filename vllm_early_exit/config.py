@@ -35,6 +35,10 @@ class EarlyExitConfigError(ValueError):
     """An early-exit setting is invalid. The message names the key and what is allowed."""
 
 
+class EarlyExitUnsupportedError(ValueError):
+    """The model or an engine setting cannot be combined with early exit (the message says why)."""
+
+
 def _fail(key: str, value: Any, allowed: str) -> EarlyExitConfigError:
     return EarlyExitConfigError(
         f"early_exit.{key}={value!r} is invalid: {allowed}."

