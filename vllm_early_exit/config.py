@@ -11,6 +11,7 @@ start-up, before any request is served.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -159,6 +160,28 @@ class EarlyExitConfig:
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EarlyExitConfig":
         """Reads the ``early_exit`` entry of vLLM's ``additional_config``."""
         return cls.from_dict((additional_config or {}).get(CONFIG_KEY))
+
+    @classmethod
+    def from_cli_value(cls, value: str) -> dict[str, Any]:
+        """The ``--early-exit-config`` value: inline JSON, or the path of a JSON file.
+
+        Returns the raw dict after checking it, so it can travel in ``additional_config``.
+        """
+        text = value.strip()
+        if not text.startswith("{"):
+            try:
+                with open(text, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:
+                raise EarlyExitConfigError(
+                    f"--early-exit-config {value!r}: not inline JSON and not a readable file ({exc.strerror})."
+                ) from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EarlyExitConfigError(f"--early-exit-config {value!r}: invalid JSON ({exc}).") from None
+        cls.from_dict(raw)
+        return raw
 
     def exit_layers_for(self, num_layers: int) -> tuple[int, ...]:
         """The layers after which checks run, checked against the model's depth.
