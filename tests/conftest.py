@@ -24,7 +24,7 @@ def _vllm_env(tmp_path_factory):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6) -> Path:
+def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6, vocab_size: int = 512) -> Path:
     """A random LLaMA: 4 heads of 32 (2 KV heads) so tensor parallelism 2 divides it.
 
     Weights are drawn with a large scale so logits are peaked: greedy choices are
@@ -35,7 +35,7 @@ def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6) -> Path:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=512,
+        vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=layers,
@@ -54,6 +54,18 @@ def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, smollm2) -> Path:
+    """A tiny random LLaMA with SmolLM2's tokenizer and chat template, for the server."""
+    import shutil
+
+    path = make_tiny_llama(tmp_path_factory.mktemp("tiny_chat_llama"), seed=3, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2 / name).exists():
+            shutil.copy(smollm2 / name, path / name)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -125,6 +125,10 @@ def _wrap_from_cli_args(original):
                 )
             additional.setdefault(CONFIG_KEY, settings)
             args.additional_config = additional
+        if wants_early_exit(getattr(args, "additional_config", None)):
+            from .metrics import enable_server_metrics
+
+            enable_server_metrics()
         return original.__func__(cls, args, *rest, **kwargs)
 
     from_cli_args.__early_exit_hook__ = True

@@ -19,6 +19,7 @@ from .batch import current_decode_batch
 from .config import EarlyExitConfig
 from .decision import ExitDecider, LogitReadout
 from .kv_fill import KVPropagator, check_kv_fill_supported
+from .metrics import SharedCounters
 from .stats import ExitStats, PeriodicStatsLogger
 
 
@@ -39,8 +40,13 @@ class EarlyExitLlamaModel(LlamaModel):
         self.decider = ExitDecider(config, num_layers)
         self.kv_fill = KVPropagator(self.layers)
         self.exit_stats = ExitStats(num_layers)
-        self.stats_logger = PeriodicStatsLogger(
-            config.log_interval_s, enabled=config.enabled and get_tensor_model_parallel_rank() == 0
+        first_rank = get_tensor_model_parallel_rank() == 0
+        self.stats_logger = PeriodicStatsLogger(config.log_interval_s, enabled=config.enabled and first_rank)
+        served = vllm_config.model_config.served_model_name
+        self.shared_counters = (
+            SharedCounters.from_env(served if isinstance(served, str) else served[0], num_layers)
+            if config.enabled and first_rank
+            else None
         )
         if config.enabled:
             check_kv_fill_supported(self.layers[self.start_layer : self.end_layer])
@@ -73,6 +79,8 @@ class EarlyExitLlamaModel(LlamaModel):
 
         self.exit_stats.record(exit_layer, rows)
         self.stats_logger.maybe_log(self.exit_stats)
+        if self.shared_counters is not None:
+            self.shared_counters.publish(self.exit_stats)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
