@@ -75,6 +75,37 @@ def smollm2() -> Path:
     return smollm2_checkpoint()
 
 
+@pytest.fixture(scope="session")
+def reference(tiny_llama):
+    """The independent HF-transformers early-exit reference on the tiny model."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .reference import ReferenceDecoder
+
+    return ReferenceDecoder(LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+
+
+NEW_TOKENS = 24
+# Threshold exits at layers 1 and 3 on the tiny model: some tokens leave, later
+# ones go full depth and read the K/V that state propagation wrote for them.
+MIXED = {"exit_layers": [1, 3], "threshold": 0.5}
+
+
+@pytest.fixture(scope="session")
+def mixed_traces(reference):
+    """Prompts and the reference's traces for ``MIXED``."""
+    prompts = tiny_prompts(3, seed=7)
+    traces = [
+        reference.generate(p, NEW_TOKENS, exit_layers=tuple(MIXED["exit_layers"]), threshold=MIXED["threshold"])
+        for p in prompts
+    ]
+    # No decision of the reference sits near the threshold, so float noise cannot flip one.
+    margins = [abs(c - MIXED["threshold"]) for t in traces for step in t.confidences for c in step.values()]
+    assert min(margins) > 1e-3
+    return prompts, traces
+
+
 def tiny_prompts(n: int, length: int = 17, seed: int = 1) -> list[list[int]]:
     import random
 
@@ -84,7 +115,7 @@ def tiny_prompts(n: int, length: int = 17, seed: int = 1) -> list[list[int]]:
 
 def run_engine(
     model: Path,
-    requests: list[tuple[list[int], int]],
+    requests: list[tuple],
     *,
     early_exit: dict | None = None,
     batched: bool = False,
@@ -92,7 +123,8 @@ def run_engine(
     timeout: int = 600,
     **engine,
 ) -> dict:
-    """Starts a real vLLM engine in a fresh process and greedily decodes ``requests``.
+    """Starts a real vLLM engine in a fresh process and greedily decodes ``requests``:
+    ``(prompt token ids, max new tokens)`` or ``(..., SamplingParams.extra_args)``.
 
     Returns ``{"outputs": [token ids per request], "stats": [per rank] (early exit only)}``.
     """
@@ -102,7 +134,7 @@ def run_engine(
     spec = {
         "model": str(model),
         "engine": kwargs,
-        "requests": [[list(p), n] for p, n in requests],
+        "requests": [[list(r[0]), r[1], r[2] if len(r) > 2 else None] for r in requests],
         "batched": batched,
         "stats": early_exit is not None or "hf_overrides" in engine,
     }

@@ -2,7 +2,8 @@
 
 Usage: python engine_runner.py SPEC.json RESULT.json
 
-SPEC: {"model": dir, "engine": {LLM kwargs}, "requests": [[prompt_token_ids, max_tokens], ...],
+SPEC: {"model": dir, "engine": {LLM kwargs},
+       "requests": [[prompt_token_ids, max_tokens, extra_args or null], ...],
        "batched": false, "stats": true}
 Requests run one at a time unless "batched" is true, so each is decoded alone
 and its schedule is deterministic. RESULT: {"outputs": [[token ids]], "stats": [per rank]}.
@@ -20,16 +21,15 @@ def main(spec_path: str, result_path: str) -> None:
     llm = LLM(spec["model"], **spec["engine"])
     requests = spec["requests"]
 
-    def params(max_tokens):
-        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    def params(request):
+        _, max_tokens, extra_args = request
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra_args)
 
-    prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
+    prompts = [{"prompt_token_ids": r[0]} for r in requests]
     if spec.get("batched"):
-        outs = llm.generate(prompts, [params(n) for _, n in requests], use_tqdm=False)
+        outs = llm.generate(prompts, [params(r) for r in requests], use_tqdm=False)
     else:
-        outs = [
-            llm.generate([p], params(n), use_tqdm=False)[0] for p, (_, n) in zip(prompts, requests)
-        ]
+        outs = [llm.generate([p], params(r), use_tqdm=False)[0] for p, r in zip(prompts, requests)]
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outs]}
     if spec.get("stats"):
         from vllm_early_exit import get_exit_stats

@@ -12,17 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from .conftest import run_engine, tiny_prompts
-from .reference import ReferenceDecoder
-
-NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama) -> ReferenceDecoder:
-    from transformers import LlamaForCausalLM
-
-    return ReferenceDecoder(LlamaForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32))
+from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
 
 
 def exit_counts(traces, num_layers: int) -> list[int]:
@@ -73,21 +63,10 @@ def test_forced_exit_matches_reference(tiny_llama, reference, layer):
     assert stats["mean_layers"] == pytest.approx(layer + 1)
 
 
-MIXED = {"exit_layers": [1, 3], "threshold": 0.5}
-
-
 @pytest.fixture(scope="module")
-def mixed_run(tiny_llama, reference):
-    """Threshold exits at layers 1 and 3: some tokens leave, later ones go full depth
-    and read the K/V that state propagation wrote for the early ones."""
-    prompts = tiny_prompts(3, seed=7)
-    traces = [
-        reference.generate(p, NEW_TOKENS, exit_layers=tuple(MIXED["exit_layers"]), threshold=MIXED["threshold"])
-        for p in prompts
-    ]
-    # No decision of the reference sits near the threshold, so float noise cannot flip one.
-    margins = [abs(c - MIXED["threshold"]) for t in traces for step in t.confidences for c in step.values()]
-    assert min(margins) > 1e-3
+def mixed_run(tiny_llama, mixed_traces):
+    """The engine on the mixed case: (prompts, reference traces, engine result)."""
+    prompts, traces = mixed_traces
     result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=MIXED)
     return prompts, traces, result
 

@@ -133,3 +133,46 @@ def test_bad_early_exit_config_stops_the_server(tiny_chat_llama, config, message
     assert proc.returncode != 0
     assert re.search(message, proc.stdout + proc.stderr)
     assert "Starting vLLM API server" not in proc.stdout + proc.stderr
+
+
+def test_request_with_early_exit_off_is_plain_vllm_while_others_exit(server, client, tiny_chat_llama):
+    model = str(tiny_chat_llama)
+    prompt = list(range(2000, 2020))
+    before = _counters(server, model)
+
+    def plain_request():
+        return client.completions.create(
+            model=model, prompt=prompt, max_tokens=16, temperature=0,
+            extra_body={"ignore_eos": True, "vllm_xargs": {"early_exit_enabled": False}},
+        )
+
+    def exiting_request(i: int):
+        return client.completions.create(
+            model=model, prompt=[3000 + i] * 12, max_tokens=32, temperature=0,
+            # Threshold 0 for these: they leave at the first check layer whenever they can.
+            extra_body={"ignore_eos": True, "vllm_xargs": {"early_exit_threshold": 0.0}},
+        )
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        others = [pool.submit(exiting_request, i) for i in range(4)]
+        off = pool.submit(plain_request).result()
+        [f.result() for f in others]
+
+    reference = run_engine(tiny_chat_llama, [(prompt, 16)])["outputs"][0]
+    served = client.completions.create(
+        model=model, prompt=prompt, max_tokens=16, temperature=0, logprobs=0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"early_exit_enabled": False}, "return_token_ids": True},
+    )
+    assert served.choices[0].token_ids == reference
+    assert off.choices[0].text == served.choices[0].text
+    assert _counters(server, model)["early"] > before["early"], "the other requests should have exited"
+
+
+def test_bad_request_settings_get_http_400(client, tiny_chat_llama):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="early_exit.threshold"):
+        client.completions.create(
+            model=str(tiny_chat_llama), prompt="hi", max_tokens=4,
+            extra_body={"vllm_xargs": {"early_exit_threshold": -1}},
+        )

@@ -211,3 +211,67 @@ class EarlyExitConfig:
         if self.exit_layers is not None:
             data["exit_layers"] = list(self.exit_layers)
         return {k: v for k, v in data.items() if v is not None}
+
+
+FLAT_REQUEST_KEYS = {"early_exit_enabled": "enabled", "early_exit_threshold": "threshold"}
+
+
+def _flag(key: str, value: Any) -> bool:
+    """true/false, also as 1/0 or "true"/"false" (the OpenAI API's vllm_xargs carry no booleans)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise EarlyExitConfigError(f"{key}={value!r} is invalid: expected true or false.")
+
+
+@dataclass(frozen=True)
+class RequestEarlyExit:
+    """One request's own early-exit settings, from ``SamplingParams.extra_args``.
+
+    Offline: ``extra_args={"early_exit": {"enabled": False}}`` or
+    ``{"early_exit": {"threshold": 0.5}}``. Through the OpenAI API, whose
+    ``vllm_xargs`` hold only flat values: ``"vllm_xargs": {"early_exit_enabled": false}``
+    or ``{"early_exit_threshold": 0.5}``; the flat keys also work offline.
+    ``enabled: false`` keeps every step this request is in at full depth, so its
+    greedy output is token-identical to plain vLLM. ``threshold`` replaces the
+    engine's threshold for this request's rows (read as the engine's signal reads it).
+    """
+
+    enabled: bool = True
+    threshold: float | None = None
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> "RequestEarlyExit | None":
+        """None when the request carries no early-exit settings."""
+        extra_args = extra_args or {}
+        nested = extra_args.get(CONFIG_KEY)
+        flat = {FLAT_REQUEST_KEYS[k]: v for k, v in extra_args.items() if k in FLAT_REQUEST_KEYS}
+        if nested is None and not flat:
+            return None
+        if nested is not None and flat:
+            raise EarlyExitConfigError(
+                "per-request early-exit settings given twice: use extra_args['early_exit'] "
+                f"or the flat keys {sorted(FLAT_REQUEST_KEYS)}, not both."
+            )
+        if nested is not None and not isinstance(nested, Mapping):
+            raise EarlyExitConfigError(
+                f"extra_args.early_exit={nested!r} is invalid: expected an object with keys "
+                "'enabled' and/or 'threshold'."
+            )
+        raw = dict(nested) if nested is not None else flat
+        unknown = sorted(set(raw) - {"enabled", "threshold"})
+        if unknown:
+            raise EarlyExitConfigError(
+                f"unknown per-request early_exit setting(s) {unknown}; allowed keys are ['enabled', 'threshold']."
+            )
+        enabled = _flag("early_exit.enabled", raw.get("enabled", True))
+        threshold = raw.get("threshold")
+        if threshold is not None and (not _is_number(threshold) or not math.isfinite(threshold) or threshold < 0):
+            raise EarlyExitConfigError(
+                f"early_exit.threshold={threshold!r} in the request is invalid: expected a finite number >= 0 "
+                "(read as the engine's signal reads its threshold)."
+            )
+        return cls(enabled=enabled, threshold=None if threshold is None else float(threshold))

@@ -44,15 +44,18 @@ class ExitDecider:
     def __init__(self, config: EarlyExitConfig, num_layers: int) -> None:
         self.enabled = config.enabled
         self.check_layers = frozenset(config.exit_layers_for(num_layers))
-        self.signal = make_signal(config.signal, config.threshold)
+        self.threshold = config.threshold
+        self.signal = make_signal(config.signal)
         self.policy = make_policy(config.policy, config.quorum)
         self.readout: LogitReadout | None = None
 
     def bind_readout(self, readout: LogitReadout) -> None:
         self.readout = readout
 
-    def should_exit(self, stream: torch.Tensor) -> bool:
-        """``stream``: residual stream (hidden + residual) of the logits rows."""
+    def should_exit(self, stream: torch.Tensor, thresholds: torch.Tensor | None = None) -> bool:
+        """``stream``: residual stream (hidden + residual) of the logits rows;
+        ``thresholds``: per-row thresholds, None for the engine's."""
         assert self.readout is not None, "the LM head was not bound to the exit decider"
-        confident = self.signal.confident(self.readout(stream))
+        threshold = self.threshold if thresholds is None else thresholds
+        confident = self.signal.confident(self.readout(stream), threshold)
         return self.policy.should_exit(confident)

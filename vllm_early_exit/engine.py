@@ -1,6 +1,6 @@
 """How the plugin hooks into vLLM's engine set-up.
 
-Three hooks, all installed by ``register()``:
+Four hooks, all installed by ``register()``:
 
 * ``EngineArgs.add_cli_args`` / ``from_cli_args`` are wrapped to add
   ``--enable-early-exit`` and ``--early-exit-config`` to ``vllm serve`` and to
@@ -14,6 +14,8 @@ Three hooks, all installed by ``register()``:
   calls it while it builds the ``VllmConfig`` (in the process that starts the
   engine, before any worker exists): it checks the model and the settings and
   adapts the engine settings that early exit needs.
+* ``SamplingParams._verify_args`` is wrapped to check a request's own
+  ``extra_args["early_exit"]`` when the request is made (HTTP 400 on the server).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ import logging
 from dataclasses import fields
 from typing import Any
 
-from .config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
+from .config import (
+    CONFIG_KEY,
+    EarlyExitConfig,
+    EarlyExitConfigError,
+    EarlyExitUnsupportedError,
+    RequestEarlyExit,
+)
 from .stats import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
@@ -135,6 +143,18 @@ def _wrap_from_cli_args(original):
     return classmethod(from_cli_args)
 
 
+def _wrap_verify_args(original):
+    @functools.wraps(original)
+    def _verify_args(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        # Per-request settings are checked when the request is admitted (HTTP 400
+        # from the server), never in the middle of a decode step.
+        RequestEarlyExit.from_extra_args(self.extra_args)
+
+    _verify_args.__early_exit_hook__ = True
+    return _verify_args
+
+
 def _early_exit_cause(exc: BaseException) -> ValueError | None:
     own = (EarlyExitConfigError, EarlyExitUnsupportedError)
     if isinstance(exc, own):
@@ -207,11 +227,14 @@ def install_hooks() -> None:
     """Installs the hooks once per process (``register()`` may be called again)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.sampling_params import SamplingParams
 
     if not getattr(EngineArgs.add_cli_args, "__early_exit_hook__", False):
         EngineArgs.add_cli_args = staticmethod(_wrap_add_cli_args(EngineArgs.add_cli_args))
         EngineArgs.from_cli_args = _wrap_from_cli_args(EngineArgs.from_cli_args)
     if not getattr(EngineArgs.create_engine_config, "__early_exit_hook__", False):
         EngineArgs.create_engine_config = _wrap_create_engine_config(EngineArgs.create_engine_config)
+    if not getattr(SamplingParams._verify_args, "__early_exit_hook__", False):
+        SamplingParams._verify_args = _wrap_verify_args(SamplingParams._verify_args)
     if ARCHITECTURE not in MODELS_CONFIG_MAP:
         MODELS_CONFIG_MAP[ARCHITECTURE] = _model_config_hook()

@@ -20,6 +20,7 @@ from .config import EarlyExitConfig
 from .decision import ExitDecider, LogitReadout
 from .kv_fill import KVPropagator, check_kv_fill_supported
 from .metrics import SharedCounters
+from .requests import RequestRows
 from .stats import ExitStats, PeriodicStatsLogger
 
 
@@ -48,6 +49,7 @@ class EarlyExitLlamaModel(LlamaModel):
             if config.enabled and first_rank
             else None
         )
+        self.request_rows = RequestRows.of_loading_runner() if config.enabled else None
         if config.enabled:
             check_kv_fill_supported(self.layers[self.start_layer : self.end_layer])
 
@@ -63,26 +65,40 @@ class EarlyExitLlamaModel(LlamaModel):
         if batch is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
+        rows = batch.num_tokens
+        row_settings = (
+            self.request_rows.settings(rows, self.decider.threshold, positions.device)
+            if self.request_rows is not None
+            else None
+        )
+        if row_settings is not None and row_settings.any_disabled:
+            # A request turned early exit off: the whole step runs at full depth.
+            self._count(None, rows)
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        thresholds = row_settings.thresholds if row_settings is not None else None
+
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
-        rows = batch.num_tokens
         exit_layer = None
         for index in range(self.start_layer, self.end_layer):
             hidden_states, residual = self.layers[index](positions, hidden_states, residual)
             if index in self.decider.check_layers:
                 # A new tensor: the fused add+norm of the next layer works in place.
                 stream = hidden_states + residual
-                if self.decider.should_exit(stream[:rows]):
+                if self.decider.should_exit(stream[:rows], thresholds):
                     self.kv_fill.fill(positions, stream, range(index + 1, self.end_layer))
                     exit_layer = index
                     break
 
+        self._count(exit_layer, rows)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def _count(self, exit_layer: int | None, rows: int) -> None:
         self.exit_stats.record(exit_layer, rows)
         self.stats_logger.maybe_log(self.exit_stats)
         if self.shared_counters is not None:
             self.shared_counters.publish(self.exit_stats)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
 
 
 class EarlyExitLlamaForCausalLM(LlamaForCausalLM):

@@ -1,7 +1,7 @@
 """Exit signals: per-row confidence read from a layer's logits.
 
-Each signal is a small object with one method, ``confident(logits)``, that
-returns a boolean per row. The logits are those of the final norm and the
+Each signal is a small object with one method, ``confident(logits, threshold)``,
+that returns a boolean per row; ``threshold`` is a number or one per row. The logits are those of the final norm and the
 shared LM head applied to an intermediate layer's residual stream, so no
 signal here adds parameters to the model.
 """
@@ -18,11 +18,8 @@ class ExitSignal(ABC):
 
     name: str
 
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-
     @abstractmethod
-    def confident(self, logits: torch.Tensor) -> torch.Tensor:
+    def confident(self, logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
         """Boolean tensor ``[rows]``: True where the row may leave at this layer."""
 
 
@@ -31,9 +28,9 @@ class MaxProbSignal(ExitSignal):
 
     name = "max_prob"
 
-    def confident(self, logits: torch.Tensor) -> torch.Tensor:
+    def confident(self, logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=-1)
-        return probs.amax(dim=-1) >= self.threshold
+        return probs.amax(dim=-1) >= threshold
 
 
 class MarginSignal(ExitSignal):
@@ -41,9 +38,9 @@ class MarginSignal(ExitSignal):
 
     name = "margin"
 
-    def confident(self, logits: torch.Tensor) -> torch.Tensor:
+    def confident(self, logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
         top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
-        return (top2[:, 0] - top2[:, 1]) >= self.threshold
+        return (top2[:, 0] - top2[:, 1]) >= threshold
 
 
 class EntropySignal(ExitSignal):
@@ -51,10 +48,10 @@ class EntropySignal(ExitSignal):
 
     name = "entropy"
 
-    def confident(self, logits: torch.Tensor) -> torch.Tensor:
+    def confident(self, logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-        return entropy <= self.threshold
+        return entropy <= threshold
 
 
 _SIGNALS: dict[str, type[ExitSignal]] = {
@@ -62,6 +59,6 @@ _SIGNALS: dict[str, type[ExitSignal]] = {
 }
 
 
-def make_signal(name: str, threshold: float) -> ExitSignal:
+def make_signal(name: str) -> ExitSignal:
     """Builds the signal named in the settings (names are validated in ``config``)."""
-    return _SIGNALS[name](threshold)
+    return _SIGNALS[name]()

@@ -1,0 +1,60 @@
+"""Per-request control: a request's own early-exit threshold, or early exit off."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_early_exit.config import EarlyExitConfigError, RequestEarlyExit
+
+from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
+
+FORCED = {"exit_layers": [1, 3], "threshold": 0.0}
+
+
+def test_request_with_early_exit_off_matches_plain_vllm_in_a_mixed_batch(tiny_llama):
+    """Request 0 turns early exit off; the others leave at layer 1 whenever they can."""
+    prompts = tiny_prompts(4, seed=21)
+    off = {"early_exit": {"enabled": False}}
+    requests = [(prompts[0], 12, off)] + [(p, NEW_TOKENS) for p in prompts[1:]]
+    early = run_engine(tiny_llama, requests, batched=True, early_exit=FORCED)
+    plain = run_engine(tiny_llama, [(p, n) for p, n, *_ in requests], batched=True)
+    assert early["outputs"][0] == plain["outputs"][0]
+    # The others did exit once request 0 was done, so their outputs differ from plain.
+    assert early["stats"][0]["early_exit_tokens"] > 0
+    assert early["outputs"][1:] != plain["outputs"][1:]
+
+
+def test_request_threshold_replaces_the_engine_threshold(tiny_llama, mixed_traces):
+    """The engine forces exits (threshold 0); requests that ask for threshold 0.5 decode
+    exactly as an engine whose threshold is 0.5 (checked against the HF reference there)."""
+    prompts, traces = mixed_traces
+    flat = {"early_exit_threshold": MIXED["threshold"]}  # the OpenAI API's vllm_xargs spelling
+    nested = {"early_exit": {"threshold": MIXED["threshold"]}}
+    result = run_engine(
+        tiny_llama,
+        [(prompts[0], NEW_TOKENS, flat), (prompts[1], NEW_TOKENS, nested), (prompts[2], NEW_TOKENS)],
+        early_exit=FORCED,
+    )
+    assert result["outputs"][:2] == [t.tokens for t in traces[:2]]
+    # The third request has no settings of its own: it leaves at layer 1 every step.
+    assert result["outputs"][2] != traces[2].tokens
+
+
+@pytest.mark.parametrize(
+    "extra_args,message",
+    [
+        ({"early_exit": {"threshold": "high"}}, "early_exit.threshold='high'"),
+        ({"early_exit_enabled": "maybe"}, "early_exit.enabled='maybe'"),
+        ({"early_exit": {"depth": 3}}, "unknown per-request early_exit setting"),
+        ({"early_exit": {"enabled": False}, "early_exit_threshold": 0.5}, "given twice"),
+    ],
+)
+def test_bad_request_settings_are_refused_when_the_request_is_made(extra_args, message):
+    import vllm_early_exit
+    from vllm import SamplingParams
+
+    vllm_early_exit.register()  # what vLLM does in every process
+    with pytest.raises(EarlyExitConfigError, match=message):
+        SamplingParams(max_tokens=4, extra_args=extra_args)
+    with pytest.raises(EarlyExitConfigError, match=message):
+        RequestEarlyExit.from_extra_args(extra_args)

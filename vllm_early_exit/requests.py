@@ -1,0 +1,72 @@
+"""Per-request early-exit settings of the rows of the running step.
+
+vLLM hands a model no per-request parameters: the model runner keeps them
+(``runner.requests[req_id].sampling_params``) and the row order of a step
+(``runner.input_batch.req_ids``). ``RequestRows`` reads both. It finds the
+runner once, while the runner is loading the model (the model is constructed
+inside ``runner.load_model``), and keeps that reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .config import EarlyExitConfigError, RequestEarlyExit
+
+logger = logging.getLogger("vllm_early_exit")
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """The step's per-row settings, when any row has its own."""
+
+    any_disabled: bool
+    """Some row must not leave early: the step runs at full depth."""
+    thresholds: torch.Tensor | None
+    """Per-row thresholds (float32, ``[rows]``), or None when every row uses the engine's."""
+
+
+class RequestRows:
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self._cache: dict[str, RequestEarlyExit | None] = {}
+
+    @classmethod
+    def of_loading_runner(cls) -> "RequestRows | None":
+        """The model runner up the call stack (the one loading this model), if any."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if hasattr(candidate, "input_batch") and hasattr(candidate, "requests"):
+                return cls(candidate)
+            frame = frame.f_back
+        logger.warning("Early exit: no model runner found; per-request settings are ignored.")
+        return None
+
+    def _settings(self, req_id: str) -> RequestEarlyExit | None:
+        if req_id not in self._cache:
+            state = self.runner.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            try:
+                settings = RequestEarlyExit.from_extra_args(getattr(params, "extra_args", None))
+            except EarlyExitConfigError as exc:  # admission checks these; never fail a step
+                logger.warning("Early exit: ignoring settings of request %s: %s", req_id, exc)
+                settings = None
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[req_id] = settings
+        return self._cache[req_id]
+
+    def settings(self, rows: int, default_threshold: float, device: torch.device) -> RowSettings | None:
+        """Settings of the first ``rows`` rows; None when all of them use the engine's."""
+        per_row = [self._settings(req_id) for req_id in self.runner.input_batch.req_ids[:rows]]
+        if all(s is None for s in per_row):
+            return None
+        if any(s is not None and not s.enabled for s in per_row):
+            return RowSettings(any_disabled=True, thresholds=None)
+        values = [default_threshold if s is None or s.threshold is None else s.threshold for s in per_row]
+        return RowSettings(any_disabled=False, thresholds=torch.tensor(values, dtype=torch.float32, device=device))
