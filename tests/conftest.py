@@ -118,7 +118,7 @@ def run_engine(
     requests: list[tuple],
     *,
     early_exit: dict | None = None,
-    batched: bool = False,
+    batched: bool | str = False,
     env: dict | None = None,
     timeout: int = 600,
     **engine,

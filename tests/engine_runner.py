@@ -6,7 +6,8 @@ SPEC: {"model": dir, "engine": {LLM kwargs},
        "requests": [[prompt_token_ids, max_tokens, extra_args or null], ...],
        "batched": false, "stats": true}
 Requests run one at a time unless "batched" is true, so each is decoded alone
-and its schedule is deterministic. RESULT: {"outputs": [[token ids]], "stats": [per rank]}.
+and its schedule is deterministic; "batched": "both" runs them one at a time,
+then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[token ids]], "stats": [per rank]}.
 """
 
 import json
@@ -26,11 +27,20 @@ def main(spec_path: str, result_path: str) -> None:
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra_args)
 
     prompts = [{"prompt_token_ids": r[0]} for r in requests]
-    if spec.get("batched"):
-        outs = llm.generate(prompts, [params(r) for r in requests], use_tqdm=False)
-    else:
-        outs = [llm.generate([p], params(r), use_tqdm=False)[0] for p, r in zip(prompts, requests)]
-    result = {"outputs": [list(o.outputs[0].token_ids) for o in outs]}
+
+    def batched():
+        return llm.generate(prompts, [params(r) for r in requests], use_tqdm=False)
+
+    def one_by_one():
+        return [llm.generate([p], params(r), use_tqdm=False)[0] for p, r in zip(prompts, requests)]
+
+    def token_ids(outs):
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    mode = spec.get("batched")
+    result = {"outputs": token_ids(batched() if mode is True else one_by_one())}
+    if mode == "both":
+        result["outputs_batched"] = token_ids(batched())
     if spec.get("stats"):
         from vllm_early_exit import get_exit_stats
 

@@ -29,6 +29,7 @@ SIGNALS: dict[str, str] = {
 POLICIES: dict[str, str] = {
     "all": "the step leaves at a layer only when every logits row is confident there",
     "quorum": "the step leaves when at least a share `quorum` of the rows is confident",
+    "per_token": "each confident row leaves on its own; the other rows go on",
 }
 
 

@@ -52,10 +52,21 @@ class ExitDecider:
     def bind_readout(self, readout: LogitReadout) -> None:
         self.readout = readout
 
-    def should_exit(self, stream: torch.Tensor, thresholds: torch.Tensor | None = None) -> bool:
-        """``stream``: residual stream (hidden + residual) of the logits rows;
-        ``thresholds``: per-row thresholds, None for the engine's."""
+    def rows_to_exit(
+        self,
+        stream: torch.Tensor,
+        thresholds: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Boolean ``[rows]``: the rows that leave after this layer.
+
+        ``stream``: residual stream (hidden + residual) of the rows still running;
+        ``thresholds``: their own thresholds (None: the engine's); ``allowed``:
+        False for rows that must not leave (None: all may).
+        """
         assert self.readout is not None, "the LM head was not bound to the exit decider"
         threshold = self.threshold if thresholds is None else thresholds
         confident = self.signal.confident(self.readout(stream), threshold)
-        return self.policy.should_exit(confident)
+        if allowed is not None:
+            confident = confident & allowed
+        return self.policy.rows_to_exit(confident)

@@ -66,36 +66,91 @@ class EarlyExitLlamaModel(LlamaModel):
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
         rows = batch.num_tokens
-        row_settings = (
+        settings = (
             self.request_rows.settings(rows, self.decider.threshold, positions.device)
             if self.request_rows is not None
             else None
         )
-        if row_settings is not None and row_settings.any_disabled:
-            # A request turned early exit off: the whole step runs at full depth.
+        thresholds = settings.thresholds if settings is not None else None
+        allowed = settings.allowed if settings is not None else None
+        if allowed is not None and not self.decider.policy.per_row:
+            # A request turned early exit off and the step leaves as a whole: full depth.
             self._count(None, rows)
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        thresholds = row_settings.thresholds if row_settings is not None else None
 
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
-        exit_layer = None
+        # Rows (of all the step's rows, padding included) still running; None: every row.
+        running: torch.Tensor | None = None
         for index in range(self.start_layer, self.end_layer):
-            hidden_states, residual = self.layers[index](positions, hidden_states, residual)
-            if index in self.decider.check_layers:
-                # A new tensor: the fused add+norm of the next layer works in place.
-                stream = hidden_states + residual
-                if self.decider.should_exit(stream[:rows], thresholds):
-                    self.kv_fill.fill(positions, stream, range(index + 1, self.end_layer))
-                    exit_layer = index
-                    break
+            layer = self.layers[index]
+            if running is None:
+                hidden_states, residual = layer(positions, hidden_states, residual)
+            else:
+                hidden_states, residual = self._run_layer_for(layer, positions, hidden_states, residual, running)
+            if index not in self.decider.check_layers:
+                continue
+            # A new tensor: the fused add+norm of the next layer works in place.
+            stream = hidden_states + residual
+            candidates = torch.arange(rows, device=stream.device) if running is None else running[running < rows]
+            leave = self.decider.rows_to_exit(
+                stream[candidates],
+                None if thresholds is None else thresholds[candidates],
+                None if allowed is None else allowed[candidates],
+            )
+            leaving = candidates[leave]
+            count = leaving.numel()  # the step's one host sync per check
+            if count == 0:
+                continue
+            self.exit_stats.record(index, count)
+            if count == candidates.numel():
+                # Every logits row has left: fill the deeper layers' K/V and stop.
+                self.kv_fill.fill(positions, stream, range(index + 1, self.end_layer))
+                self._publish()
+                hidden_states, _ = self.norm(hidden_states, residual)
+                return hidden_states
+            # Freeze the leaving rows: hidden 0 and residual = their stream, so every
+            # deeper layer's input norm sees the exit-layer stream (state propagation
+            # through the layer's own attention) and the final norm reads it.
+            hidden_states[leaving] = 0
+            residual[leaving] = stream[leaving]
+            still = torch.ones(hidden_states.shape[0], dtype=torch.bool, device=stream.device)
+            if running is not None:
+                still[:] = False
+                still[running] = True
+            still[leaving] = False
+            running = still.nonzero().squeeze(1)
 
-        self._count(exit_layer, rows)
+        self.exit_stats.record(None, rows if running is None else int((running < rows).sum()))
+        self._publish()
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
+    @staticmethod
+    def _run_layer_for(
+        layer: nn.Module,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        running: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoder layer where only ``running`` rows take the MLP.
+
+        Attention runs for every row: for frozen rows it writes K/V from their
+        exit-layer stream, which is what state propagation writes.
+        """
+        hidden_states, residual = layer.input_layernorm(hidden_states, residual)
+        hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden, res = layer.post_attention_layernorm(hidden_states[running], residual[running])
+        hidden = layer.mlp(hidden)
+        out = torch.zeros_like(hidden_states).index_copy_(0, running, hidden)
+        return out, residual.index_copy_(0, running, res)
+
     def _count(self, exit_layer: int | None, rows: int) -> None:
         self.exit_stats.record(exit_layer, rows)
+        self._publish()
+
+    def _publish(self) -> None:
         self.stats_logger.maybe_log(self.exit_stats)
         if self.shared_counters is not None:
             self.shared_counters.publish(self.exit_stats)

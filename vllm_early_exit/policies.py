@@ -1,7 +1,8 @@
-"""Exit policies: how per-row confidence becomes one decision for the step.
+"""Exit policies: which rows leave at a check layer, given which rows are confident.
 
-vLLM runs one batch through the layer stack, so the step leaves at a layer as
-a whole; the policy says when that is allowed.
+``all`` and ``quorum`` decide for the whole step (vLLM runs one batch through
+the stack); ``per_token`` lets each confident row leave on its own while the
+others go on, so a request's depth no longer depends on what it is batched with.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import torch
 
 class ExitPolicy(ABC):
     name: str
+    per_row: bool = False
+    """True when rows leave one by one; False when the step leaves as a whole."""
 
     @abstractmethod
-    def should_exit(self, confident: torch.Tensor) -> bool:
-        """``confident``: boolean ``[rows]``. True when the whole step may leave."""
+    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
+        """``confident``: boolean ``[rows]`` of the rows still running. Returns the rows that leave."""
 
 
 class AllPolicy(ExitPolicy):
@@ -24,8 +27,8 @@ class AllPolicy(ExitPolicy):
 
     name = "all"
 
-    def should_exit(self, confident: torch.Tensor) -> bool:
-        return bool(confident.all())
+    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
+        return confident.all().expand_as(confident)
 
 
 class QuorumPolicy(ExitPolicy):
@@ -36,12 +39,24 @@ class QuorumPolicy(ExitPolicy):
     def __init__(self, quorum: float) -> None:
         self.quorum = quorum
 
-    def should_exit(self, confident: torch.Tensor) -> bool:
-        return bool(confident.float().mean() >= self.quorum)
+    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
+        return (confident.float().mean() >= self.quorum).expand_as(confident)
+
+
+class PerTokenPolicy(ExitPolicy):
+    """Each confident row leaves; the rest continue."""
+
+    name = "per_token"
+    per_row = True
+
+    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
+        return confident
 
 
 def make_policy(name: str, quorum: float) -> ExitPolicy:
     """Builds the policy named in the settings (names are validated in ``config``)."""
     if name == "quorum":
         return QuorumPolicy(quorum)
+    if name == "per_token":
+        return PerTokenPolicy()
     return AllPolicy()

@@ -24,8 +24,8 @@ logger = logging.getLogger("vllm_early_exit")
 class RowSettings:
     """The step's per-row settings, when any row has its own."""
 
-    any_disabled: bool
-    """Some row must not leave early: the step runs at full depth."""
+    allowed: torch.Tensor | None
+    """False for rows whose request turned early exit off (``[rows]``), or None when all may leave."""
     thresholds: torch.Tensor | None
     """Per-row thresholds (float32, ``[rows]``), or None when every row uses the engine's."""
 
@@ -66,7 +66,12 @@ class RequestRows:
         per_row = [self._settings(req_id) for req_id in self.runner.input_batch.req_ids[:rows]]
         if all(s is None for s in per_row):
             return None
-        if any(s is not None and not s.enabled for s in per_row):
-            return RowSettings(any_disabled=True, thresholds=None)
+        allowed = [s is None or s.enabled for s in per_row]
         values = [default_threshold if s is None or s.threshold is None else s.threshold for s in per_row]
-        return RowSettings(any_disabled=False, thresholds=torch.tensor(values, dtype=torch.float32, device=device))
+        return RowSettings(
+            allowed=None if all(allowed) else torch.tensor(allowed, dtype=torch.bool, device=device),
+            thresholds=(
+                None if all(v == default_threshold for v in values)
+                else torch.tensor(values, dtype=torch.float32, device=device)
+            ),
+        )
