@@ -60,18 +60,28 @@ class ReferenceDecoder:
     def _readout(self, hidden):
         return self.model.lm_head(self.model.model.norm(hidden[-1:]))[0]
 
-    def _step(self, token_ids, positions, cache, exit_layers, threshold, propagate):
-        """One forward; returns (greedy token, exit layer or None, max-prob per check layer)."""
+    def _step(self, token_ids, positions, cache, exit_layers, threshold, propagate, vocab_top_k=None):
+        """One forward; returns (greedy token, exit layer or None, max-prob per check layer).
+
+        With ``vocab_top_k`` the first check keeps its top-K token ids and later checks
+        take the softmax over those tokens only.
+        """
         hidden = self.model.model.embed_tokens(token_ids)
         layers = self.model.model.layers
-        exit_layer, confidences = None, {}
+        exit_layer, confidences, shortlist = None, {}, None
         for index, layer in enumerate(layers):
             hidden = hidden + self._attention(
                 index, layer, layer.input_layernorm(hidden), positions, cache
             )
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if index in exit_layers:
-                confidence = float(torch.softmax(self._readout(hidden), -1).max())
+                logits = self._readout(hidden)
+                if vocab_top_k is not None:
+                    if shortlist is None:
+                        shortlist = logits.topk(vocab_top_k).indices
+                    else:
+                        logits = logits[shortlist]
+                confidence = float(torch.softmax(logits, -1).max())
                 confidences[index] = confidence
                 if confidence >= threshold:
                     exit_layer = index
@@ -96,6 +106,7 @@ class ReferenceDecoder:
         exit_layers: tuple[int, ...] = (),
         threshold: float = 0.0,
         propagate: bool = True,
+        vocab_top_k: int | None = None,
     ) -> Trace:
         """Greedy decoding with the max-prob rule at ``exit_layers`` for decode tokens.
 
@@ -108,7 +119,7 @@ class ReferenceDecoder:
         while len(trace.tokens) < max_new_tokens:
             position = torch.tensor([len(prompt) + len(trace.tokens) - 1])
             token, exit_layer, confidences = self._step(
-                torch.tensor([token]), position, cache, exit_layers, threshold, propagate
+                torch.tensor([token]), position, cache, exit_layers, threshold, propagate, vocab_top_k
             )
             trace.tokens.append(token)
             trace.exit_layers.append(exit_layer)

@@ -71,6 +71,8 @@ class EarlyExitConfig:
         policy: how per-row confidence becomes a decision for the step (see ``POLICIES``).
         quorum: share of rows that must be confident, for ``policy="quorum"``.
         log_interval_s: seconds between the engine's early-exit log lines (0: never).
+        vocab_top_k: dynamic vocabulary pruning: the first check of a step keeps each
+            row's top-K tokens and later checks score only those. None: full vocabulary.
     """
 
     enabled: bool = True
@@ -81,6 +83,7 @@ class EarlyExitConfig:
     policy: str = "all"
     quorum: float = 0.75
     log_interval_s: float = 10.0
+    vocab_top_k: int | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "EarlyExitConfig":
@@ -146,6 +149,10 @@ class EarlyExitConfig:
         if not _is_number(log_interval_s) or log_interval_s < 0:
             raise _fail("log_interval_s", log_interval_s, "expected seconds >= 0 (0 turns logging off)")
 
+        vocab_top_k = values.get("vocab_top_k", cls.vocab_top_k)
+        if vocab_top_k is not None and (not _is_int(vocab_top_k) or vocab_top_k < 2):
+            raise _fail("vocab_top_k", vocab_top_k, "expected a number of tokens >= 2, or null for the full vocabulary")
+
         return cls(
             enabled=enabled,
             signal=signal,
@@ -155,6 +162,7 @@ class EarlyExitConfig:
             policy=policy,
             quorum=float(quorum),
             log_interval_s=float(log_interval_s),
+            vocab_top_k=vocab_top_k,
         )
 
     @classmethod

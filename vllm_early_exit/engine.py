@@ -196,6 +196,11 @@ def verify_and_update(vllm_config) -> None:
         )
     settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
     settings.exit_layers_for(hf_config.num_hidden_layers)
+    if settings.vocab_top_k is not None and settings.vocab_top_k > hf_config.vocab_size:
+        raise EarlyExitConfigError(
+            f"early_exit.vocab_top_k={settings.vocab_top_k} is invalid: this model's vocabulary "
+            f"has {hf_config.vocab_size} tokens."
+        )
 
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
@@ -203,6 +208,11 @@ def verify_and_update(vllm_config) -> None:
             "early exit does not support pipeline parallelism "
             f"(pipeline_parallel_size={parallel.pipeline_parallel_size}): the exit decision "
             "needs the LM head at every check layer. Use tensor parallelism instead."
+        )
+    if settings.vocab_top_k is not None and parallel.tensor_parallel_size > 1:
+        raise EarlyExitUnsupportedError(
+            "early_exit.vocab_top_k does not support tensor parallelism yet (the LM head is "
+            "split across ranks); leave vocab_top_k unset with tensor_parallel_size > 1."
         )
     if vllm_config.speculative_config is not None:
         raise EarlyExitUnsupportedError(

@@ -78,6 +78,7 @@ class EarlyExitLlamaModel(LlamaModel):
             self._count(None, rows)
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
+        self.decider.begin_step()
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
         # Rows (of all the step's rows, padding included) still running; None: every row.
@@ -95,6 +96,7 @@ class EarlyExitLlamaModel(LlamaModel):
             candidates = torch.arange(rows, device=stream.device) if running is None else running[running < rows]
             leave = self.decider.rows_to_exit(
                 stream[candidates],
+                candidates,
                 None if thresholds is None else thresholds[candidates],
                 None if allowed is None else allowed[candidates],
             )
