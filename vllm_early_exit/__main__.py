@@ -10,6 +10,7 @@ import sys
 # command -> (module with add_arguments/run, help)
 COMMANDS = {
     "demo": ("vllm_early_exit.demo", "early exit vs plain vLLM on SmolLM2 and ShareGPT prompts"),
+    "bench": ("vllm_early_exit.bench", "speed benchmark against plain vLLM (JSON + Markdown + PNG)"),
 }
 
 

