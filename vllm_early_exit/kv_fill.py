@@ -32,6 +32,18 @@ def check_kv_fill_supported(layers: Sequence[nn.Module]) -> None:
             raise NotImplementedError("early exit does not support cross-layer KV sharing.")
 
 
+def _project_kv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v of ``x`` through the layer's own ``qkv_proj``.
+
+    The q rows are computed and dropped: slicing the weight would save them, but
+    platforms repack or quantize linear weights after loading (vLLM's CPU build
+    does), so only the layer's own forward is safe on every backend.
+    """
+    kv = attn.qkv_proj(x)[0][:, attn.q_size :]
+    k, v = kv.split([attn.kv_size, attn.kv_size], dim=-1)
+    return k, v
+
+
 class KVPropagator:
     """Fills the paged K/V of skipped layers from the exit layer's residual stream."""
 
@@ -42,9 +54,8 @@ class KVPropagator:
         for index in skipped:
             layer = self.layers[index]
             attn = layer.self_attn
-            qkv, _ = attn.qkv_proj(layer.input_layernorm(stream))
-            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-            _, k = attn.rotary_emb(positions, q, k)
+            k, v = _project_kv(attn, layer.input_layernorm(stream))
+            k, _ = attn.rotary_emb(positions, k.contiguous())  # rotary of k alone (no q)
             unified_kv_cache_update(
                 k.view(-1, attn.num_kv_heads, attn.head_dim),
                 v.view(-1, attn.num_kv_heads, attn.head_dim),
