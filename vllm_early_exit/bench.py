@@ -5,7 +5,8 @@ output length (``ignore_eos``), in rounds that alternate the engines, so drift
 of a shared machine hits all of them alike. Per engine and batch size it
 reports output tokens/s, the ratio to plain vLLM (default settings), mean
 depth, the ideal speedup (layers / mean depth) and the efficiency
-(measured ratio / ideal). Results go to JSON, Markdown and a PNG.
+(measured ratio / ideal). Only plain vLLM and one other engine are alive at a time; each engine's ratio is
+taken against the plain runs alternated with it. Results go to JSON, Markdown and a PNG.
 
 Modes (each an early-exit engine):
   forced_50 / forced_75   every decode token leaves at 50% / 75% depth (systems side)
@@ -16,6 +17,7 @@ Modes (each an early-exit engine):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -55,6 +57,8 @@ class Measurement:
     tokens: int
     seconds: float
     mean_layers: float
+    block: str = ""
+    """The engine whose block of alternated runs this one belongs to."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -109,38 +113,46 @@ def run_benchmark(
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = _prompts(tokenizer, max(batches), prompt_tokens)
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
-    # Several engines live side by side: give each a KV cache sized for the largest batch.
     common = {
         "dtype": dtype,
         "max_model_len": prompt_tokens + output_tokens + 16,
         "seed": 0,
-        "kv_cache_memory_bytes": 512 << 20,
     }
 
-    engines = {}
     modes = engine_modes(num_layers, smoke)
-    for name, settings in tqdm(modes.items(), desc="starting engines"):
-        kwargs = dict(common)
-        if name == "plain_eager":
-            kwargs["enforce_eager"] = True
-        if settings is not None:
-            kwargs["additional_config"] = {"early_exit": {**settings, "log_interval_s": 0}}
-        engines[name] = LLM(model, **kwargs)
+    plain = LLM(model, **common)
 
-    results: list[Measurement] = []
-    steps = [(b, r, name) for b in batches for r in range(rounds + 1) for name in engines]
-    for batch, round_index, name in tqdm(steps, desc="timed runs"):
-        llm = engines[name]
+    def timed(llm, name: str, batch: int) -> Measurement:
         if modes[name] is not None:
             reset_exit_stats(llm)
         start = time.perf_counter()
         outs = llm.generate(prompts[:batch], params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        if round_index == 0:
-            continue  # warm-up round for this batch size
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         depth = get_exit_stats(llm).mean_layers if modes[name] is not None else float(num_layers)
-        results.append(Measurement(name, batch, tokens, seconds, depth))
+        return Measurement(name, batch, tokens, seconds, depth)
+
+    # One engine besides plain vLLM at a time (memory), alternated with it run by
+    # run; every engine's ratio is taken against the plain runs of its own block.
+    results: list[Measurement] = []
+    others = [name for name in modes if name != "plain"]
+    for name in tqdm(others, desc="engines"):
+        kwargs = dict(common)
+        if name == "plain_eager":
+            kwargs["enforce_eager"] = True
+        if modes[name] is not None:
+            kwargs["additional_config"] = {"early_exit": {**modes[name], "log_interval_s": 0}}
+        llm = LLM(model, **kwargs)
+        for batch in batches:
+            for round_index in range(rounds + 1):
+                pair = [timed(plain, "plain", batch), timed(llm, name, batch)]
+                if round_index > 0:  # round 0 warms both engines up for this batch size
+                    for m in pair:
+                        m.block = name
+                    results.extend(pair)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
 
     report = summarize(results, num_layers)
     report["setup"] = {
@@ -160,28 +172,29 @@ def run_benchmark(
 
 
 def summarize(results: list[Measurement], num_layers: int) -> dict:
-    """Per engine and batch: tokens/s over all rounds, ratio to plain, depth, ideal, efficiency."""
+    """Per engine and batch: tokens/s over its rounds, ratio to the plain runs alternated with
+    it, mean depth, ideal speedup and efficiency. Plain vLLM's row pools all its runs."""
+
+    def tokens_per_s(ms: list[Measurement]) -> float:
+        return sum(m.tokens for m in ms) / sum(m.seconds for m in ms)
+
     rows = []
     for batch in sorted({m.batch for m in results}):
-        by_engine: dict[str, list[Measurement]] = {}
-        for m in results:
-            if m.batch == batch:
-                by_engine.setdefault(m.engine, []).append(m)
-        plain = by_engine["plain"]
-        plain_tps = sum(m.tokens for m in plain) / sum(m.seconds for m in plain)
-        for engine, ms in by_engine.items():
-            tps = sum(m.tokens for m in ms) / sum(m.seconds for m in ms)
+        at_batch = [m for m in results if m.batch == batch]
+        plain_all = [m for m in at_batch if m.engine == "plain"]
+        rows.append({
+            "engine": "plain", "batch": batch, "tokens_per_s": tokens_per_s(plain_all),
+            "ratio_vs_plain": 1.0, "mean_layers": float(num_layers), "ideal_speedup": 1.0, "efficiency": 1.0,
+        })
+        for engine in dict.fromkeys(m.engine for m in at_batch if m.engine != "plain"):
+            ms = [m for m in at_batch if m.engine == engine]
+            plain = [m for m in plain_all if m.block == engine]
             depth = sum(m.mean_layers for m in ms) / len(ms)
+            ratio = tokens_per_s(ms) / tokens_per_s(plain)
             ideal = num_layers / depth
-            ratio = tps / plain_tps
             rows.append({
-                "engine": engine,
-                "batch": batch,
-                "tokens_per_s": tps,
-                "ratio_vs_plain": ratio,
-                "mean_layers": depth,
-                "ideal_speedup": ideal,
-                "efficiency": ratio / ideal,
+                "engine": engine, "batch": batch, "tokens_per_s": tokens_per_s(ms), "ratio_vs_plain": ratio,
+                "mean_layers": depth, "ideal_speedup": ideal, "efficiency": ratio / ideal,
             })
     return {"rows": rows}
 
@@ -196,7 +209,8 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"{setup['date']} | {setup['device']} ({setup['cpus']} CPUs, {setup['processor']}) | "
         f"vLLM {setup['vllm']} | torch {setup['torch']} | {Path(setup['model']).name} "
         f"({setup['num_layers']} layers, {setup['dtype']}) | {setup['prompt_tokens']} prompt tokens, "
-        f"{setup['output_tokens']} output tokens (ignore_eos), {setup['rounds']} timed rounds, engines alternated",
+        f"{setup['output_tokens']} output tokens (ignore_eos), {setup['rounds']} timed rounds, "
+        "each engine alternated run by run with plain vLLM",
         "",
         "`ratio` is output tokens/s over plain vLLM with its default settings in the same run; "
         "`ideal` = layers / mean depth; `efficiency` = ratio / ideal.",
