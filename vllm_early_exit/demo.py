@@ -19,7 +19,7 @@ from .assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
 
 # Conservative training-free settings: on SmolLM2 intermediate layers are rarely
 # right early, so checks start deep and require a very confident reading.
-DEFAULT_SETTINGS = {"signal": "max_prob", "threshold": 0.95, "min_layer": 22}
+DEFAULT_SETTINGS = {"signal": "max_prob", "threshold": 0.95, "exit_layers": [22, 24, 26, 28], "policy": "per_token"}
 
 
 @dataclass
