@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from .agreement import Agreement
 from .assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
 
-# Conservative training-free settings: on SmolLM2 intermediate layers are rarely
-# right early, so checks start deep and require a very confident reading.
-DEFAULT_SETTINGS = {"signal": "max_prob", "threshold": 0.95, "exit_layers": [22, 24, 26, 28], "policy": "per_token"}
+# Conservative training-free settings: on SmolLM2 intermediate layers are often
+# confidently wrong, so checks sit deep and require a very confident reading.
+# (max_prob 0.95 at layers 22-28 measured 10.8% token agreement; these, 59.9%.)
+DEFAULT_SETTINGS = {"signal": "max_prob", "threshold": 0.99, "exit_layers": [26, 28], "policy": "per_token"}
 
 
 @dataclass
