@@ -11,12 +11,19 @@ then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[tok
 """
 
 import json
+import os
 import sys
 
 
 def main(spec_path: str, result_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
+    if spec.get("batched"):
+        # The engine core in this process: LLM.generate then queues every request before
+        # the first step, so all prompts prefill together and every later step is pure
+        # decode. With a separate core process, requests arrive one by one and a decode
+        # token may share a step with another request's prefill (that step runs full depth).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     llm = LLM(spec["model"], **spec["engine"])

@@ -32,7 +32,7 @@ BAD_SETTINGS = [
     ({"threshold": 1.5}, r"early_exit.threshold=1.5.*\[0, 1\]"),
     ({"signal": "entropy", "threshold": -0.1}, "early_exit.threshold=-0.1.*>= 0"),
     ({"threshold": "high"}, "early_exit.threshold='high'.*number"),
-    ({"policy": "majority"}, "early_exit.policy='majority'.*'all', 'quorum'"),
+    ({"policy": "majority"}, "early_exit.policy='majority'.*'all', 'per_token', 'quorum'"),
     ({"policy": "quorum", "quorum": 0}, r"early_exit.quorum=0.*\(0, 1\]"),
     ({"quorum": 0.5}, "early_exit.quorum=0.5.*only applies with policy 'quorum'"),
     ({"enabled": "yes"}, "early_exit.enabled='yes'.*true or false"),
