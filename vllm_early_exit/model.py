@@ -81,6 +81,7 @@ class EarlyExitLlamaModel(LlamaModel):
         self.decider.begin_step()
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
+        logits_rows = torch.arange(rows, device=positions.device)
         # Rows (of all the step's rows, padding included) still running; None: every row.
         running: torch.Tensor | None = None
         for index in range(self.start_layer, self.end_layer):
@@ -93,9 +94,9 @@ class EarlyExitLlamaModel(LlamaModel):
                 continue
             # A new tensor: the fused add+norm of the next layer works in place.
             stream = hidden_states + residual
-            candidates = torch.arange(rows, device=stream.device) if running is None else running[running < rows]
+            candidates = logits_rows if running is None else running[running < rows]
             leave = self.decider.rows_to_exit(
-                stream[candidates],
+                stream[:rows] if running is None else stream[candidates],
                 candidates,
                 None if thresholds is None else thresholds[candidates],
                 None if allowed is None else allowed[candidates],
@@ -116,12 +117,9 @@ class EarlyExitLlamaModel(LlamaModel):
             # through the layer's own attention) and the final norm reads it.
             hidden_states[leaving] = 0
             residual[leaving] = stream[leaving]
-            still = torch.ones(hidden_states.shape[0], dtype=torch.bool, device=stream.device)
-            if running is not None:
-                still[:] = False
-                still[running] = True
-            still[leaving] = False
-            running = still.nonzero().squeeze(1)
+            if running is None:
+                running = torch.arange(hidden_states.shape[0], device=stream.device)
+            running = running[~torch.isin(running, leaving)]
 
         self.exit_stats.record(None, rows if running is None else int((running < rows).sum()))
         self._publish()
