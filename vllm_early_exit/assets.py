@@ -115,6 +115,26 @@ def sharegpt_prompts(
     return prompts
 
 
+# Disjoint ranges of usable ShareGPT prompts (index of the first, how many there
+# are): heads are trained on one, thresholds calibrated on another, and quality is
+# measured on prompts that neither saw. Demo and speed benchmark read from the start.
+SPLITS: dict[str, tuple[int, int]] = {
+    "train": (1_000, 3_000),
+    "calibration": (4_000, 2_000),
+    "evaluation": (6_000, 1_900),
+}
+
+
+def sharegpt_split(split: str, count: int, **kwargs) -> list[str]:
+    """The first ``count`` prompts of a split (``train``, ``calibration`` or ``evaluation``)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown ShareGPT split {split!r}; allowed: {sorted(SPLITS)}")
+    start, size = SPLITS[split]
+    if count > size:
+        raise ValueError(f"the {split!r} split holds {size} prompts; asked for {count}")
+    return sharegpt_prompts(count, skip=start, **kwargs)
+
+
 def chat_prompt(tokenizer, text: str) -> str:
     """``text`` as one user turn in the model's chat template."""
     return tokenizer.apply_chat_template(
