@@ -57,25 +57,53 @@ class ReferenceDecoder:
         out = out.transpose(0, 1).reshape(x_normed.shape[0], -1)
         return layer.self_attn.o_proj(out)
 
-    def _readout(self, hidden):
-        return self.model.lm_head(self.model.model.norm(hidden[-1:]))[0]
+    def _readout(self, hidden, head=None):
+        last = hidden[-1:]
+        if head is not None:
+            weight, bias = head
+            last = last + last @ weight.T + bias
+        return self.model.lm_head(self.model.model.norm(last))[0]
 
-    def _step(self, token_ids, positions, cache, exit_layers, threshold, propagate, vocab_top_k=None):
+    def _fill_kv(self, index, hidden, positions, cache):
+        """State propagation: layer ``index`` gets K/V at ``positions`` from the stream ``hidden``."""
+        layer = self.model.model.layers[index]
+        _, k, v = self._project_kv(layer, layer.input_layernorm(hidden), positions)
+        keys, values, key_pos = cache[index]
+        cache[index] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1), torch.cat([key_pos, positions]))
+
+    def _step(
+        self, token_ids, positions, cache, exit_layers, threshold, propagate,
+        vocab_top_k=None, heads=None, skip_layers=(), signal="max_prob",
+    ):
         """One forward; returns (greedy token, exit layer or None, max-prob per check layer).
 
         With ``vocab_top_k`` the first check keeps its top-K token ids and later checks
-        take the softmax over those tokens only.
+        take the softmax over those tokens only. ``heads``: layer -> (weight, bias) of
+        exit heads read at check layers (and emitted on exit). ``skip_layers`` are not
+        run; their K/V comes from the stream that passes them. ``signal="saturation"``
+        compares the cosine of the streams after and before a check layer instead of max-prob.
         """
         hidden = self.model.model.embed_tokens(token_ids)
         layers = self.model.model.layers
+        heads = heads or {}
         exit_layer, confidences, shortlist = None, {}, None
         for index, layer in enumerate(layers):
+            if index in skip_layers:
+                self._fill_kv(index, hidden, positions, cache)
+                continue
+            before = hidden
             hidden = hidden + self._attention(
                 index, layer, layer.input_layernorm(hidden), positions, cache
             )
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            if index in exit_layers:
-                logits = self._readout(hidden)
+            if index in exit_layers and signal == "saturation":
+                confidence = float(torch.cosine_similarity(hidden[-1], before[-1], dim=0))
+                confidences[index] = confidence
+                if confidence >= threshold:
+                    exit_layer = index
+                    break
+            elif index in exit_layers:
+                logits = self._readout(hidden, heads.get(index))
                 if vocab_top_k is not None:
                     if shortlist is None:
                         shortlist = logits.topk(vocab_top_k).indices
@@ -88,15 +116,9 @@ class ReferenceDecoder:
                     break
         if exit_layer is not None and propagate:
             for index in range(exit_layer + 1, self.num_layers):
-                layer = layers[index]
-                _, k, v = self._project_kv(layer, layer.input_layernorm(hidden), positions)
-                keys, values, key_pos = cache[index]
-                cache[index] = (
-                    torch.cat([keys, k], dim=1),
-                    torch.cat([values, v], dim=1),
-                    torch.cat([key_pos, positions]),
-                )
-        return int(self._readout(hidden).argmax()), exit_layer, confidences
+                self._fill_kv(index, hidden, positions, cache)
+        head = heads.get(exit_layer) if exit_layer is not None else None
+        return int(self._readout(hidden, head).argmax()), exit_layer, confidences
 
     @torch.no_grad()
     def generate(
@@ -107,10 +129,14 @@ class ReferenceDecoder:
         threshold: float = 0.0,
         propagate: bool = True,
         vocab_top_k: int | None = None,
+        heads: dict | None = None,
+        skip_layers: tuple[int, ...] = (),
+        signal: str = "max_prob",
     ) -> Trace:
         """Greedy decoding with the max-prob rule at ``exit_layers`` for decode tokens.
 
         ``threshold=0`` forces every decode token out at the first check layer.
+        ``heads`` and ``skip_layers`` apply to decode tokens as in ``_step``.
         """
         empty = torch.empty(self.num_kv_heads, 0, self.head_dim)
         cache = [(empty, empty, torch.empty(0, dtype=torch.long)) for _ in range(self.num_layers)]
@@ -119,7 +145,8 @@ class ReferenceDecoder:
         while len(trace.tokens) < max_new_tokens:
             position = torch.tensor([len(prompt) + len(trace.tokens) - 1])
             token, exit_layer, confidences = self._step(
-                torch.tensor([token]), position, cache, exit_layers, threshold, propagate, vocab_top_k
+                torch.tensor([token]), position, cache, exit_layers, threshold, propagate,
+                vocab_top_k, heads, skip_layers, signal,
             )
             trace.tokens.append(token)
             trace.exit_layers.append(exit_layer)

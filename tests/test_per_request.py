@@ -47,6 +47,9 @@ def test_request_threshold_replaces_the_engine_threshold(tiny_llama, mixed_trace
         ({"early_exit_enabled": "maybe"}, "early_exit.enabled='maybe'"),
         ({"early_exit": {"depth": 3}}, "unknown per-request early_exit setting"),
         ({"early_exit": {"enabled": False}, "early_exit_threshold": 0.5}, "given twice"),
+        ({"early_exit": {"max_layers": 0}}, "early_exit.max_layers=0.*>= 1"),
+        ({"early_exit_max_layers": 2.5}, "early_exit.max_layers=2.5"),
+        ({"early_exit": {"enabled": False, "max_layers": 3}}, "cannot be combined with enabled=false"),
     ],
 )
 def test_bad_request_settings_are_refused_when_the_request_is_made(extra_args, message):

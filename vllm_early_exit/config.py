@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 CONFIG_KEY = "early_exit"
@@ -24,7 +25,18 @@ SIGNALS: dict[str, str] = {
     "max_prob": "exit when the top-1 probability >= threshold (0 <= threshold <= 1)",
     "margin": "exit when top-1 minus top-2 probability >= threshold (0 <= threshold <= 1)",
     "entropy": "exit when the entropy of the distribution (nats) <= threshold (threshold >= 0)",
+    "saturation": "exit when the cosine similarity of this layer's residual stream and the previous "
+    "layer's >= threshold (-1 <= threshold <= 1); needs no LM-head product",
+    "head": "exit when the trained exit head's top-1 probability >= threshold (0 <= threshold <= 1); "
+    "needs `heads`",
+    "gate": "exit when the trained gate's probability that this layer's token is the final one "
+    ">= threshold (0 <= threshold <= 1); needs `heads` trained with gates",
 }
+
+# Signals whose threshold is a probability in [0, 1].
+PROBABILITY_SIGNALS = ("max_prob", "margin", "head", "gate")
+# Signals that read a trained heads folder.
+HEAD_SIGNALS = ("head", "gate")
 
 POLICIES: dict[str, str] = {
     "all": "the step leaves at a layer only when every logits row is confident there",
@@ -73,6 +85,10 @@ class EarlyExitConfig:
         log_interval_s: seconds between the engine's early-exit log lines (0: never).
         vocab_top_k: dynamic vocabulary pruning: the first check of a step keeps each
             row's top-K tokens and later checks score only those. None: full vocabulary.
+        heads: folder of trained exit heads (``train-heads``). Check layers then read
+            their stream through their head, and a row that leaves emits its head's token.
+        skip_layers: layers (0-based) that every decode token skips; their K/V is
+            filled from the residual stream that passes them.
     """
 
     enabled: bool = True
@@ -84,6 +100,8 @@ class EarlyExitConfig:
     quorum: float = 0.75
     log_interval_s: float = 10.0
     vocab_top_k: int | None = None
+    heads: str | None = None
+    skip_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "EarlyExitConfig":
@@ -113,8 +131,10 @@ class EarlyExitConfig:
         threshold = values.get("threshold", cls.threshold)
         if not _is_number(threshold) or not math.isfinite(threshold):
             raise _fail("threshold", threshold, "expected a finite number")
-        if signal in ("max_prob", "margin") and not 0.0 <= threshold <= 1.0:
+        if signal in PROBABILITY_SIGNALS and not 0.0 <= threshold <= 1.0:
             raise _fail("threshold", threshold, f"for signal {signal!r} it must lie in [0, 1]")
+        if signal == "saturation" and not -1.0 <= threshold <= 1.0:
+            raise _fail("threshold", threshold, "for signal 'saturation' (a cosine similarity) it must lie in [-1, 1]")
         if signal == "entropy" and threshold < 0.0:
             raise _fail("threshold", threshold, "for signal 'entropy' it must be >= 0 (nats)")
 
@@ -126,8 +146,8 @@ class EarlyExitConfig:
         if exit_layers is not None:
             if isinstance(exit_layers, (str, bytes)) or not isinstance(exit_layers, (list, tuple)):
                 raise _fail("exit_layers", exit_layers, "expected a list of layer indices")
-            if not exit_layers or not all(_is_int(x) and x >= 0 for x in exit_layers):
-                raise _fail("exit_layers", exit_layers, "expected a non-empty list of layer indices >= 0")
+            if not all(_is_int(x) and x >= 0 for x in exit_layers):
+                raise _fail("exit_layers", exit_layers, "expected a list of layer indices >= 0 ([]: no exit checks)")
             if min_layer is not None:
                 raise EarlyExitConfigError(
                     "early_exit.min_layer and early_exit.exit_layers are exclusive: "
@@ -153,6 +173,26 @@ class EarlyExitConfig:
         if vocab_top_k is not None and (not _is_int(vocab_top_k) or vocab_top_k < 2):
             raise _fail("vocab_top_k", vocab_top_k, "expected a number of tokens >= 2, or null for the full vocabulary")
 
+        heads = values.get("heads", cls.heads)
+        if heads is not None:
+            if not isinstance(heads, str) or not heads:
+                raise _fail("heads", heads, "expected the path of a heads folder (from `train-heads`)")
+            from .heads import read_metadata
+
+            meta = read_metadata(Path(heads).expanduser())
+            if signal == "gate" and not meta.get("gate_layers"):
+                raise _fail("signal", signal, f"the heads in {heads!r} were trained without gates (train-heads without --no-gates)")
+            heads = str(Path(heads).expanduser())
+        elif signal in HEAD_SIGNALS:
+            raise _fail("signal", signal, "it reads trained heads: set early_exit.heads to a folder from `train-heads`")
+
+        skip_layers = values.get("skip_layers", cls.skip_layers)
+        if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, (list, tuple)) or not all(
+            _is_int(x) and x >= 0 for x in skip_layers
+        ):
+            raise _fail("skip_layers", skip_layers, "expected a list of layer indices >= 0")
+        skip_layers = tuple(sorted(set(skip_layers)))
+
         return cls(
             enabled=enabled,
             signal=signal,
@@ -163,6 +203,8 @@ class EarlyExitConfig:
             quorum=float(quorum),
             log_interval_s=float(log_interval_s),
             vocab_top_k=vocab_top_k,
+            heads=heads,
+            skip_layers=skip_layers,
         )
 
     @classmethod
@@ -199,6 +241,11 @@ class EarlyExitConfig:
         index is ``num_layers - 2``.
         """
         last = num_layers - 2
+        if self.skip_layers and self.skip_layers[-1] >= num_layers:
+            raise _fail(
+                "skip_layers", list(self.skip_layers),
+                f"this model has {num_layers} layers, so skipped layers must lie in [0, {num_layers - 1}]",
+            )
         if self.exit_layers is not None:
             bad = [x for x in self.exit_layers if x > last]
             if bad:
@@ -219,10 +266,16 @@ class EarlyExitConfig:
         data = asdict(self)
         if self.exit_layers is not None:
             data["exit_layers"] = list(self.exit_layers)
-        return {k: v for k, v in data.items() if v is not None}
+        data["skip_layers"] = list(self.skip_layers)
+        return {k: v for k, v in data.items() if v is not None and v != []}
 
 
-FLAT_REQUEST_KEYS = {"early_exit_enabled": "enabled", "early_exit_threshold": "threshold"}
+FLAT_REQUEST_KEYS = {
+    "early_exit_enabled": "enabled",
+    "early_exit_threshold": "threshold",
+    "early_exit_max_layers": "max_layers",
+}
+REQUEST_KEYS = sorted(FLAT_REQUEST_KEYS.values())
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -247,10 +300,15 @@ class RequestEarlyExit:
     ``enabled: false`` keeps every step this request is in at full depth, so its
     greedy output is token-identical to plain vLLM. ``threshold`` replaces the
     engine's threshold for this request's rows (read as the engine's signal reads it).
+    ``max_layers`` is the request's depth budget: its decode tokens compute at most
+    that many layers and leave after layer ``max_layers - 1`` (state propagation
+    fills the rest). Exact under ``policy: "per_token"``; under ``all``/``quorum``
+    a row past its budget counts as confident, so it no longer holds the step back.
     """
 
     enabled: bool = True
     threshold: float | None = None
+    max_layers: int | None = None
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> "RequestEarlyExit | None":
@@ -267,14 +325,13 @@ class RequestEarlyExit:
             )
         if nested is not None and not isinstance(nested, Mapping):
             raise EarlyExitConfigError(
-                f"extra_args.early_exit={nested!r} is invalid: expected an object with keys "
-                "'enabled' and/or 'threshold'."
+                f"extra_args.early_exit={nested!r} is invalid: expected an object with keys {REQUEST_KEYS}."
             )
         raw = dict(nested) if nested is not None else flat
-        unknown = sorted(set(raw) - {"enabled", "threshold"})
+        unknown = sorted(set(raw) - set(REQUEST_KEYS))
         if unknown:
             raise EarlyExitConfigError(
-                f"unknown per-request early_exit setting(s) {unknown}; allowed keys are ['enabled', 'threshold']."
+                f"unknown per-request early_exit setting(s) {unknown}; allowed keys are {REQUEST_KEYS}."
             )
         enabled = _flag("early_exit.enabled", raw.get("enabled", True))
         threshold = raw.get("threshold")
@@ -283,4 +340,20 @@ class RequestEarlyExit:
                 f"early_exit.threshold={threshold!r} in the request is invalid: expected a finite number >= 0 "
                 "(read as the engine's signal reads its threshold)."
             )
-        return cls(enabled=enabled, threshold=None if threshold is None else float(threshold))
+        max_layers = raw.get("max_layers")
+        if isinstance(max_layers, str) and max_layers.isdigit():  # vllm_xargs may carry strings
+            max_layers = int(max_layers)
+        if max_layers is not None and (not _is_int(max_layers) or max_layers < 1):
+            raise EarlyExitConfigError(
+                f"early_exit.max_layers={max_layers!r} in the request is invalid: expected a number of layers >= 1."
+            )
+        if max_layers is not None and not enabled:
+            raise EarlyExitConfigError(
+                "early_exit.max_layers cannot be combined with enabled=false in one request "
+                "(enabled=false runs the request at full depth)."
+            )
+        return cls(
+            enabled=enabled,
+            threshold=None if threshold is None else float(threshold),
+            max_layers=max_layers,
+        )

@@ -1,8 +1,10 @@
 """Where the exit decision is made.
 
 ``ExitDecider`` reads a layer's residual stream through the final norm and the
-shared LM head (``LogitReadout``), asks the configured signal which rows are
-confident, and asks the configured policy which rows leave.
+shared LM head (``LogitReadout``), after the layer's trained exit head when
+``heads`` are set, asks the configured signal which rows are confident, and asks
+the configured policy which rows leave. Rows past their request's depth budget
+leave whether confident or not.
 
 With ``vocab_top_k`` K (dynamic vocabulary pruning), the first check of a step
 scores the full vocabulary and keeps each row's top-K tokens; later checks of
@@ -16,8 +18,9 @@ import torch
 from torch import nn
 
 from .config import EarlyExitConfig
+from .heads import ExitHeads
 from .policies import make_policy
-from .signals import make_signal
+from .signals import LayerReading, make_signal
 
 
 class LogitReadout:
@@ -42,63 +45,94 @@ class LogitReadout:
             )
         return logits
 
-    def shortlist(self, logits: torch.Tensor, k: int) -> torch.Tensor:
-        """LM-head rows of each row's top-``k`` tokens: ``[rows, k, hidden]``."""
-        return self.lm_head.weight[logits.topk(k, dim=-1).indices]
-
-    def pruned(self, stream: torch.Tensor, shortlist: torch.Tensor) -> torch.Tensor:
-        """Logits of the shortlisted tokens only: ``[rows, k]``."""
-        hidden = self.norm(stream).to(shortlist.dtype)
-        return torch.bmm(shortlist, hidden.unsqueeze(-1)).squeeze(-1) * self.logits_processor.scale
+    def pruned(self, stream: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of the given tokens only (``tokens``: ``[rows, k]`` ids): ``[rows, k]``."""
+        rows = self.lm_head.weight[tokens]
+        hidden = self.norm(stream).to(rows.dtype)
+        return torch.bmm(rows, hidden.unsqueeze(-1)).squeeze(-1) * self.logits_processor.scale
 
 
 class ExitDecider:
-    """Decides, after a check layer, whether the pure-decode step leaves there."""
+    """Decides, at a check layer, which rows of a pure-decode step leave there."""
 
     def __init__(self, config: EarlyExitConfig, num_layers: int) -> None:
         self.enabled = config.enabled
-        self.check_layers = frozenset(config.exit_layers_for(num_layers))
+        self.skip_layers = frozenset(config.skip_layers)
+        # A skipped layer leaves the stream as it was: no check there.
+        self.check_layers = frozenset(config.exit_layers_for(num_layers)) - self.skip_layers
         self.threshold = config.threshold
-        self.signal = make_signal(config.signal)
+        self.heads = ExitHeads.load(config.heads) if config.heads else None
+        self.signal = make_signal(config.signal, self.heads)
         self.policy = make_policy(config.policy, config.quorum)
         self.vocab_top_k = config.vocab_top_k
         self.readout: LogitReadout | None = None
-        self._shortlist: torch.Tensor | None = None
+        self._top_tokens: torch.Tensor | None = None
+        self._heads_placed = False
+
+    @property
+    def needs_previous(self) -> bool:
+        """True when the signal reads the stream entering a check layer."""
+        return self.signal.needs_previous
 
     def bind_readout(self, readout: LogitReadout) -> None:
         self.readout = readout
 
     def begin_step(self) -> None:
         """Forgets the previous step's vocabulary shortlist."""
-        self._shortlist = None
+        self._top_tokens = None
 
-    def _logits(self, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def exit_stream(self, layer: int, stream: torch.Tensor) -> torch.Tensor:
+        """The stream a row leaving after ``layer`` is read from: through the layer's head, if any."""
+        if self.heads is None:
+            return stream
+        if not self._heads_placed:
+            self.heads.place(stream.device, stream.dtype)
+            self._heads_placed = True
+        return self.heads.apply(layer, stream)
+
+    def _logits(self, stream: torch.Tensor, rows: torch.Tensor, step_rows: int) -> torch.Tensor:
         if self.vocab_top_k is None:
             return self.readout(stream)
-        if self._shortlist is None:
-            # First check of the step: every row is still running, so shortlist
-            # row i belongs to step row i.
+        if self._top_tokens is None:
+            # First check of the step: score the full vocabulary and keep each row's top-K.
             logits = self.readout(stream)
-            self._shortlist = self.readout.shortlist(logits, self.vocab_top_k)
+            self._top_tokens = torch.zeros(step_rows, self.vocab_top_k, dtype=torch.long, device=stream.device)
+            self._top_tokens[rows] = logits.topk(self.vocab_top_k, dim=-1).indices
             return logits
-        return self.readout.pruned(stream, self._shortlist[rows])
+        return self.readout.pruned(stream, self._top_tokens[rows])
 
     def rows_to_exit(
         self,
+        layer: int,
         stream: torch.Tensor,
         rows: torch.Tensor,
+        *,
+        step_rows: int,
+        previous: torch.Tensor | None = None,
         thresholds: torch.Tensor | None = None,
         allowed: torch.Tensor | None = None,
+        forced: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Boolean mask over ``rows``: the rows that leave after this layer.
+        """Boolean mask over ``rows``: the rows that leave after ``layer``.
 
-        ``stream``: residual stream (hidden + residual) of ``rows``, the step's
-        logits rows still running; ``thresholds``: their own thresholds (None:
-        the engine's); ``allowed``: False for rows that must not leave (None: all may).
+        ``stream``: residual stream of ``rows`` (the step's logits rows still
+        running, of ``step_rows``); ``previous``: their stream entering the layer
+        (for signals that read it); ``thresholds``: their own thresholds (None: the
+        engine's); ``allowed``: False for rows that must not leave (None: all may);
+        ``forced``: True for rows that reached their depth budget (None: none).
         """
         assert self.readout is not None, "the LM head was not bound to the exit decider"
-        threshold = self.threshold if thresholds is None else thresholds
-        confident = self.signal.confident(self._logits(stream, rows), threshold)
-        if allowed is not None:
-            confident = confident & allowed
+        if layer in self.check_layers:
+            reading = LayerReading(
+                layer, stream, previous,
+                lambda: self._logits(self.exit_stream(layer, stream), rows, step_rows),
+            )
+            threshold = self.threshold if thresholds is None else thresholds
+            confident = self.signal.confident(reading, threshold)
+            if allowed is not None:
+                confident = confident & allowed
+        else:
+            confident = torch.zeros(rows.shape[0], dtype=torch.bool, device=stream.device)
+        if forced is not None:
+            confident = confident | forced
         return self.policy.rows_to_exit(confident)

@@ -32,6 +32,7 @@ from .config import (
     EarlyExitUnsupportedError,
     RequestEarlyExit,
 )
+from .heads import ExitHeads
 from .stats import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
@@ -195,7 +196,11 @@ def verify_and_update(vllm_config) -> None:
             f"{model_config.model} has model_type {model_type!r}. Start it without early exit."
         )
     settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
-    settings.exit_layers_for(hf_config.num_hidden_layers)
+    check_layers = set(settings.exit_layers_for(hf_config.num_hidden_layers)) - set(settings.skip_layers)
+    if settings.heads is not None:
+        heads = ExitHeads.load(settings.heads)
+        heads.check_base(hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size, settings.heads)
+        heads.check_layers(check_layers, settings.heads, gates=settings.signal == "gate")
     if settings.vocab_top_k is not None and settings.vocab_top_k > hf_config.vocab_size:
         raise EarlyExitConfigError(
             f"early_exit.vocab_top_k={settings.vocab_top_k} is invalid: this model's vocabulary "

@@ -146,12 +146,11 @@ class ExitHeads:
 
     # --- applying ----------------------------------------------------------------
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "ExitHeads":
-        """Moves the tensors (once) to where the model's streams live."""
-        def move(pairs):
-            return {l: (w.to(device, dtype), b.to(device, dtype)) for l, (w, b) in pairs.items()}
-
-        return ExitHeads(self.base_model, self.layers, move(self.weights), self.design, move(self.gates), self.training)
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Moves the tensors (in place) to where the model's streams live."""
+        for pairs in (self.weights, self.gates):
+            for layer, (weight, bias) in pairs.items():
+                pairs[layer] = (weight.to(device, dtype), bias.to(device, dtype))
 
     def apply(self, layer: int, stream: torch.Tensor) -> torch.Tensor:
         """The head's corrected stream ``h + h W^T + b`` for the rows of ``stream``."""

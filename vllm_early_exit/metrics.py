@@ -39,17 +39,18 @@ class SharedCounters:
     Layout: ``[full_depth_tokens, exits after layer 0, ..., exits after layer N-1]``.
     """
 
-    def __init__(self, folder: Path, model_name: str, num_layers: int) -> None:
+    def __init__(self, folder: Path, model_name: str, num_layers: int, skip_layers: tuple[int, ...] = ()) -> None:
         stem = folder / f"engine-{os.getpid()}"
-        stem.with_suffix(".json").write_text(json.dumps({"model_name": model_name, "num_layers": num_layers}))
+        meta = {"model_name": model_name, "num_layers": num_layers, "skip_layers": list(skip_layers)}
+        stem.with_suffix(".json").write_text(json.dumps(meta))
         self.values = np.lib.format.open_memmap(
             stem.with_suffix(".npy"), mode="w+", dtype=np.int64, shape=(num_layers + 1,)
         )
 
     @classmethod
-    def from_env(cls, model_name: str, num_layers: int) -> "SharedCounters | None":
+    def from_env(cls, model_name: str, num_layers: int, skip_layers: tuple[int, ...] = ()) -> "SharedCounters | None":
         folder = os.environ.get(ENV_DIR)
-        return cls(Path(folder), model_name, num_layers) if folder else None
+        return cls(Path(folder), model_name, num_layers, skip_layers) if folder else None
 
     def publish(self, stats: ExitStats) -> None:
         self.values[0] = stats.full_depth_tokens
@@ -65,7 +66,7 @@ def read_counters(folder: Path) -> dict[str, ExitStats]:
             values = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
         except (OSError, ValueError):
             continue  # an engine that is still creating its files
-        stats = totals.setdefault(meta["model_name"], ExitStats(meta["num_layers"]))
+        stats = totals.setdefault(meta["model_name"], ExitStats(meta["num_layers"], skip_layers=tuple(meta.get("skip_layers", ()))))
         stats.full_depth_tokens += int(values[0])
         for layer, count in enumerate(values[1:]):
             stats.exits_per_layer[layer] += int(count)

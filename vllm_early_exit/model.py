@@ -3,8 +3,9 @@
 ``EarlyExitLlamaForCausalLM`` is vLLM's ``LlamaForCausalLM`` with its decoder
 stack replaced by ``EarlyExitLlamaModel`` (through the ``_init_model`` hook).
 Steps with prefill tokens and vLLM's dummy runs take ``LlamaModel.forward``
-unchanged; pure-decode steps run the layer loop below, which may leave after a
-check layer. Weights, weight loading, LoRA and sampling are vLLM's.
+unchanged; pure-decode steps run the layer loop below, which skips the
+``skip_layers`` (filling their K/V) and lets rows leave after a check layer or
+at their request's depth budget. Weights, weight loading, LoRA and sampling are vLLM's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .config import EarlyExitConfig
 from .decision import ExitDecider, LogitReadout
 from .kv_fill import KVPropagator, check_kv_fill_supported
 from .metrics import SharedCounters
-from .requests import RequestRows
+from .requests import RequestRows, RowSettings
 from .stats import ExitStats, PeriodicStatsLogger
 
 
@@ -40,12 +41,14 @@ class EarlyExitLlamaModel(LlamaModel):
         self.exit_config = config
         self.decider = ExitDecider(config, num_layers)
         self.kv_fill = KVPropagator(self.layers)
-        self.exit_stats = ExitStats(num_layers)
+        self.exit_stats = ExitStats(num_layers, skip_layers=config.skip_layers)
         first_rank = get_tensor_model_parallel_rank() == 0
         self.stats_logger = PeriodicStatsLogger(config.log_interval_s, enabled=config.enabled and first_rank)
         served = vllm_config.model_config.served_model_name
         self.shared_counters = (
-            SharedCounters.from_env(served if isinstance(served, str) else served[0], num_layers)
+            SharedCounters.from_env(
+                served if isinstance(served, str) else served[0], num_layers, config.skip_layers
+            )
             if config.enabled and first_rank
             else None
         )
@@ -67,51 +70,84 @@ class EarlyExitLlamaModel(LlamaModel):
 
         rows = batch.num_tokens
         settings = (
-            self.request_rows.settings(rows, self.decider.threshold, positions.device)
+            self.request_rows.settings(rows, self.decider.threshold, self.config.num_hidden_layers, positions.device)
             if self.request_rows is not None
             else None
         )
-        thresholds = settings.thresholds if settings is not None else None
-        allowed = settings.allowed if settings is not None else None
-        if allowed is not None and not self.decider.policy.per_row:
-            # A request turned early exit off and the step leaves as a whole: full depth.
+        if settings is not None and settings.allowed is not None and (
+            not self.decider.policy.per_row or self.decider.skip_layers
+        ):
+            # A request turned early exit off, and the step leaves as a whole or
+            # skips layers for every row: the step runs at full depth.
             self._count(None, rows)
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-
-        self.decider.begin_step()
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        return self._decode(hidden_states, positions, rows, settings or RowSettings(None, None))
+
+    def _decode(
+        self, hidden_states: torch.Tensor, positions: torch.Tensor, rows: int, settings: RowSettings
+    ) -> torch.Tensor:
+        """The layer loop of a pure-decode step, with its exits and skipped layers.
+
+        ``rows``: the step's logits rows (the rest is padding); ``settings``: per-row
+        request settings. Returns the final-normed hidden states.
+        """
+        decider = self.decider
+        decider.begin_step()
+        points = decider.check_layers | settings.budget_layers
         residual = None
+        previous = None
         logits_rows = torch.arange(rows, device=positions.device)
         # Rows (of all the step's rows, padding included) still running; None: every row.
         running: torch.Tensor | None = None
+        # (rows, stream they emit) for rows that left through an exit head.
+        emitted: list[tuple[torch.Tensor, torch.Tensor]] = []
         for index in range(self.start_layer, self.end_layer):
-            layer = self.layers[index]
-            if running is None:
-                hidden_states, residual = layer(positions, hidden_states, residual)
+            if decider.needs_previous and index in decider.check_layers:
+                previous = _stream(hidden_states, residual)
+            if index in decider.skip_layers:
+                self.kv_fill.fill(positions, _stream(hidden_states, residual), (index,))
+            elif running is None:
+                hidden_states, residual = self.layers[index](positions, hidden_states, residual)
             else:
-                hidden_states, residual = self._run_layer_for(layer, positions, hidden_states, residual, running)
-            if index not in self.decider.check_layers:
+                hidden_states, residual = self._run_layer_for(
+                    self.layers[index], positions, hidden_states, residual, running
+                )
+            if index not in points:
                 continue
+            if residual is None:  # only layers skipped so far
+                residual = torch.zeros_like(hidden_states)
             # A new tensor: the fused add+norm of the next layer works in place.
             stream = hidden_states + residual
             candidates = logits_rows if running is None else running[running < rows]
-            leave = self.decider.rows_to_exit(
-                stream[:rows] if running is None else stream[candidates],
+
+            def of_candidates(per_row: torch.Tensor | None) -> torch.Tensor | None:
+                if per_row is None:
+                    return None
+                return per_row[:rows] if running is None else per_row[candidates]
+
+            leave = decider.rows_to_exit(
+                index,
+                of_candidates(stream),
                 candidates,
-                None if thresholds is None else thresholds[candidates],
-                None if allowed is None else allowed[candidates],
+                step_rows=rows,
+                previous=of_candidates(previous),
+                thresholds=of_candidates(settings.thresholds),
+                allowed=of_candidates(settings.allowed),
+                forced=None if settings.last_layers is None else of_candidates(settings.last_layers) <= index,
             )
             leaving = candidates[leave]
             count = leaving.numel()  # the step's one host sync per check
             if count == 0:
                 continue
             self.exit_stats.record(index, count)
+            if decider.heads is not None:
+                emitted.append((leaving, decider.exit_stream(index, stream[leaving])))
             if count == candidates.numel():
                 # Every logits row has left: fill the deeper layers' K/V and stop.
                 self.kv_fill.fill(positions, stream, range(index + 1, self.end_layer))
                 self._publish()
-                hidden_states, _ = self.norm(hidden_states, residual)
-                return hidden_states
+                return self._final_norm(stream, emitted)
             # Freeze the leaving rows: hidden 0 and residual = their stream, so every
             # deeper layer's input norm sees the exit-layer stream (state propagation
             # through the layer's own attention) and the final norm reads it.
@@ -123,8 +159,13 @@ class EarlyExitLlamaModel(LlamaModel):
 
         self.exit_stats.record(None, rows if running is None else int((running < rows).sum()))
         self._publish()
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return self._final_norm(_stream(hidden_states, residual), emitted)
+
+    def _final_norm(self, stream: torch.Tensor, emitted: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The final norm of each row's last stream; rows that left through a head emit the head's stream."""
+        for leaving, exit_stream in emitted:
+            stream[leaving] = exit_stream
+        return self.norm(stream)
 
     @staticmethod
     def _run_layer_for(
@@ -154,6 +195,11 @@ class EarlyExitLlamaModel(LlamaModel):
         self.stats_logger.maybe_log(self.exit_stats)
         if self.shared_counters is not None:
             self.shared_counters.publish(self.exit_stats)
+
+
+def _stream(hidden_states: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The residual stream in vLLM's fused layout (``residual`` is None before the first layer)."""
+    return hidden_states if residual is None else hidden_states + residual
 
 
 class EarlyExitLlamaForCausalLM(LlamaForCausalLM):

@@ -28,6 +28,11 @@ class RowSettings:
     """False for rows whose request turned early exit off (``[rows]``), or None when all may leave."""
     thresholds: torch.Tensor | None
     """Per-row thresholds (float32, ``[rows]``), or None when every row uses the engine's."""
+    last_layers: torch.Tensor | None = None
+    """Per row, the last layer its depth budget allows (``max_layers - 1``; rows without
+    a budget get a layer past the stack), or None when no row has a budget."""
+    budget_layers: frozenset[int] = frozenset()
+    """The layers after which some row's budget ends."""
 
 
 class RequestRows:
@@ -61,17 +66,26 @@ class RequestRows:
             self._cache[req_id] = settings
         return self._cache[req_id]
 
-    def settings(self, rows: int, default_threshold: float, device: torch.device) -> RowSettings | None:
+    def settings(
+        self, rows: int, default_threshold: float, num_layers: int, device: torch.device
+    ) -> RowSettings | None:
         """Settings of the first ``rows`` rows; None when all of them use the engine's."""
         per_row = [self._settings(req_id) for req_id in self.runner.input_batch.req_ids[:rows]]
         if all(s is None for s in per_row):
             return None
         allowed = [s is None or s.enabled for s in per_row]
         values = [default_threshold if s is None or s.threshold is None else s.threshold for s in per_row]
+        last = [
+            num_layers if s is None or s.max_layers is None else min(s.max_layers, num_layers) - 1
+            for s in per_row
+        ]
+        budget_layers = frozenset(l for l in last if l < num_layers - 1)
         return RowSettings(
             allowed=None if all(allowed) else torch.tensor(allowed, dtype=torch.bool, device=device),
             thresholds=(
                 None if all(v == default_threshold for v in values)
                 else torch.tensor(values, dtype=torch.float32, device=device)
             ),
+            last_layers=torch.tensor(last, device=device) if budget_layers else None,
+            budget_layers=budget_layers,
         )

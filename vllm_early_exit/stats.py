@@ -23,12 +23,14 @@ class ExitStats:
     """Counters over pure-decode tokens.
 
     ``exits_per_layer[l]`` counts tokens that left after layer ``l`` (0-based),
-    so they computed ``l + 1`` layers; ``full_depth_tokens`` computed all of them.
+    so they computed ``l + 1`` layers less the ``skip_layers`` up to ``l``;
+    ``full_depth_tokens`` computed every layer that is not skipped.
     """
 
     num_layers: int
     exits_per_layer: list[int] = field(default_factory=list)
     full_depth_tokens: int = 0
+    skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
@@ -52,8 +54,13 @@ class ExitStats:
 
     @property
     def layers_computed(self) -> int:
-        early = sum((layer + 1) * n for layer, n in enumerate(self.exits_per_layer))
-        return early + self.full_depth_tokens * self.num_layers
+        skipped = set(self.skip_layers)
+        depth, computed = 0, []
+        for layer in range(self.num_layers):
+            depth += layer not in skipped
+            computed.append(depth)
+        early = sum(computed[layer] * n for layer, n in enumerate(self.exits_per_layer))
+        return early + self.full_depth_tokens * computed[-1]
 
     @property
     def mean_layers(self) -> float:
@@ -73,6 +80,7 @@ class ExitStats:
             "decode_tokens": self.decode_tokens,
             "early_exit_tokens": self.early_exit_tokens,
             "mean_layers": self.mean_layers,
+            "skip_layers": list(self.skip_layers),
         }
 
     @classmethod
@@ -81,6 +89,7 @@ class ExitStats:
             num_layers=data["num_layers"],
             exits_per_layer=list(data["exits_per_layer"]),
             full_depth_tokens=data["full_depth_tokens"],
+            skip_layers=tuple(data.get("skip_layers", ())),
         )
 
     def summary(self) -> str:
@@ -126,7 +135,7 @@ class EarlyExitWorkerExtension:
 
     def reset_early_exit_stats(self) -> None:
         inner = self._early_exit_model()
-        inner.exit_stats = ExitStats(inner.exit_stats.num_layers)
+        inner.exit_stats = ExitStats(inner.exit_stats.num_layers, skip_layers=inner.exit_stats.skip_layers)
 
 
 def get_exit_stats(llm, all_ranks: bool = False) -> ExitStats | list[ExitStats]:
