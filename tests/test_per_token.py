@@ -38,3 +38,18 @@ def test_per_token_rows_with_early_exit_off_stay_full_depth_beside_exiting_rows(
     # Request 0's decode tokens ran full depth; the scheduler may put its first ones in
     # the steps that prefill the others, which are not pure-decode steps and not counted.
     assert NEW_TOKENS - 3 <= stats["full_depth_tokens"] <= NEW_TOKENS - 1
+
+
+def test_decode_rows_of_mixed_steps_leave_too(tiny_llama, reference, mixed_traces):
+    """A token budget of 20 per step chunks every prompt's prefill, so most steps mix one
+    request's decode token with another's prefill chunk (one-token last chunks included).
+    The decode rows still leave on their own: outputs and exits match the reference."""
+    prompts, traces = mixed_traces
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=PER_TOKEN, batched=True,
+        max_num_batched_tokens=20, max_num_seqs=4,
+    )
+    assert result["outputs"] == [t.tokens for t in traces]
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"] == exit_counts(traces, reference.num_layers)
+    assert stats["decode_tokens"] == len(prompts) * (NEW_TOKENS - 1)

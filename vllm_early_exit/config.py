@@ -335,10 +335,10 @@ class RequestEarlyExit:
             )
         enabled = _flag("early_exit.enabled", raw.get("enabled", True))
         threshold = raw.get("threshold")
-        if threshold is not None and (not _is_number(threshold) or not math.isfinite(threshold) or threshold < 0):
+        if threshold is not None and (not _is_number(threshold) or not math.isfinite(threshold)):
             raise EarlyExitConfigError(
-                f"early_exit.threshold={threshold!r} in the request is invalid: expected a finite number >= 0 "
-                "(read as the engine's signal reads its threshold)."
+                f"early_exit.threshold={threshold!r} in the request is invalid: expected a finite number "
+                "(read as the engine's signal reads its threshold; saturation thresholds may be negative)."
             )
         max_layers = raw.get("max_layers")
         if isinstance(max_layers, str) and max_layers.isdigit():  # vllm_xargs may carry strings

@@ -16,7 +16,7 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
-from .batch import current_decode_batch
+from .batch import DecodeBatch, current_decode_batch
 from .config import EarlyExitConfig
 from .decision import ExitDecider, LogitReadout
 from .kv_fill import KVPropagator, check_kv_fill_supported
@@ -64,73 +64,92 @@ class EarlyExitLlamaModel(LlamaModel):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
-        batch = current_decode_batch() if self.decider.enabled else None
+        batch = None
+        if self.decider.enabled:
+            batch = current_decode_batch(self.request_rows.input_batch if self.request_rows else None)
         if batch is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
-        rows = batch.num_tokens
         settings = (
-            self.request_rows.settings(rows, self.decider.threshold, self.config.num_hidden_layers, positions.device)
+            self.request_rows.settings(
+                batch.request_indices, self.decider.threshold, self.config.num_hidden_layers, positions.device
+            )
             if self.request_rows is not None
             else None
         )
-        if settings is not None and settings.allowed is not None and (
-            not self.decider.policy.per_row or self.decider.skip_layers
-        ):
-            # A request turned early exit off, and the step leaves as a whole or
-            # skips layers for every row: the step runs at full depth.
-            self._count(None, rows)
+        row_wise = self.decider.policy.per_row
+        if not row_wise and (not batch.pure or (settings is not None and settings.allowed is not None)):
+            # The step leaves as a whole, but it prefills too, or a request turned
+            # early exit off: the step runs at full depth.
+            self._count(None, batch.num_tokens)
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if batch.pure and settings is not None and settings.allowed is not None and self.decider.skip_layers:
+            # Skipping is for every row of a pure-decode step; a request with early exit off keeps it full depth.
+            self._count(None, batch.num_tokens)
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        return self._decode(hidden_states, positions, rows, settings or RowSettings(None, None))
+        return self._decode(hidden_states, positions, batch, _on_token_rows(settings, batch, hidden_states.shape[0]))
 
     def _decode(
-        self, hidden_states: torch.Tensor, positions: torch.Tensor, rows: int, settings: RowSettings
+        self, hidden_states: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch, settings: RowSettings
     ) -> torch.Tensor:
-        """The layer loop of a pure-decode step, with its exits and skipped layers.
+        """The layer loop of a step with decode tokens, with their exits and skipped layers.
 
-        ``rows``: the step's logits rows (the rest is padding); ``settings``: per-row
-        request settings. Returns the final-normed hidden states.
+        Only decode rows leave or skip; in a mixed step the prefill rows run every
+        layer beside them. ``settings``: per-row request settings, indexed by token
+        row. Returns the final-normed hidden states.
         """
         decider = self.decider
         decider.begin_step()
         points = decider.check_layers | settings.budget_layers
         residual = None
         previous = None
-        logits_rows = torch.arange(rows, device=positions.device)
-        # Rows (of all the step's rows, padding included) still running; None: every row.
+        rows = batch.num_tokens
+        # Decode rows still running; None: rows 0..rows-1 of a pure-decode step, all running.
+        remaining: torch.Tensor | None = batch.rows
+        # Rows (of all the step's rows, padding and prefill included) still running; None: every row.
         running: torch.Tensor | None = None
         # (rows, stream they emit) for rows that left through an exit head.
         emitted: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def of_candidates(per_row: torch.Tensor | None) -> torch.Tensor | None:
+            if per_row is None:
+                return None
+            return per_row[:rows] if remaining is None else per_row[remaining]
+
         for index in range(self.start_layer, self.end_layer):
             if decider.needs_previous and index in decider.check_layers:
                 previous = _stream(hidden_states, residual)
-            if index in decider.skip_layers:
+            if index in decider.skip_layers and batch.pure:
                 self.kv_fill.fill(positions, _stream(hidden_states, residual), (index,))
-            elif running is None:
-                hidden_states, residual = self.layers[index](positions, hidden_states, residual)
             else:
-                hidden_states, residual = self._run_layer_for(
-                    self.layers[index], positions, hidden_states, residual, running
-                )
+                before = _stream(hidden_states, residual) if index in decider.skip_layers else None
+                if running is None:
+                    hidden_states, residual = self.layers[index](positions, hidden_states, residual)
+                else:
+                    hidden_states, residual = self._run_layer_for(
+                        self.layers[index], positions, hidden_states, residual, running
+                    )
+                if before is not None:
+                    # Decode rows of a mixed step skip the layer: keep their stream as it
+                    # was (the layer's attention wrote their K/V from it, as a fill would).
+                    skipping = remaining if remaining is not None else torch.arange(rows, device=before.device)
+                    hidden_states[skipping] = 0
+                    residual[skipping] = before[skipping]
             if index not in points:
+                continue
+            candidates = remaining if remaining is not None else torch.arange(rows, device=positions.device)
+            if candidates.numel() == 0:
                 continue
             if residual is None:  # only layers skipped so far
                 residual = torch.zeros_like(hidden_states)
             # A new tensor: the fused add+norm of the next layer works in place.
             stream = hidden_states + residual
-            candidates = logits_rows if running is None else running[running < rows]
-
-            def of_candidates(per_row: torch.Tensor | None) -> torch.Tensor | None:
-                if per_row is None:
-                    return None
-                return per_row[:rows] if running is None else per_row[candidates]
-
             leave = decider.rows_to_exit(
                 index,
                 of_candidates(stream),
                 candidates,
-                step_rows=rows,
+                step_rows=stream.shape[0],
                 previous=of_candidates(previous),
                 thresholds=of_candidates(settings.thresholds),
                 allowed=of_candidates(settings.allowed),
@@ -143,7 +162,7 @@ class EarlyExitLlamaModel(LlamaModel):
             self.exit_stats.record(index, count)
             if decider.heads is not None:
                 emitted.append((leaving, decider.exit_stream(index, stream[leaving])))
-            if count == candidates.numel():
+            if count == candidates.numel() and batch.pure:
                 # Every logits row has left: fill the deeper layers' K/V and stop.
                 self.kv_fill.fill(positions, stream, range(index + 1, self.end_layer))
                 self._publish()
@@ -156,8 +175,9 @@ class EarlyExitLlamaModel(LlamaModel):
             if running is None:
                 running = torch.arange(hidden_states.shape[0], device=stream.device)
             running = running[~torch.isin(running, leaving)]
+            remaining = candidates[~leave]
 
-        self.exit_stats.record(None, rows if running is None else int((running < rows).sum()))
+        self.exit_stats.record(None, rows if remaining is None else remaining.numel())
         self._publish()
         return self._final_norm(_stream(hidden_states, residual), emitted)
 
@@ -195,6 +215,28 @@ class EarlyExitLlamaModel(LlamaModel):
         self.stats_logger.maybe_log(self.exit_stats)
         if self.shared_counters is not None:
             self.shared_counters.publish(self.exit_stats)
+
+
+def _on_token_rows(settings: RowSettings | None, batch: DecodeBatch, num_rows: int) -> RowSettings:
+    """Request settings (one row per decode token) moved onto the step's token rows."""
+    if settings is None:
+        return RowSettings(None, None)
+    if batch.pure:
+        return settings
+
+    def scatter(values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None:
+            return None
+        out = values.new_zeros(num_rows)
+        out[batch.rows] = values
+        return out
+
+    return RowSettings(
+        allowed=scatter(settings.allowed),
+        thresholds=scatter(settings.thresholds),
+        last_layers=scatter(settings.last_layers),
+        budget_layers=settings.budget_layers,
+    )
 
 
 def _stream(hidden_states: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +67,17 @@ class RequestRows:
             self._cache[req_id] = settings
         return self._cache[req_id]
 
+    @property
+    def input_batch(self):
+        return self.runner.input_batch
+
     def settings(
-        self, rows: int, default_threshold: float, num_layers: int, device: torch.device
+        self, requests: Sequence[int], default_threshold: float, num_layers: int, device: torch.device
     ) -> RowSettings | None:
-        """Settings of the first ``rows`` rows; None when all of them use the engine's."""
-        per_row = [self._settings(req_id) for req_id in self.runner.input_batch.req_ids[:rows]]
+        """Settings of the given requests (indices in the runner's batch), one row each;
+        None when all of them use the engine's."""
+        req_ids = self.runner.input_batch.req_ids
+        per_row = [self._settings(req_ids[i]) for i in requests]
         if all(s is None for s in per_row):
             return None
         allowed = [s is None or s.enabled for s in per_row]
