@@ -1,0 +1,268 @@
+"""Oracle analysis: how much depth each sequence really needs (arXiv 2410.20022).
+
+``python -m vllm_early_exit oracle --model DIR`` answers two questions on real
+prompts, with greedy decoding:
+
+1. *Per-sequence minimum depth.* For every prompt and every depth d, the real
+   engine decodes with the per-request depth budget ``max_layers = d`` (every
+   decode token leaves after layer d - 1, state propagation fills the rest), all
+   in one batch. A sequence's oracle depth is the smallest d whose output is
+   identical to full depth. The mean over prompts is the analogue of the
+   paper's 23.3% figure: what an oracle that picks each sequence's depth needs.
+2. *Best static skip set.* Layers are added greedily to a skip set, each time
+   the layer whose skipping keeps the most decode tokens right. Scoring is
+   teacher-forced on the full-depth outputs with HF transformers: every layer
+   runs, and for decode positions a skipped layer's output is replaced by its
+   input, which is exactly what ``skip_layers`` does (its attention still
+   writes K/V from the stream passing through). A sequence is reproduced
+   exactly by free-running decoding iff every teacher-forced position agrees,
+   so "identical" here is exact, not an approximation.
+
+Results go to JSON, Markdown and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF LLaMA checkpoint folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompts", type=int, default=32, help="evaluation-split ShareGPT prompts (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
+    parser.add_argument("--max-skip", type=int, default=4, help="largest skip set the greedy search builds (default 4)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for oracle.{json,md,png}")
+
+
+@dataclass
+class SkipStep:
+    skip_layers: list[int]
+    token_agreement: float
+    """Share of decode tokens (teacher-forced) the skip set keeps right."""
+    identical: float
+    """Share of sequences whose output the skip set reproduces exactly."""
+
+
+# --- 1. per-sequence minimum depth, through the real engine ------------------------
+
+
+def budget_outputs(llm, prompts: list[list[int]], max_tokens: int, num_layers: int) -> list[list[list[int]]]:
+    """outputs[p][d - 1]: prompt p decoded with the depth budget ``max_layers = d``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests, params = [], []
+    for prompt in prompts:
+        for depth in range(1, num_layers + 1):
+            requests.append(TokensPrompt(prompt_token_ids=prompt))
+            params.append(SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                extra_args={"early_exit": {"max_layers": depth}},
+            ))
+    # Prompt pass once per prompt first, so the budget runs read the prompt's K/V from
+    # vLLM's prefix cache instead of computing it once per depth.
+    llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts],
+        SamplingParams(max_tokens=1, detokenize=False),
+        use_tqdm=False,
+    )
+    results = llm.generate(requests, params, use_tqdm=True)
+    tokens = [list(r.outputs[0].token_ids) for r in results]
+    return [tokens[i * num_layers : (i + 1) * num_layers] for i in range(len(prompts))]
+
+
+def min_depths(outputs: list[list[list[int]]]) -> list[int]:
+    """Per prompt, the smallest depth whose output equals the full-depth output (the last)."""
+    return [next(d + 1 for d, out in enumerate(per_depth) if out == per_depth[-1]) for per_depth in outputs]
+
+
+# --- 2. best static skip set, teacher-forced --------------------------------------
+
+
+class SkipScorer:
+    """Teacher-forced decode-token agreement of a skip set on (prompt, full output) pairs."""
+
+    def __init__(self, model, prompts: list[list[int]], outputs: list[list[int]]) -> None:
+        self.model = model
+        self.sequences = [torch.tensor(p + o[:-1]) for p, o in zip(prompts, outputs)]
+        self.decode_from = [len(p) for p in prompts]
+        self.targets = [torch.tensor(o) for o in outputs]
+        self._skip: set[int] = set()
+        self._decode_mask = None
+        for index, layer in enumerate(model.model.layers):
+            layer.register_forward_hook(self._hook(index), with_kwargs=True)
+
+    def _hook(self, index: int):
+        def skip_decode_positions(module, args, kwargs, output):
+            if index not in self._skip:
+                return None
+            before = args[0] if args else kwargs["hidden_states"]
+            after = output[0] if isinstance(output, tuple) else output
+            kept = torch.where(self._decode_mask, before, after)
+            return (kept, *output[1:]) if isinstance(output, tuple) else kept
+
+        return skip_decode_positions
+
+    def score(self, skip: set[int]) -> tuple[float, float, list[bool]]:
+        """(token agreement, identical share, identical per sequence) with ``skip`` skipped.
+
+        Position ``len(prompt) + k`` holds output token k, the input of decode step
+        k + 1; its logits predict output token k + 1. The first output token comes
+        from the prompt pass, which runs every layer, so it is not scored.
+        """
+        self._skip = set(skip)
+        agree = total = 0
+        identical = []
+        with torch.no_grad():
+            for ids, start, target in zip(self.sequences, self.decode_from, self.targets):
+                mask = torch.zeros(1, ids.shape[0], 1, dtype=torch.bool)
+                mask[:, start:] = True  # positions whose token is a decode token
+                self._decode_mask = mask
+                logits = self.model(ids[None]).logits[0, start:]
+                right = logits.argmax(-1) == target[1:]
+                agree += int(right.sum())
+                total += right.numel()
+                identical.append(bool(right.all()))
+        return agree / total, sum(identical) / len(identical), identical
+
+
+def greedy_skip_sets(scorer: SkipScorer, num_layers: int, max_skip: int, progress=None) -> list[SkipStep]:
+    """Grows a skip set one layer at a time, keeping the layer that hurts least.
+
+    The last layer is never a candidate: skipping it cannot be told apart from an exit.
+    """
+    path = [SkipStep([], *scorer.score(set())[:2])]
+    chosen: set[int] = set()
+    for _ in range(max_skip):
+        best = None
+        for layer in range(num_layers - 1):
+            if layer in chosen:
+                continue
+            agreement, identical, _ = scorer.score(chosen | {layer})
+            if progress is not None:
+                progress.update(1)
+            if best is None or (agreement, identical) > best[1:]:
+                best = (layer, agreement, identical)
+        chosen.add(best[0])
+        path.append(SkipStep(sorted(chosen), best[1], best[2]))
+    return path
+
+
+# --- the command ---------------------------------------------------------------
+
+
+def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip: int) -> dict:
+    """Both analyses on token prompts; returns the report dict."""
+    import gc
+    import os
+
+    from tqdm import tqdm
+    from transformers import AutoConfig, LlamaForCausalLM
+    from vllm import LLM
+
+    # In-process engine core: every request is queued before the first step, so all
+    # prompts prefill together and every later step is a pure-decode step.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    longest = max(len(p) for p in prompts) + max_tokens
+    llm = LLM(
+        model_dir, dtype="float32", max_model_len=longest + 8, seed=0, skip_tokenizer_init=True,
+        max_num_seqs=len(prompts) * num_layers,
+        max_num_batched_tokens=max(8192, sum(len(p) for p in prompts) * num_layers),
+        enable_prefix_caching=True,
+        additional_config={"early_exit": {"exit_layers": [], "policy": "per_token", "log_interval_s": 0}},
+    )
+    outputs = budget_outputs(llm, prompts, max_tokens, num_layers)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    depths = min_depths(outputs)
+    full = [per_depth[-1] for per_depth in outputs]
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    scorer = SkipScorer(model, prompts, full)
+    candidates = sum(num_layers - 1 - k for k in range(max_skip))
+    with tqdm(total=candidates, desc="skip sets") as progress:
+        path = greedy_skip_sets(scorer, num_layers, max_skip, progress)
+    identical_sets = [step for step in path if step.identical == 1.0]
+    return {
+        "num_layers": num_layers,
+        "prompts": len(prompts),
+        "max_tokens": max_tokens,
+        "min_depths": depths,
+        "mean_min_depth": sum(depths) / len(depths),
+        "mean_min_depth_fraction": sum(depths) / len(depths) / num_layers,
+        "skip_path": [asdict(step) for step in path],
+        "largest_identical_skip_set": identical_sets[-1].skip_layers,
+        "prompt_token_ids": prompts,
+        "outputs_full_depth": full,
+    }
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "oracle.json").write_text(json.dumps(report, indent=2) + "\n")
+    layers = report["num_layers"]
+    lines = [
+        "# Oracle depth",
+        "",
+        f"{report['prompts']} held-out ShareGPT prompts, {report['max_tokens']} greedy tokens, "
+        f"{layers}-layer model ({report.get('model', '')}).",
+        "",
+        f"- Per-sequence oracle: the smallest depth whose output is identical to full depth averages "
+        f"**{report['mean_min_depth']:.2f} of {layers} layers ({100 * report['mean_min_depth_fraction']:.1f}%)**.",
+        f"- Largest static skip set that keeps every output identical: {report['largest_identical_skip_set']}.",
+        "",
+        "| skip set (greedy) | decode tokens right (teacher-forced) | outputs identical |",
+        "|---|---|---|",
+    ]
+    for step in report["skip_path"]:
+        lines.append(f"| {step['skip_layers']} | {step['token_agreement']:.3f} | {step['identical']:.3f} |")
+    (out_dir / "oracle.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.hist(report["min_depths"], bins=range(1, layers + 2), align="left", color="tab:blue")
+    left.axvline(report["mean_min_depth"], color="k", linestyle="--", label="mean")
+    left.set(xlabel="oracle depth (layers)", ylabel="sequences", title="Per-sequence minimum depth")
+    left.legend()
+    sizes = [len(s["skip_layers"]) for s in report["skip_path"]]
+    right.plot(sizes, [s["token_agreement"] for s in report["skip_path"]], "o-", label="decode tokens right")
+    right.plot(sizes, [s["identical"] for s in report["skip_path"]], "s-", label="outputs identical")
+    right.set(xlabel="layers skipped (greedy)", ylabel="share", ylim=(0, 1.02), title="Static skip sets")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "oracle.png", dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    from .assets import chat_prompt, sharegpt_split, smollm2_checkpoint
+
+    if args.prompts < 1 or args.max_tokens < 2 or args.max_skip < 0:
+        raise SystemExit("oracle: --prompts must be >= 1, --max-tokens >= 2 and --max-skip >= 0.")
+    model = args.model or str(smollm2_checkpoint())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [
+        tokenizer.encode(chat_prompt(tokenizer, text), add_special_tokens=False)
+        for text in sharegpt_split("evaluation", args.prompts)
+    ]
+    report = analyse(model, prompts, args.max_tokens, args.max_skip)
+    report["model"] = model
+    write_report(report, args.out)
+    print((args.out / "oracle.md").read_text())
+    return report
