@@ -122,7 +122,12 @@ class ExitDecider:
         ``forced``: True for rows that reached their depth budget (None: none).
         """
         assert self.readout is not None, "the LM head was not bound to the exit decider"
-        if layer in self.check_layers:
+        if layer in self.check_layers and thresholds is None and self.signal.always_confident(self.threshold):
+            # A forced exit: skip the readout (it costs about an LM-head product).
+            confident = torch.ones(rows.shape[0], dtype=torch.bool, device=stream.device)
+            if allowed is not None:
+                confident = confident & allowed
+        elif layer in self.check_layers:
             reading = LayerReading(
                 layer, stream, previous,
                 lambda: self._logits(self.exit_stream(layer, stream), rows, step_rows),

@@ -49,6 +49,13 @@ class ExitSignal(ABC):
     higher_is_confident: bool = True
     needs_previous: bool = False
     """True when the signal reads the stream entering the check layer."""
+    score_range: tuple[float, float] = (0.0, 1.0)
+    """Smallest and largest score the signal can give."""
+
+    def always_confident(self, threshold: float) -> bool:
+        """True when no score can fail ``threshold`` (a forced exit): the check reads nothing."""
+        low, high = self.score_range
+        return threshold <= low if self.higher_is_confident else threshold >= high
 
     @abstractmethod
     def score(self, reading: LayerReading) -> torch.Tensor:
@@ -90,6 +97,7 @@ class EntropySignal(ExitSignal):
 
     name = "entropy"
     higher_is_confident = False
+    score_range = (0.0, float("inf"))
 
     def score(self, reading: LayerReading) -> torch.Tensor:
         log_probs = torch.log_softmax(reading.logits.float(), dim=-1)
@@ -104,6 +112,7 @@ class SaturationSignal(ExitSignal):
 
     name = "saturation"
     needs_previous = True
+    score_range = (-1.0, 1.0)
 
     def score(self, reading: LayerReading) -> torch.Tensor:
         return torch.cosine_similarity(reading.stream.float(), reading.previous.float(), dim=-1)
