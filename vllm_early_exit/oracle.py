@@ -186,6 +186,10 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
     gc.collect()
     depths = min_depths(outputs)
     full = [per_depth[-1] for per_depth in outputs]
+    # vLLM's CPU engine pins this process to one core and one thread; give them back.
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    torch.set_num_threads(os.cpu_count() or 1)
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     scorer = SkipScorer(model, prompts, full)
