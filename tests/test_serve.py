@@ -174,5 +174,5 @@ def test_bad_request_settings_get_http_400(client, tiny_chat_llama):
     with pytest.raises(openai.BadRequestError, match="early_exit.threshold"):
         client.completions.create(
             model=str(tiny_chat_llama), prompt="hi", max_tokens=4,
-            extra_body={"vllm_xargs": {"early_exit_threshold": -1}},
+            extra_body={"vllm_xargs": {"early_exit_threshold": "high"}},
         )
