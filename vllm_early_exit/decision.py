@@ -63,6 +63,8 @@ class ExitDecider:
         self.threshold = config.threshold
         self.heads = ExitHeads.load(config.heads) if config.heads else None
         self.signal = make_signal(config.signal, self.heads)
+        # A threshold no score can fail: every check is a forced exit and reads nothing.
+        self.forced = self.signal.always_confident(config.threshold)
         self.policy = make_policy(config.policy, config.quorum)
         self.vocab_top_k = config.vocab_top_k
         self.readout: LogitReadout | None = None
@@ -122,22 +124,18 @@ class ExitDecider:
         ``forced``: True for rows that reached their depth budget (None: none).
         """
         assert self.readout is not None, "the LM head was not bound to the exit decider"
-        if layer in self.check_layers and thresholds is None and self.signal.always_confident(self.threshold):
-            # A forced exit: skip the readout (it costs about an LM-head product).
+        if layer not in self.check_layers:  # a budget layer only
+            confident = torch.zeros(rows.shape[0], dtype=torch.bool, device=stream.device)
+        elif self.forced and thresholds is None:
             confident = torch.ones(rows.shape[0], dtype=torch.bool, device=stream.device)
-            if allowed is not None:
-                confident = confident & allowed
-        elif layer in self.check_layers:
+        else:
             reading = LayerReading(
                 layer, stream, previous,
                 lambda: self._logits(self.exit_stream(layer, stream), rows, step_rows),
             )
-            threshold = self.threshold if thresholds is None else thresholds
-            confident = self.signal.confident(reading, threshold)
-            if allowed is not None:
-                confident = confident & allowed
-        else:
-            confident = torch.zeros(rows.shape[0], dtype=torch.bool, device=stream.device)
+            confident = self.signal.confident(reading, self.threshold if thresholds is None else thresholds)
+        if allowed is not None:
+            confident = confident & allowed
         if forced is not None:
             confident = confident | forced
         return self.policy.rows_to_exit(confident)

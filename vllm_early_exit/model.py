@@ -77,14 +77,14 @@ class EarlyExitLlamaModel(LlamaModel):
             if self.request_rows is not None
             else None
         )
-        row_wise = self.decider.policy.per_row
-        if not row_wise and (not batch.pure or (settings is not None and settings.allowed is not None)):
-            # The step leaves as a whole, but it prefills too, or a request turned
-            # early exit off: the step runs at full depth.
-            self._count(None, batch.num_tokens)
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        if batch.pure and settings is not None and settings.allowed is not None and self.decider.skip_layers:
-            # Skipping is for every row of a pure-decode step; a request with early exit off keeps it full depth.
+        exit_off = settings is not None and settings.allowed is not None
+        if self.decider.policy.per_row:
+            # Skipping is for every decode row: a request with early exit off keeps its step full depth.
+            full_depth = exit_off and bool(self.decider.skip_layers)
+        else:
+            # The step leaves as a whole: not while it prefills too, nor when a request turned early exit off.
+            full_depth = exit_off or not batch.pure
+        if full_depth:
             self._count(None, batch.num_tokens)
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
@@ -105,8 +105,11 @@ class EarlyExitLlamaModel(LlamaModel):
         residual = None
         previous = None
         rows = batch.num_tokens
-        # Decode rows still running; None: rows 0..rows-1 of a pure-decode step, all running.
-        remaining: torch.Tensor | None = batch.rows
+        # The step's decode rows (built once per step).
+        decode_rows = torch.arange(rows, device=positions.device) if batch.pure else batch.rows
+        # Decode rows still running; None while every row of a pure-decode step runs
+        # (per-row tensors are then sliced, not gathered).
+        remaining: torch.Tensor | None = None if batch.pure else batch.rows
         # Rows (of all the step's rows, padding and prefill included) still running; None: every row.
         running: torch.Tensor | None = None
         # (rows, stream they emit) for rows that left through an exit head.
@@ -133,12 +136,11 @@ class EarlyExitLlamaModel(LlamaModel):
                 if before is not None:
                     # Decode rows of a mixed step skip the layer: keep their stream as it
                     # was (the layer's attention wrote their K/V from it, as a fill would).
-                    skipping = remaining if remaining is not None else torch.arange(rows, device=before.device)
-                    hidden_states[skipping] = 0
-                    residual[skipping] = before[skipping]
+                    hidden_states[remaining] = 0
+                    residual[remaining] = before[remaining]
             if index not in points:
                 continue
-            candidates = remaining if remaining is not None else torch.arange(rows, device=positions.device)
+            candidates = decode_rows if remaining is None else remaining
             if candidates.numel() == 0:
                 continue
             if residual is None:  # only layers skipped so far
