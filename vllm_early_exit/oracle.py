@@ -167,16 +167,13 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
     from transformers import AutoConfig, LlamaForCausalLM
     from vllm import LLM
 
-    # In-process engine core: every request is queued before the first step, so all
-    # prompts prefill together and every later step is a pure-decode step.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Budgets hold under per_token also for decode rows of steps that prefill other
+    # requests, so the requests may reach the engine in any order and mix.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     longest = max(len(p) for p in prompts) + max_tokens
     llm = LLM(
         model_dir, dtype="float32", max_model_len=longest + 8, seed=0, skip_tokenizer_init=True,
-        max_num_seqs=len(prompts) * num_layers,
-        max_num_batched_tokens=max(8192, sum(len(p) for p in prompts) * num_layers),
         enable_prefix_caching=True,
         additional_config={"early_exit": {"exit_layers": [], "policy": "per_token", "log_interval_s": 0}},
     )
@@ -186,10 +183,6 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
     gc.collect()
     depths = min_depths(outputs)
     full = [per_depth[-1] for per_depth in outputs]
-    # vLLM's CPU engine pins this process to one core and one thread; give them back.
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    torch.set_num_threads(os.cpu_count() or 1)
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     scorer = SkipScorer(model, prompts, full)
