@@ -7,7 +7,7 @@ SPEC: {"model": dir, "engine": {LLM kwargs},
        "batched": false, "stats": true}
 Requests run one at a time unless "batched" is true, so each is decoded alone
 and its schedule is deterministic; "batched": "both" runs them one at a time,
-then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[token ids]], "stats": [per rank]}.
+then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[token ids]], "stats": [per rank], "layer_groups": [compiled groups of rank 0]}.
 """
 
 import json
@@ -52,6 +52,7 @@ def main(spec_path: str, result_path: str) -> None:
         from vllm_early_exit import get_exit_stats
 
         result["stats"] = [s.to_dict() for s in get_exit_stats(llm, all_ranks=True)]
+        result["layer_groups"] = llm.collective_rpc("early_exit_layer_groups")[0]
     with open(result_path, "w") as f:
         json.dump(result, f)
 

@@ -89,6 +89,9 @@ class EarlyExitConfig:
             their stream through their head, and a row that leaves emits its head's token.
         skip_layers: layers (0-based) that every decode token skips; their K/V is
             filled from the residual stream that passes them.
+        compile: compile the layers between decision points as groups (``groups.py``)
+            with vLLM's torch.compile, and on CUDA capture them as piecewise CUDA
+            graphs. False: the model runs eagerly (``enforce_eager``).
     """
 
     enabled: bool = True
@@ -102,6 +105,7 @@ class EarlyExitConfig:
     vocab_top_k: int | None = None
     heads: str | None = None
     skip_layers: tuple[int, ...] = ()
+    compile: bool = False
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "EarlyExitConfig":
@@ -193,6 +197,10 @@ class EarlyExitConfig:
             raise _fail("skip_layers", skip_layers, "expected a list of layer indices >= 0")
         skip_layers = tuple(sorted(set(skip_layers)))
 
+        compile_groups = values.get("compile", cls.compile)
+        if not isinstance(compile_groups, bool):
+            raise _fail("compile", compile_groups, "expected true or false")
+
         return cls(
             enabled=enabled,
             signal=signal,
@@ -205,6 +213,7 @@ class EarlyExitConfig:
             vocab_top_k=vocab_top_k,
             heads=heads,
             skip_layers=skip_layers,
+            compile=compile_groups,
         )
 
     @classmethod

@@ -224,11 +224,7 @@ def verify_and_update(vllm_config) -> None:
             "early exit cannot be combined with speculative decoding: both change how "
             "decode steps run the layer stack. Turn one of them off."
         )
-    if not model_config.enforce_eager:
-        # The exit decision is a host-side branch between layers: no whole-model
-        # graph capture. vLLM derives its compilation settings from this flag.
-        logger.info("Early exit runs the model eagerly (enforce_eager=True).")
-        model_config.enforce_eager = True
+    _set_execution_mode(vllm_config, settings)
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = WORKER_EXTENSION
     elif parallel.worker_extension_cls != WORKER_EXTENSION:
@@ -236,6 +232,31 @@ def verify_and_update(vllm_config) -> None:
             "worker_extension_cls=%s is set, so get_exit_stats() cannot read the counters.",
             parallel.worker_extension_cls,
         )
+
+
+def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
+    """Eager, or compiled layer groups with piecewise CUDA graphs (never one whole-model graph).
+
+    The exit decision is a host-side branch between layers, so a graph of the whole
+    forward would freeze one path. vLLM derives its compilation settings from
+    ``enforce_eager`` and ``cudagraph_mode`` after this hook runs.
+    """
+    model_config = vllm_config.model_config
+    if not (settings.enabled and settings.compile):
+        if not model_config.enforce_eager:
+            logger.info("Early exit runs the model eagerly (enforce_eager=True; set early_exit.compile to compile).")
+            model_config.enforce_eager = True
+        return
+    if model_config.enforce_eager:
+        logger.warning("early_exit.compile is set but enforce_eager=True: the layer groups run eagerly.")
+        return
+    from vllm.config import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if compilation.cudagraph_mode is None or compilation.cudagraph_mode.has_full_cudagraphs():
+        # On platforms without graphs vLLM turns this off again.
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    logger.info("Early exit compiles the layer groups between decision points (piecewise CUDA graphs on CUDA).")
 
 
 def install_hooks() -> None:

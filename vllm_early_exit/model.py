@@ -2,16 +2,19 @@
 
 ``EarlyExitLlamaForCausalLM`` is vLLM's ``LlamaForCausalLM`` with its decoder
 stack replaced by ``EarlyExitLlamaModel`` (through the ``_init_model`` hook).
-Steps with prefill tokens and vLLM's dummy runs take ``LlamaModel.forward``
-unchanged; pure-decode steps run the layer loop below, which skips the
-``skip_layers`` (filling their K/V) and lets rows leave after a check layer or
-at their request's depth budget. Weights, weight loading, LoRA and sampling are vLLM's.
+Steps with prefill tokens only and vLLM's dummy runs take the full stack; steps
+with decode tokens run the layer loop below, which skips the ``skip_layers``
+(filling their K/V) and lets rows leave after a check layer or at their
+request's depth budget. The loop walks the stack layer by layer (eager) or, with
+``compile``, group by compiled group (``groups.py``). Weights, weight loading,
+LoRA and sampling are vLLM's.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
@@ -19,14 +22,16 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from .batch import DecodeBatch, current_decode_batch
 from .config import EarlyExitConfig
 from .decision import ExitDecider, LogitReadout
+from .groups import CompiledStack, compiling, group_bounds
 from .kv_fill import KVPropagator, check_kv_fill_supported
 from .metrics import SharedCounters
 from .requests import RequestRows, RowSettings
 from .stats import ExitStats, PeriodicStatsLogger
 
 
+@ignore_torch_compile  # the decisions are Python between layers: only ``LayerGroup``s compile
 class EarlyExitLlamaModel(LlamaModel):
-    """``LlamaModel`` whose pure-decode steps may leave the layer stack early."""
+    """``LlamaModel`` whose decode tokens may leave the layer stack early."""
 
     def __init__(
         self,
@@ -55,6 +60,22 @@ class EarlyExitLlamaModel(LlamaModel):
         self.request_rows = RequestRows.of_loading_runner() if config.enabled else None
         if config.enabled:
             check_kv_fill_supported(self.layers[self.start_layer : self.end_layer])
+        self.compiled_stack = (
+            CompiledStack(
+                vllm_config,
+                self.layers,
+                group_bounds(
+                    self.start_layer,
+                    self.end_layer,
+                    self.decider.check_layers,
+                    self.decider.skip_layers,
+                    cut_before_checks=self.decider.needs_previous,
+                ),
+                prefix,
+            )
+            if config.enabled and config.compile and compiling(vllm_config)
+            else None
+        )
 
     def forward(
         self,
@@ -68,7 +89,7 @@ class EarlyExitLlamaModel(LlamaModel):
         if self.decider.enabled:
             batch = current_decode_batch(self.request_rows.input_batch if self.request_rows else None)
         if batch is None:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
         settings = (
             self.request_rows.settings(
@@ -86,9 +107,22 @@ class EarlyExitLlamaModel(LlamaModel):
             full_depth = exit_off or not batch.pure
         if full_depth:
             self._count(None, batch.num_tokens)
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         return self._decode(hidden_states, positions, batch, _on_token_rows(settings, batch, hidden_states.shape[0]))
+
+    def _full_depth(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
+        """Every layer for every row: vLLM's own forward, or the compiled groups in turn."""
+        stack = self.compiled_stack
+        if stack is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = torch.zeros_like(hidden_states)
+        keep = hidden_states.new_ones(hidden_states.shape[0], 1)
+        for bounds in stack.bounds:
+            hidden_states, residual = stack.run(bounds, positions, hidden_states, residual, keep)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
 
     def _decode(
         self, hidden_states: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch, settings: RowSettings
@@ -120,13 +154,27 @@ class EarlyExitLlamaModel(LlamaModel):
                 return None
             return per_row[:rows] if remaining is None else per_row[remaining]
 
-        for index in range(self.start_layer, self.end_layer):
+        # Compiled groups when the step's decision points all fall on their cuts
+        # (a per-request budget elsewhere walks the layers one by one).
+        stack = self.compiled_stack
+        grouped = stack is not None and stack.covers(points)
+        if grouped:
+            residual = torch.zeros_like(hidden_states)
+        segments = stack.bounds if grouped else [(i, i + 1) for i in range(self.start_layer, self.end_layer)]
+
+        for first, stop in segments:
+            index = stop - 1  # the segment's last layer, where a decision may follow
             if decider.needs_previous and index in decider.check_layers:
                 previous = _stream(hidden_states, residual)
-            if index in decider.skip_layers and batch.pure:
-                self.kv_fill.fill(positions, _stream(hidden_states, residual), (index,))
+            skipped = first in decider.skip_layers  # skipped layers are segments of their own
+            if skipped and batch.pure:
+                self.kv_fill.fill(positions, _stream(hidden_states, residual), (first,))
+            elif grouped:
+                # Decode rows of a mixed step hold their stream through a skipped layer.
+                keep = _keep_mask(hidden_states, running, remaining if skipped else None)
+                hidden_states, residual = stack.run((first, stop), positions, hidden_states, residual, keep)
             else:
-                before = _stream(hidden_states, residual) if index in decider.skip_layers else None
+                before = _stream(hidden_states, residual) if skipped else None
                 if running is None:
                     hidden_states, residual = self.layers[index](positions, hidden_states, residual)
                 else:
@@ -239,6 +287,18 @@ def _on_token_rows(settings: RowSettings | None, batch: DecodeBatch, num_rows: i
         last_layers=scatter(settings.last_layers),
         budget_layers=settings.budget_layers,
     )
+
+
+def _keep_mask(hidden_states: torch.Tensor, running: torch.Tensor | None, held: torch.Tensor | None) -> torch.Tensor:
+    """``[rows, 1]``: 1 for rows in ``running`` (None: every row), 0 for the others and for ``held``."""
+    rows = hidden_states.shape[0]
+    if running is None:
+        keep = hidden_states.new_ones(rows, 1)
+    else:
+        keep = hidden_states.new_zeros(rows, 1).index_fill_(0, running, 1)
+    if held is not None:
+        keep[held] = 0
+    return keep
 
 
 def _stream(hidden_states: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

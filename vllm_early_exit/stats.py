@@ -118,7 +118,7 @@ class PeriodicStatsLogger:
 
 
 class EarlyExitWorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``): RPCs for the counters."""
+    """Mixed into vLLM's worker class (``worker_extension_cls``): RPCs for the counters and the execution mode."""
 
     def _early_exit_model(self):
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
@@ -136,6 +136,16 @@ class EarlyExitWorkerExtension:
     def reset_early_exit_stats(self) -> None:
         inner = self._early_exit_model()
         inner.exit_stats = ExitStats(inner.exit_stats.num_layers, skip_layers=inner.exit_stats.skip_layers)
+
+    def early_exit_layer_groups(self) -> list[dict[str, Any]]:
+        """The compiled layer groups (``compile``) and whether each has been compiled; [] when eager."""
+        stack = self._early_exit_model().compiled_stack
+        if stack is None:
+            return []
+        return [
+            {"layers": [first, stop], "compiled": bool(getattr(group, "compiled", False))}
+            for (first, stop), group in stack.groups.items()
+        ]
 
 
 def get_exit_stats(llm, all_ranks: bool = False) -> ExitStats | list[ExitStats]:

@@ -1,0 +1,96 @@
+"""``compile: true``: the layers between decision points run as compiled groups.
+
+Every test starts a real engine with vLLM's torch.compile on (inductor on CPU),
+checks which groups were compiled, and compares tokens and exits with the HF
+reference applying the same rule.
+"""
+
+from __future__ import annotations
+
+from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
+from .test_correctness import exit_counts
+
+COMPILED_ENGINE = {"enforce_eager": False}
+
+
+def _groups(*bounds: tuple[int, int]) -> list[dict]:
+    return [{"layers": [first, stop], "compiled": True} for first, stop in bounds]
+
+
+def test_compiled_per_token_matches_reference_alone_and_batched(tiny_llama, reference, mixed_traces):
+    """Rows that leave stay frozen inside the compiled groups that follow; the others go on."""
+    prompts, traces = mixed_traces
+    settings = {**MIXED, "policy": "per_token", "compile": True}
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched="both", **COMPILED_ENGINE
+    )
+    assert result["layer_groups"] == _groups((0, 2), (2, 4), (4, 6))
+    expected = [t.tokens for t in traces]
+    assert result["outputs"] == expected
+    assert result["outputs_batched"] == expected
+    assert result["stats"][0]["exits_per_layer"] == [2 * n for n in exit_counts(traces, reference.num_layers)]
+
+
+def test_compiled_groups_with_skipped_layer_in_mixed_steps(tiny_llama, reference):
+    """A token budget of 20 per step mixes decode rows with prefill chunks: decode rows hold
+    their stream through the skipped layer's group, leave at layer 4, and stay frozen
+    while prefill rows run the last group."""
+    prompts = tiny_prompts(3, seed=23)
+    settings = {"skip_layers": [2], "exit_layers": [4], "threshold": 0.0, "policy": "per_token", "compile": True}
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True,
+        max_num_batched_tokens=20, max_num_seqs=4, **COMPILED_ENGINE,
+    )
+    assert result["layer_groups"] == _groups((0, 2), (2, 3), (3, 5), (5, 6))
+    rule = {"skip_layers": (2,), "exit_layers": (4,), "threshold": 0.0}
+    assert result["outputs"] == [reference.generate(p, NEW_TOKENS, **rule).tokens for p in prompts]
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"][4] == stats["decode_tokens"] == len(prompts) * (NEW_TOKENS - 1)
+
+
+def test_compiled_saturation_reads_the_stream_entering_each_check_layer(tiny_llama, reference):
+    """Saturation compares the streams before and after a check layer: each check layer is a group of its own."""
+    prompts = tiny_prompts(3, seed=13)
+    rule = {"exit_layers": (1, 3), "threshold": 0.7, "signal": "saturation"}
+    traces = [reference.generate(p, NEW_TOKENS, **rule) for p in prompts]
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts],
+        early_exit={**rule, "exit_layers": [1, 3], "compile": True}, **COMPILED_ENGINE,
+    )
+    assert result["layer_groups"] == _groups((0, 1), (1, 2), (2, 3), (3, 4), (4, 6))
+    assert result["outputs"] == [t.tokens for t in traces]
+    counts = exit_counts(traces, reference.num_layers)
+    assert result["stats"][0]["exits_per_layer"] == counts
+    assert counts[1] > 0 and counts[3] > 0
+
+
+def test_compiled_engine_walks_layers_for_budgets_between_cuts(tiny_llama, reference):
+    """Per-request depth budgets fall inside the single compiled group: those steps run the layers one by one."""
+    prompts = tiny_prompts(3, seed=19)
+    requests = [
+        (prompts[0], NEW_TOKENS, {"early_exit": {"max_layers": 3}}),
+        (prompts[1], NEW_TOKENS),
+    ]
+    result = run_engine(
+        tiny_llama, requests, early_exit={"exit_layers": [], "policy": "per_token", "compile": True},
+        batched=True, **COMPILED_ENGINE,
+    )
+    assert result["layer_groups"] == _groups((0, 6))
+    assert result["outputs"] == [
+        reference.generate(prompts[0], NEW_TOKENS, exit_layers=(2,), threshold=0.0).tokens,
+        reference.generate(prompts[1], NEW_TOKENS).tokens,
+    ]
+    assert result["stats"][0]["exits_per_layer"][2] == NEW_TOKENS - 1
+
+
+def test_each_layer_range_has_its_own_compile_cache_key():
+    """vLLM saves compiled artifacts under a key made from the forward's qualified name;
+    groups must not share one (each graph names its own layers' KV caches)."""
+    from vllm.compilation.decorators import _model_hash_key
+
+    from vllm_early_exit.groups import group_bounds, group_class
+
+    bounds = group_bounds(0, 30, check_layers=[9, 19], skip_layers=[4], cut_before_checks=True)
+    assert bounds == [(0, 4), (4, 5), (5, 9), (9, 10), (10, 19), (19, 20), (20, 30)]
+    keys = {_model_hash_key(group_class(first, stop).forward) for first, stop in bounds}
+    assert len(keys) == len(bounds)

@@ -1,0 +1,163 @@
+"""Compiled layer groups: the decoder layers between two decision points as one compiled unit.
+
+With ``compile: true`` the decoder stack is cut at every point where the host
+may decide something (after each check layer, around each skipped layer, and
+before each check layer when the signal reads the stream entering it). Each run
+of layers between two cuts is a ``LayerGroup``, compiled by vLLM's own
+``support_torch_compile`` machinery (inductor; on CUDA split at attention into
+piecewise CUDA graphs, never one full graph: the decisions between groups are
+Python). The exit decision itself stays between groups, on the host.
+
+Rows that left earlier in the step stay in the batch, frozen: ``keep`` is 0 for
+them, so after every layer their hidden state is zeroed and their residual set
+back to the stream they entered the group with. Each deeper layer's attention then writes K/V from their exit-layer
+stream, which is exactly state propagation, and the shapes never change, so one
+compiled graph serves every step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from vllm.compilation.backends import set_model_tag
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CompilationMode, VllmConfig
+
+
+def group_bounds(
+    start: int,
+    end: int,
+    check_layers: Iterable[int],
+    skip_layers: Iterable[int],
+    cut_before_checks: bool,
+) -> list[tuple[int, int]]:
+    """``[(first, stop), ...]`` covering layers ``start..end-1``, cut where the host decides.
+
+    A cut follows every check layer; every skipped layer is a group of its own
+    (a decode step fills its K/V instead of running it); with
+    ``cut_before_checks`` a cut also precedes every check layer, so the stream
+    entering it can be read.
+    """
+    cuts = {start, end}
+    for layer in check_layers:
+        cuts.add(layer + 1)
+        if cut_before_checks:
+            cuts.add(layer)
+    for layer in skip_layers:
+        cuts.update((layer, layer + 1))
+    points = sorted(c for c in cuts if start <= c <= end)
+    return list(zip(points, points[1:]))
+
+
+def compiling(vllm_config: VllmConfig) -> bool:
+    """True when vLLM will compile ``support_torch_compile`` modules under this config."""
+    return vllm_config.compilation_config.mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE)
+
+
+@support_torch_compile(dynamic_arg_dims={"positions": 0, "hidden_states": 0, "residual": 0, "keep": 0})
+class LayerGroup(nn.Module):
+    """Consecutive decoder layers with frozen rows held in place.
+
+    ``layers`` are the model's own modules, kept in a plain list so that their
+    weights stay registered (and loaded) under ``model.layers`` only.
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = list(layers)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep``: ``[rows, 1]``, 1 for rows that run these layers, 0 for rows held at their stream."""
+        held = hidden_states + residual  # the held rows' stream (a new tensor: the layers update ``residual`` in place)
+        running = keep > 0
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+            hidden_states = hidden_states * keep
+            residual = torch.where(running, residual, held)
+        return hidden_states, residual
+
+
+@functools.cache
+def group_class(first: int, stop: int) -> type[LayerGroup]:
+    """The ``LayerGroup`` subclass for layers ``first..stop-1``.
+
+    vLLM keys its saved (AOT) compile artifacts by the qualified name of the
+    compiled ``forward``; every group bakes its own layers' attention names into
+    its graph, so each layer range gets a ``forward`` of its own name.
+    """
+    name = f"LayerGroup_{first}_{stop}"
+
+    def forward(self, positions, hidden_states, residual, keep):
+        return LayerGroup.forward(self, positions, hidden_states, residual, keep)
+
+    forward.__qualname__ = f"{name}.forward"
+    return type(name, (LayerGroup,), {"forward": forward, "__qualname__": name})
+
+
+class CompiledStack:
+    """The model's layer groups, and the static input buffers CUDA graphs replay from."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        layers: Sequence[nn.Module],
+        bounds: list[tuple[int, int]],
+        prefix: str,
+    ) -> None:
+        self.bounds = bounds
+        self.ends = frozenset(stop - 1 for _, stop in bounds)
+        self.groups: dict[tuple[int, int], LayerGroup] = {}
+        for first, stop in bounds:
+            with set_model_tag(f"early_exit_layers_{first}_{stop}"):
+                self.groups[(first, stop)] = group_class(first, stop)(
+                    vllm_config=vllm_config, prefix=f"{prefix}.groups.{first}", layers=layers[first:stop]
+                )
+        mode = vllm_config.compilation_config.cudagraph_mode
+        # Piecewise CUDA graphs replay from the addresses they were captured with:
+        # inputs made on the host between groups are copied into fixed buffers first.
+        self.static_inputs = mode is not None and mode.has_piecewise_cudagraphs()
+        self.max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def covers(self, points: Iterable[int]) -> bool:
+        """True when every layer in ``points`` ends a group (the step's decisions fit the cuts)."""
+        return all(point in self.ends for point in points)
+
+    def run(
+        self,
+        bounds: tuple[int, int],
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        group = self.groups[bounds]
+        if not self.static_inputs:
+            return group(positions, hidden_states, residual, keep)
+        rows = hidden_states.shape[0]
+        hidden_buf, residual_buf, keep_buf = self._static(hidden_states)
+        hidden_buf[:rows].copy_(hidden_states)
+        residual_buf[:rows].copy_(residual)
+        keep_buf[:rows].copy_(keep)
+        hidden_states, residual = group(positions, hidden_buf[:rows], residual_buf[:rows], keep_buf[:rows])
+        # The last piece's outputs live in the graph pool: own them before the next group runs.
+        return hidden_states.clone(), residual.clone()
+
+    def _static(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._buffers is None:
+            shape = (self.max_tokens, like.shape[-1])
+            self._buffers = (
+                like.new_zeros(shape),
+                like.new_zeros(shape),
+                like.new_ones(self.max_tokens, 1),
+            )
+        return self._buffers
