@@ -12,6 +12,8 @@ Modes (each an early-exit engine):
   forced_50 / forced_75   every decode token leaves at 50% / 75% depth (systems side)
   never / never_top_k     checks run and nothing leaves (check overhead), full / pruned vocabulary
   all / quorum / per_token  the same training-free exit rule under each policy
+  *_compiled              the same settings with ``compile: true`` (compiled layer groups)
+  calibrated              a settings file from ``calibrate`` (quality-preserving settings)
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from pathlib import Path
 DEFAULT_OUT = Path("benchmarks/results")
 
 
-def engine_modes(num_layers: int, smoke: bool) -> dict[str, dict | None]:
+COMPILED = ("forced_50", "never_top_k", "per_token")
+"""Modes also measured with compiled layer groups (``<mode>_compiled``)."""
+
+
+def engine_modes(num_layers: int, smoke: bool, calibrated: dict | None = None) -> dict[str, dict | None]:
     """Engine name -> early_exit settings (None: plain vLLM with that name's engine options)."""
     half, three_quarters = num_layers // 2 - 1, (3 * num_layers) // 4 - 1
     deep = list(range(max(1, (2 * num_layers) // 3), num_layers - 1, 2))
@@ -37,17 +43,43 @@ def engine_modes(num_layers: int, smoke: bool) -> dict[str, dict | None]:
     modes: dict[str, dict | None] = {
         "plain": None,
         "plain_eager": None,
-        "forced_50": {"exit_layers": [half], "threshold": 0.0},
-        "forced_75": {"exit_layers": [three_quarters], "threshold": 0.0},
+        # per_token: decode rows that share a step with a prefill leave too.
+        "forced_50": {"exit_layers": [half], "threshold": 0.0, "policy": "per_token"},
+        "forced_75": {"exit_layers": [three_quarters], "threshold": 0.0, "policy": "per_token"},
         "never": {"threshold": 1.0, "exit_layers": deep},
         "never_top_k": {"threshold": 1.0, "exit_layers": deep, "vocab_top_k": 256},
         "all": {**rule, "policy": "all"},
         "quorum": {**rule, "policy": "quorum", "quorum": 0.5},
         "per_token": {**rule, "policy": "per_token"},
     }
+    modes.update({f"{name}_compiled": {**modes[name], "compile": True} for name in COMPILED})
+    if calibrated is not None:
+        modes["calibrated"] = calibrated
     if smoke:
         return {k: modes[k] for k in ("plain", "forced_50", "never_top_k", "per_token")}
     return modes
+
+
+def select_modes(modes: dict[str, dict | None], names: str | None) -> dict[str, dict | None]:
+    """The modes named in a comma-separated list (plain vLLM always stays: every ratio needs it)."""
+    if not names:
+        return modes
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(modes))
+    if unknown:
+        raise SystemExit(f"bench: unknown mode(s) {unknown}; available: {sorted(modes)}")
+    return {k: v for k, v in modes.items() if k == "plain" or k in wanted}
+
+
+def read_calibrated(path: str | None) -> dict | None:
+    """Settings written by ``calibrate`` (None when ``path`` is None)."""
+    if path is None:
+        return None
+    from .config import EarlyExitConfig
+
+    settings = json.loads(Path(path).read_text())
+    EarlyExitConfig.from_dict(settings)  # refuses a bad file (or missing heads) before any engine starts
+    return settings
 
 
 @dataclass
@@ -101,6 +133,8 @@ def run_benchmark(
     smoke: bool,
     dtype: str,
     out_dir: Path,
+    only: str | None = None,
+    calibrated: dict | None = None,
 ) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from tqdm import tqdm
@@ -119,7 +153,7 @@ def run_benchmark(
         "seed": 0,
     }
 
-    modes = engine_modes(num_layers, smoke)
+    modes = select_modes(engine_modes(num_layers, smoke, calibrated), only)
     plain = LLM(model, **common)
 
     def timed(llm, name: str, batch: int) -> Measurement:
@@ -264,6 +298,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for speed.json/.md/.png")
     parser.add_argument("--smoke", action="store_true", help="a quick run with four engines (CI)")
+    parser.add_argument("--modes", help="comma-separated engines to measure (default: all; see the module doc)")
+    parser.add_argument(
+        "--calibrated",
+        help="a settings file from `calibrate` to measure as the `calibrated` engine "
+        "(e.g. benchmarks/results/calibrated_head.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -279,6 +319,8 @@ def run(args: argparse.Namespace) -> dict:
         args.smoke,
         args.dtype,
         Path(args.out),
+        only=args.modes,
+        calibrated=read_calibrated(args.calibrated),
     )
     print((Path(args.out) / "speed.md").read_text())
     return report
