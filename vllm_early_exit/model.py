@@ -76,6 +76,9 @@ class EarlyExitLlamaModel(LlamaModel):
             if config.enabled and config.compile and compiling(vllm_config)
             else None
         )
+        # One layer per segment: the eager walk (also the compiled model's walk for
+        # steps whose budgets fall between its cuts).
+        self.layer_segments = [(i, i + 1) for i in range(self.start_layer, self.end_layer)]
 
     def forward(
         self,
@@ -117,8 +120,7 @@ class EarlyExitLlamaModel(LlamaModel):
         if stack is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual = torch.zeros_like(hidden_states)
-        keep = hidden_states.new_ones(hidden_states.shape[0], 1)
+        residual, keep = torch.zeros_like(hidden_states), hidden_states.new_ones(hidden_states.shape[0], 1)
         for bounds in stack.bounds:
             hidden_states, residual = stack.run(bounds, positions, hidden_states, residual, keep)
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -145,7 +147,9 @@ class EarlyExitLlamaModel(LlamaModel):
         # (per-row tensors are then sliced, not gathered).
         remaining: torch.Tensor | None = None if batch.pure else batch.rows
         # Rows (of all the step's rows, padding and prefill included) still running; None: every row.
+        # Eager walk: their indices (``running``); compiled groups: a 0/1 mask over rows (``keep``).
         running: torch.Tensor | None = None
+        keep: torch.Tensor | None = None
         # (rows, stream they emit) for rows that left through an exit head.
         emitted: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -159,8 +163,8 @@ class EarlyExitLlamaModel(LlamaModel):
         stack = self.compiled_stack
         grouped = stack is not None and stack.covers(points)
         if grouped:
-            residual = torch.zeros_like(hidden_states)
-        segments = stack.bounds if grouped else [(i, i + 1) for i in range(self.start_layer, self.end_layer)]
+            residual, keep = torch.zeros_like(hidden_states), hidden_states.new_ones(hidden_states.shape[0], 1)
+        segments = stack.bounds if grouped else self.layer_segments
 
         for first, stop in segments:
             index = stop - 1  # the segment's last layer, where a decision may follow
@@ -170,9 +174,11 @@ class EarlyExitLlamaModel(LlamaModel):
             if skipped and batch.pure:
                 self.kv_fill.fill(positions, _stream(hidden_states, residual), (first,))
             elif grouped:
-                # Decode rows of a mixed step hold their stream through a skipped layer.
-                keep = _keep_mask(hidden_states, running, remaining if skipped else None)
-                hidden_states, residual = stack.run((first, stop), positions, hidden_states, residual, keep)
+                rows_in = keep
+                if skipped:  # decode rows of a mixed step hold their stream through it
+                    rows_in = keep.clone()
+                    rows_in[remaining] = 0
+                hidden_states, residual = stack.run((first, stop), positions, hidden_states, residual, rows_in)
             else:
                 before = _stream(hidden_states, residual) if skipped else None
                 if running is None:
@@ -222,9 +228,12 @@ class EarlyExitLlamaModel(LlamaModel):
             # through the layer's own attention) and the final norm reads it.
             hidden_states[leaving] = 0
             residual[leaving] = stream[leaving]
-            if running is None:
-                running = torch.arange(hidden_states.shape[0], device=stream.device)
-            running = running[~torch.isin(running, leaving)]
+            if grouped:
+                keep[leaving] = 0
+            else:
+                if running is None:
+                    running = torch.arange(hidden_states.shape[0], device=stream.device)
+                running = running[~torch.isin(running, leaving)]
             remaining = candidates[~leave]
 
         self.exit_stats.record(None, rows if remaining is None else remaining.numel())
@@ -287,18 +296,6 @@ def _on_token_rows(settings: RowSettings | None, batch: DecodeBatch, num_rows: i
         last_layers=scatter(settings.last_layers),
         budget_layers=settings.budget_layers,
     )
-
-
-def _keep_mask(hidden_states: torch.Tensor, running: torch.Tensor | None, held: torch.Tensor | None) -> torch.Tensor:
-    """``[rows, 1]``: 1 for rows in ``running`` (None: every row), 0 for the others and for ``held``."""
-    rows = hidden_states.shape[0]
-    if running is None:
-        keep = hidden_states.new_ones(rows, 1)
-    else:
-        keep = hidden_states.new_zeros(rows, 1).index_fill_(0, running, 1)
-    if held is not None:
-        keep[held] = 0
-    return keep
 
 
 def _stream(hidden_states: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
