@@ -39,6 +39,18 @@ WEIGHTS_FILE = "heads.safetensors"
 GATE_FEATURES = ("max_prob", "margin", "entropy", "saturation")
 
 
+def default_layers(num_layers: int) -> list[int]:
+    """Where heads go (and checks run) by default: every second layer from a third of the stack to the second-to-last."""
+    return list(range(num_layers // 3, num_layers - 1, 2))
+
+
+def default_heads_dir(model: str | Path) -> Path:
+    """Where ``train-heads`` keeps a model's heads: ``<cache>/heads/<model folder name>``."""
+    from .assets import cache_dir
+
+    return cache_dir() / "heads" / Path(model).name
+
+
 def gate_features(logits: torch.Tensor, stream: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """The gate's inputs per row, ``[rows, 4]`` float32 (order of ``GATE_FEATURES``).
 

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import GATE_FEATURES, ExitHeads, gate_features
+from .heads import GATE_FEATURES, ExitHeads, default_heads_dir, default_layers, gate_features
 
 DESIGNS = ("affine", "low_rank")
 CHOICES = (*DESIGNS, "compare")
@@ -58,18 +58,6 @@ CHOICES = (*DESIGNS, "compare")
 
 class TrainHeadsError(ValueError):
     """A setting of ``train-heads`` that cannot work; the message names it and what is allowed."""
-
-
-def default_heads_dir() -> Path:
-    """Where the SmolLM2-135M-Instruct heads live: ``<cache_dir>/heads/SmolLM2-135M-Instruct``."""
-    from .assets import cache_dir
-
-    return cache_dir() / "heads" / "SmolLM2-135M-Instruct"
-
-
-def default_layers(num_layers: int) -> list[int]:
-    """Every second layer from a third of the stack up to the second-to-last."""
-    return list(range(num_layers // 3, num_layers - 1, 2))
 
 
 @dataclass(frozen=True)
@@ -893,7 +881,8 @@ def run(args: argparse.Namespace) -> dict:
 
     try:
         if args.model is None:
-            model, out = smollm2_checkpoint(), Path(args.out) if args.out else default_heads_dir()
+            model = smollm2_checkpoint()
+            out = Path(args.out) if args.out else default_heads_dir(model)
         elif args.out is None:
             raise TrainHeadsError("--out is required with --model (the default heads folder is for SmolLM2)")
         else:
