@@ -22,11 +22,11 @@ import argparse
 import gc
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
+
+from .runs import machine_info, shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -71,17 +71,6 @@ def select_modes(modes: dict[str, dict | None], names: str | None) -> dict[str, 
     return {k: v for k, v in modes.items() if k == "plain" or k in wanted}
 
 
-def read_calibrated(path: str | None) -> dict | None:
-    """Settings written by ``calibrate`` (None when ``path`` is None)."""
-    if path is None:
-        return None
-    from .config import EarlyExitConfig
-
-    settings = json.loads(Path(path).read_text())
-    EarlyExitConfig.from_dict(settings)  # refuses a bad file (or missing heads) before any engine starts
-    return settings
-
-
 @dataclass
 class Measurement:
     engine: str
@@ -106,22 +95,6 @@ def _prompts(tokenizer, count: int, prompt_tokens: int) -> list[dict]:
         ids = tokenizer.encode(chat_prompt(tokenizer, text), add_special_tokens=False)
         out.append({"prompt_token_ids": ids[-prompt_tokens:]})
     return out
-
-
-def _machine() -> dict:
-    import torch
-    import vllm
-
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }
 
 
 def run_benchmark(
@@ -184,7 +157,7 @@ def run_benchmark(
                     for m in pair:
                         m.block = name
                     results.extend(pair)
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(llm)
         del llm
         gc.collect()
 
@@ -198,7 +171,7 @@ def run_benchmark(
         "rounds": rounds,
         "dtype": dtype,
         "modes": {k: v for k, v in modes.items()},
-        **_machine(),
+        **machine_info(),
     }
     report["raw"] = [asdict(m) | {"tokens_per_s": m.tokens_per_s} for m in results]
     write_report(report, out_dir)
@@ -308,6 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from .assets import smollm2_checkpoint
+    from .config import EarlyExitConfig
 
     model = args.model or str(smollm2_checkpoint())
     report = run_benchmark(
@@ -320,7 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         args.dtype,
         Path(args.out),
         only=args.modes,
-        calibrated=read_calibrated(args.calibrated),
+        calibrated=None if args.calibrated is None else EarlyExitConfig.from_cli_value(args.calibrated, "--calibrated"),
     )
     print((Path(args.out) / "speed.md").read_text())
     return report

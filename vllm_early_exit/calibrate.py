@@ -54,6 +54,7 @@ from typing import Any
 
 from .config import SIGNALS, EarlyExitConfig, EarlyExitConfigError, RequestEarlyExit
 from .risk import fixed_sequence_rejections, hoeffding_bentkus_p_value
+from .runs import shutdown_engine
 
 # Signal -> which way its threshold gets stricter (fewer exits). The only table
 # of this; a signal missing here cannot be calibrated.
@@ -221,14 +222,6 @@ def _engine(model: str, *, max_model_len: int, dtype: str, early_exit: Mapping[s
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
 
 
-def _shutdown(llm) -> None:
-    """Stops an engine's core; its memory goes once the last reference to it is dropped."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # best effort: the engine goes away with the object anyway
-        pass
-
-
 def _waves(prompts: Sequence[Sequence[int]], budget: int, max_batch: int) -> list[list[int]]:
     """Indices of prompts, grouped so that each group's prompt tokens prefill in one step."""
     waves: list[list[int]] = [[]]
@@ -295,7 +288,7 @@ def generate_at_thresholds(
                 "num_layers": stats.num_layers,
             }
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     return outputs, counters
 
 
@@ -331,7 +324,7 @@ def score_outputs(
                     unique[key] = c
                 bar.update(len(part))
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     return {t: [unique[(i, tuple(out))] for i, out in enumerate(result)] for t, result in outputs.items()}
 
 

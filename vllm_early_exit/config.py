@@ -222,8 +222,8 @@ class EarlyExitConfig:
         return cls.from_dict((additional_config or {}).get(CONFIG_KEY))
 
     @classmethod
-    def from_cli_value(cls, value: str) -> dict[str, Any]:
-        """The ``--early-exit-config`` value: inline JSON, or the path of a JSON file.
+    def from_cli_value(cls, value: str, option: str = "--early-exit-config") -> dict[str, Any]:
+        """A command-line settings value (``option``): inline JSON, or the path of a JSON file.
 
         Returns the raw dict after checking it, so it can travel in ``additional_config``.
         """
@@ -234,12 +234,12 @@ class EarlyExitConfig:
                     text = f.read()
             except OSError as exc:
                 raise EarlyExitConfigError(
-                    f"--early-exit-config {value!r}: not inline JSON and not a readable file ({exc.strerror})."
+                    f"{option} {value!r}: not inline JSON and not a readable file ({exc.strerror})."
                 ) from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise EarlyExitConfigError(f"--early-exit-config {value!r}: invalid JSON ({exc}).") from None
+            raise EarlyExitConfigError(f"{option} {value!r}: invalid JSON ({exc}).") from None
         cls.from_dict(raw)
         return raw
 

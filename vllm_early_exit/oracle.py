@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .runs import shutdown_engine
+
 DEFAULT_OUT = Path("benchmarks/results")
 
 
@@ -178,7 +180,7 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
         additional_config={"early_exit": {"exit_layers": [], "policy": "per_token", "log_interval_s": 0}},
     )
     outputs = budget_outputs(llm, prompts, max_tokens, num_layers)
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_engine(llm)
     del llm
     gc.collect()
     depths = min_depths(outputs)

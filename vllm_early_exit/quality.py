@@ -63,6 +63,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .runs import machine_info, shutdown_engine
+
 DEFAULT_OUT = Path("benchmarks/results")
 METHODS = ("max_prob", "margin", "entropy", "saturation", "head", "gate", "skip")
 THRESHOLD_SIGNALS = METHODS[:-1]
@@ -408,19 +410,6 @@ class Options:
     merge: bool = False
 
 
-def default_exit_layers(num_layers: int) -> list[int]:
-    """Every second layer from a third of the stack to the second-to-last: where ``train-heads``
-    puts heads by default, so every signal checks at the same layers."""
-    return list(range(num_layers // 3, num_layers - 1, 2))
-
-
-def default_heads_dir(model: str) -> Path:
-    """Where ``train-heads`` keeps the heads of a model: ``<cache>/heads/<model folder name>``."""
-    from .assets import cache_dir
-
-    return cache_dir() / "heads" / Path(model).name
-
-
 def _heads_layers(heads: str, signal: str) -> list[int]:
     from .heads import read_metadata
 
@@ -431,6 +420,7 @@ def _heads_layers(heads: str, signal: str) -> list[int]:
 def method_settings(signal: str, opts: Options, num_layers: int) -> dict:
     """The engine's early_exit settings for a threshold signal (checked; raises EarlyExitConfigError)."""
     from .config import EarlyExitConfig
+    from .heads import default_layers
 
     settings: dict = {"signal": signal, "threshold": opts.thresholds[signal][0], "policy": "per_token", "log_interval_s": 0}
     if signal in HEAD_METHODS:
@@ -444,7 +434,7 @@ def method_settings(signal: str, opts: Options, num_layers: int) -> dict:
         layers = opts.exit_layers or _heads_layers(opts.heads, signal)
         settings["exit_layers"] = [l for l in layers if l <= num_layers - 2]
     else:
-        settings["exit_layers"] = opts.exit_layers or default_exit_layers(num_layers)
+        settings["exit_layers"] = opts.exit_layers or default_layers(num_layers)
     EarlyExitConfig.from_dict(settings).exit_layers_for(num_layers)
     return settings
 
@@ -492,12 +482,6 @@ class Bench:
             max_num_seqs=max(256, len(self.prompts), len(self.humaneval.problems)),
             additional_config={"early_exit": settings},
         )
-
-    @staticmethod
-    def free(llm) -> None:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
     # generation and scoring
 
@@ -550,6 +534,12 @@ class Bench:
         reset_exit_stats(llm)
         outputs = self.generate(llm, extra_args)
         return self.score(signal, setting, outputs, get_exit_stats(llm), exit_layers)
+
+
+def free(llm) -> None:
+    """Stops an engine before the next one starts (one early-exit engine beside the plain one at a time)."""
+    shutdown_engine(llm)
+    gc.collect()
 
 
 def pick_operating_point(points: Sequence[Point], target: float = OPERATING_TARGET) -> Point | None:
@@ -631,15 +621,13 @@ def merge_previous(results: Results, previous: dict, methods: Sequence[str]) -> 
 
 
 def _setup(opts: Options, bench: Bench, threshold_methods: list[str]) -> dict:
-    from .bench import _machine
-
     return {
         "model": opts.model, "num_layers": bench.num_layers, "prompts": opts.prompts, "prompt_split": "evaluation",
         "max_tokens": opts.max_tokens, "dtype": opts.dtype, "greedy": True, "methods": opts.methods,
         "thresholds": {m: opts.thresholds[m] for m in threshold_methods}, "heads": opts.heads,
         "humaneval": {"problems": len(bench.humaneval.problems), "max_tokens": opts.humaneval_tokens,
                       "timeout_s": opts.humaneval_timeout_s, "instruction": HUMANEVAL_INSTRUCTION},
-        "smoke": opts.smoke, **_machine(),
+        "smoke": opts.smoke, **machine_info(),
     }
 
 
@@ -671,7 +659,7 @@ def sweep_threshold_signal(bench: Bench, results: Results, signal: str) -> None:
             request = {"early_exit": {"threshold": point.setting}}
             results.humaneval[signal] = bench.humaneval.evaluate(llm, request) | {"setting": point.setting}
     finally:
-        bench.free(llm)
+        free(llm)
 
 
 def skip_settings(layers: list[int]) -> dict:
@@ -697,14 +685,14 @@ def sweep_skip_sets(bench: Bench, results: Results) -> None:
         try:
             results.points.append(bench.measure(llm, "skip", layers, None, []))
         finally:
-            bench.free(llm)
+            free(llm)
     point = results.choose_operating_point("skip")
     if point is not None and bench.humaneval.problems:
         llm = bench.early_exit_engine(skip_settings(point.setting))
         try:
             results.humaneval["skip"] = bench.humaneval.evaluate(llm) | {"setting": point.setting}
         finally:
-            bench.free(llm)
+            free(llm)
 
 
 def run_benchmark(opts: Options) -> dict:
@@ -737,7 +725,7 @@ def run_benchmark(opts: Options) -> dict:
                 sweep_threshold_signal(bench, results, method)
             write_report(results.report(), opts.out)
     finally:
-        bench.free(bench.plain)
+        free(bench.plain)
     results.setup["seconds"] = round(time.monotonic() - started)
     report = results.report()
     write_report(report, opts.out)
@@ -998,6 +986,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> Options:
     from .assets import smollm2_checkpoint
+    from .heads import default_heads_dir
 
     sizes = SMOKE_SIZES if args.smoke else FULL_SIZES
     value = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in sizes.items()}
