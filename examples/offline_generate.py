@@ -10,7 +10,7 @@ import sys
 from vllm import LLM, SamplingParams
 
 from vllm_early_exit import get_exit_stats
-from vllm_early_exit.assets import smollm2_checkpoint
+from vllm_early_exit.tools.assets import smollm2_checkpoint
 
 if __name__ == "__main__":  # vLLM spawns engine processes: keep the guard
     model = sys.argv[1] if len(sys.argv) > 1 else str(smollm2_checkpoint())

@@ -150,6 +150,6 @@ def main(model: str) -> None:
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: keep the guard
-    from vllm_early_exit.assets import smollm2_checkpoint
+    from vllm_early_exit.tools.assets import smollm2_checkpoint
 
     main(sys.argv[1] if len(sys.argv) > 1 else str(smollm2_checkpoint()))

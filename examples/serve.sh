@@ -5,7 +5,7 @@
 #   .venv/bin/python examples/openai_client.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${1:-$(.venv/bin/python -c "from vllm_early_exit.assets import smollm2_checkpoint; print(smollm2_checkpoint())")}
+MODEL=${1:-$(.venv/bin/python -c "from vllm_early_exit.tools.assets import smollm2_checkpoint; print(smollm2_checkpoint())")}
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}   # GiB of KV cache on CPU machines
 exec .venv/bin/vllm serve "$MODEL" \
   --served-model-name smollm2 \

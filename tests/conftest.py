@@ -70,7 +70,7 @@ def tiny_chat_llama(tmp_path_factory, smollm2) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    from vllm_early_exit.assets import smollm2_checkpoint
+    from vllm_early_exit.tools.assets import smollm2_checkpoint
 
     return smollm2_checkpoint()
 

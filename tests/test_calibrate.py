@@ -19,8 +19,8 @@ from fractions import Fraction
 
 import pytest
 
-from vllm_early_exit import calibrate as cal
-from vllm_early_exit import risk
+from vllm_early_exit.tools import calibrate as cal
+from vllm_early_exit.tools import risk
 from vllm_early_exit.__main__ import main as cli
 from vllm_early_exit.config import SIGNALS, EarlyExitConfig
 
@@ -129,7 +129,7 @@ def test_fixed_sequence_stops_at_the_first_hypothesis_not_rejected():
 
 
 def _signal_classes():
-    from vllm_early_exit.signals import ExitSignal
+    from vllm_early_exit.model_executor.early_exit.signals import ExitSignal
 
     found, todo = {}, [ExitSignal]
     while todo:

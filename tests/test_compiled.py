@@ -88,7 +88,7 @@ def test_each_layer_range_has_its_own_compile_cache_key():
     groups must not share one (each graph names its own layers' KV caches)."""
     from vllm.compilation.decorators import _model_hash_key
 
-    from vllm_early_exit.groups import group_bounds, group_class
+    from vllm_early_exit.model_executor.early_exit.groups import group_bounds, group_class
 
     bounds = group_bounds(0, 30, check_layers=[9, 19], skip_layers=[4], cut_before_checks=True)
     assert bounds == [(0, 4), (4, 5), (5, 9), (9, 10), (10, 19), (19, 20), (20, 30)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vllm_early_exit.config import EarlyExitConfigError
-from vllm_early_exit.heads import ExitHeads
+from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 
 from .conftest import NEW_TOKENS, run_engine, tiny_prompts
 from .test_correctness import exit_counts

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vllm_early_exit.quality import (
+from vllm_early_exit.tools.quality import (
     Point,
     frontier,
     humaneval_code,
@@ -155,7 +155,7 @@ def check_smoke_results(out):
 
 
 def test_merge_keeps_the_other_methods_of_an_earlier_report():
-    from vllm_early_exit.quality import Results, merge_previous
+    from vllm_early_exit.tools.quality import Results, merge_previous
 
     setup = {"model": "m", "num_layers": 10, "prompts": 4, "prompt_split": "evaluation", "max_tokens": 8,
              "dtype": "float32", "humaneval": {"problems": 2}, "thresholds": {"max_prob": [0.9]}, "methods": ["max_prob"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_early_exit.assets import chat_prompt, sharegpt_prompts
+from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts
 
 from .conftest import run_engine
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from vllm_early_exit.__main__ import main
-from vllm_early_exit.heads import GATE_FEATURES, ExitHeads
-from vllm_early_exit.train_heads import TrainSettings, default_layers, train_exit_heads
+from vllm_early_exit.model_executor.early_exit.heads import GATE_FEATURES, ExitHeads
+from vllm_early_exit.tools.train_heads import TrainSettings, default_layers, train_exit_heads
 
 from .conftest import make_tiny_llama
 
@@ -144,8 +144,8 @@ def test_cli_refuses_bad_settings_with_the_option_and_allowed_values(model_dir, 
 def test_sharegpt_training_data_is_the_train_split_only(smollm2):
     from transformers import AutoTokenizer
 
-    from vllm_early_exit.assets import chat_prompt, sharegpt_split
-    from vllm_early_exit.train_heads import render_conversations, sharegpt_train_conversations
+    from vllm_early_exit.tools.assets import chat_prompt, sharegpt_split
+    from vllm_early_exit.tools.train_heads import render_conversations, sharegpt_train_conversations
 
     conversations = sharegpt_train_conversations(20)
     users = [user for user, _ in conversations]
@@ -168,7 +168,7 @@ def test_cli_needs_out_with_a_model(model_dir):
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(model_dir):
-    from vllm_early_exit.train_heads import TrainHeadsError
+    from vllm_early_exit.tools.train_heads import TrainHeadsError
 
     with pytest.raises(TrainHeadsError, match=r"sequence 1 holds token ids \[600\] outside this model's vocabulary \[0, 511\]"):
         train_exit_heads(model_dir, [[5, 6, 7], [1, 2, 600]], SETTINGS)

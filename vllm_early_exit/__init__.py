@@ -5,8 +5,8 @@ vLLM calls :func:`register` in every process through the
 ``"module:Class"`` string) and installs the engine hooks in ``engine``.
 """
 
-from .config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
-from .stats import ExitStats, get_exit_stats, reset_exit_stats
+from vllm_early_exit.config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
+from vllm_early_exit.model_executor.early_exit.stats import ExitStats, get_exit_stats, reset_exit_stats
 
 __all__ = [
     "CONFIG_KEY",
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 def register() -> None:
     from vllm import ModelRegistry
 
-    from .engine import ARCHITECTURE, MODEL_CLASS, install_hooks
+    from vllm_early_exit.plugin.hooks import ARCHITECTURE, MODEL_CLASS, install_hooks
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

@@ -9,12 +9,12 @@ import sys
 
 # command -> (module with add_arguments/run, help)
 COMMANDS = {
-    "demo": ("vllm_early_exit.demo", "early exit vs plain vLLM on SmolLM2 and ShareGPT prompts"),
-    "bench": ("vllm_early_exit.bench", "speed benchmark against plain vLLM (JSON + Markdown + PNG)"),
-    "train-heads": ("vllm_early_exit.train_heads", "train exit heads and gates on the model's own predictions"),
-    "calibrate": ("vllm_early_exit.calibrate", "pick a threshold that keeps a target agreement (Learn-then-Test)"),
-    "oracle": ("vllm_early_exit.oracle", "per-sequence minimum depth and best static skip set"),
-    "quality": ("vllm_early_exit.quality", "quality benchmark against full depth (JSON + Markdown + PNG)"),
+    "demo": ("vllm_early_exit.tools.demo", "early exit vs plain vLLM on SmolLM2 and ShareGPT prompts"),
+    "bench": ("vllm_early_exit.tools.bench", "speed benchmark against plain vLLM (JSON + Markdown + PNG)"),
+    "train-heads": ("vllm_early_exit.tools.train_heads", "train exit heads and gates on the model's own predictions"),
+    "calibrate": ("vllm_early_exit.tools.calibrate", "pick a threshold that keeps a target agreement (Learn-then-Test)"),
+    "oracle": ("vllm_early_exit.tools.oracle", "per-sequence minimum depth and best static skip set"),
+    "quality": ("vllm_early_exit.tools.quality", "quality benchmark against full depth (JSON + Markdown + PNG)"),
 }
 
 

@@ -181,7 +181,7 @@ class EarlyExitConfig:
         if heads is not None:
             if not isinstance(heads, str) or not heads:
                 raise _fail("heads", heads, "expected the path of a heads folder (from `train-heads`)")
-            from .heads import read_metadata
+            from vllm_early_exit.model_executor.early_exit.heads import read_metadata
 
             meta = read_metadata(Path(heads).expanduser())
             if signal == "gate" and not meta.get("gate_layers"):

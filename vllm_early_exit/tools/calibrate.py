@@ -52,9 +52,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SIGNALS, EarlyExitConfig, EarlyExitConfigError, RequestEarlyExit
-from .risk import fixed_sequence_rejections, hoeffding_bentkus_p_value
-from .runs import shutdown_engine
+from vllm_early_exit.config import SIGNALS, EarlyExitConfig, EarlyExitConfigError, RequestEarlyExit
+from vllm_early_exit.tools.risk import fixed_sequence_rejections, hoeffding_bentkus_p_value
+from vllm_early_exit.tools.engines import shutdown_engine
 
 # Signal -> which way its threshold gets stricter (fewer exits). The only table
 # of this; a signal missing here cannot be calibrated.
@@ -253,7 +253,7 @@ def generate_at_thresholds(
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from .stats import get_exit_stats, reset_exit_stats
+    from vllm_early_exit.model_executor.early_exit.stats import get_exit_stats, reset_exit_stats
 
     longest = max(len(p) for p in prompts)
     budget = max(PREFILL_TOKENS, longest)
@@ -306,7 +306,7 @@ def score_outputs(
     """
     from tqdm import tqdm
 
-    from .agreement import full_model_choices
+    from vllm_early_exit.tools.agreement import full_model_choices
 
     unique: dict[tuple[int, tuple[int, ...]], list[bool] | None] = {}
     for result in outputs.values():
@@ -642,7 +642,7 @@ def load_prompts(args: argparse.Namespace, model: str) -> tuple[list[list[int]],
         texts = texts[: args.prompts] if args.prompts else texts
         source = f"file {args.prompt_file}"
     else:
-        from .assets import sharegpt_split
+        from vllm_early_exit.tools.assets import sharegpt_split
 
         try:
             texts = list(sharegpt_split("calibration", args.prompts))
@@ -655,7 +655,7 @@ def load_prompts(args: argparse.Namespace, model: str) -> tuple[list[list[int]],
         raise CalibrationError("--prompt-file: every prompt must be a string or every prompt a list of token ids.")
     from transformers import AutoTokenizer
 
-    from .assets import chat_prompt
+    from vllm_early_exit.tools.assets import chat_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     return [tokenizer.encode(chat_prompt(tokenizer, t), add_special_tokens=False) for t in texts], source + ", chat template"
@@ -670,7 +670,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.model:
             model = args.model
         else:
-            from .assets import smollm2_checkpoint
+            from vllm_early_exit.tools.assets import smollm2_checkpoint
 
             model = str(smollm2_checkpoint())
         prompts, source = load_prompts(args, model)

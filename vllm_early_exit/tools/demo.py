@@ -14,8 +14,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from .agreement import Agreement
-from .assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
+from vllm_early_exit.tools.agreement import Agreement
+from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
 
 # Conservative training-free settings: on SmolLM2 intermediate layers are often
 # confidently wrong, so checks sit deep and require a very confident reading.
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from . import get_exit_stats, reset_exit_stats
+    from vllm_early_exit import get_exit_stats, reset_exit_stats
 
     settings = json.loads(args.early_exit_config)
     model = str(smollm2_checkpoint())

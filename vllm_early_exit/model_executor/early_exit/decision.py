@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import EarlyExitConfig
-from .heads import ExitHeads
-from .policies import make_policy
-from .signals import LayerReading, make_signal
+from vllm_early_exit.config import EarlyExitConfig
+from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
+from vllm_early_exit.model_executor.early_exit.policies import make_policy
+from vllm_early_exit.model_executor.early_exit.signals import LayerReading, make_signal
 
 
 class LogitReadout:

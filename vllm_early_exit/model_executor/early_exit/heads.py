@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .config import EarlyExitConfigError
+from vllm_early_exit.config import EarlyExitConfigError
 
 FORMAT = "vllm-early-exit-heads"
 VERSION = 1
@@ -46,7 +46,7 @@ def default_layers(num_layers: int) -> list[int]:
 
 def default_heads_dir(model: str | Path) -> Path:
     """Where ``train-heads`` keeps a model's heads: ``<cache>/heads/<model folder name>``."""
-    from .assets import cache_dir
+    from vllm_early_exit.tools.assets import cache_dir
 
     return cache_dir() / "heads" / Path(model).name
 

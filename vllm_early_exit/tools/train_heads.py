@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import GATE_FEATURES, ExitHeads, default_heads_dir, default_layers, gate_features
+from vllm_early_exit.model_executor.early_exit.heads import GATE_FEATURES, ExitHeads, default_heads_dir, default_layers, gate_features
 
 DESIGNS = ("affine", "low_rank")
 CHOICES = (*DESIGNS, "compare")
@@ -694,7 +694,7 @@ def sharegpt_train_conversations(count: int) -> list[tuple[str, str | None]]:
     """``(first user turn, first assistant reply or None)`` of the first ``count`` conversations of
     the ``train`` split, in file order; the user turns are exactly ``sharegpt_split("train", count)``,
     so the calibration and evaluation prompts are never used."""
-    from . import assets
+    from vllm_early_exit import assets
 
     start, size = assets.SPLITS["train"]
     if not 1 <= count <= size:
@@ -877,7 +877,7 @@ def _sequences(model: Path, prompts: int, max_len: int) -> tuple[list[list[int]]
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .assets import smollm2_checkpoint
+    from vllm_early_exit.tools.assets import smollm2_checkpoint
 
     try:
         if args.model is None:

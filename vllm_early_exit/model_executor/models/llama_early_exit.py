@@ -19,14 +19,14 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
-from .batch import DecodeBatch, current_decode_batch
-from .config import EarlyExitConfig
-from .decision import ExitDecider, LogitReadout
-from .groups import CompiledStack, compiling, group_bounds
-from .kv_fill import KVPropagator, check_kv_fill_supported
-from .metrics import SharedCounters
-from .requests import RequestRows, RowSettings
-from .stats import ExitStats, PeriodicStatsLogger
+from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch, current_decode_batch
+from vllm_early_exit.config import EarlyExitConfig
+from vllm_early_exit.model_executor.early_exit.decision import ExitDecider, LogitReadout
+from vllm_early_exit.model_executor.early_exit.groups import CompiledStack, compiling, group_bounds
+from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, check_kv_fill_supported
+from vllm_early_exit.plugin.metrics import SharedCounters
+from vllm_early_exit.plugin.requests import RequestRows, RowSettings
+from vllm_early_exit.model_executor.early_exit.stats import ExitStats, PeriodicStatsLogger
 
 
 @ignore_torch_compile  # the decisions are Python between layers: only ``LayerGroup``s compile

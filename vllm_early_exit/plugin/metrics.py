@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import ExitStats
+from vllm_early_exit.model_executor.early_exit.stats import ExitStats
 
 ENV_DIR = "VLLM_EARLY_EXIT_METRICS_DIR"
 

@@ -25,20 +25,20 @@ import logging
 from dataclasses import fields
 from typing import Any
 
-from .config import (
+from vllm_early_exit.config import (
     CONFIG_KEY,
     EarlyExitConfig,
     EarlyExitConfigError,
     EarlyExitUnsupportedError,
     RequestEarlyExit,
 )
-from .heads import ExitHeads
-from .stats import WORKER_EXTENSION
+from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
+from vllm_early_exit.model_executor.early_exit.stats import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
 
 ARCHITECTURE = "EarlyExitLlamaForCausalLM"
-MODEL_CLASS = "vllm_early_exit.model:EarlyExitLlamaForCausalLM"
+MODEL_CLASS = "vllm_early_exit.model_executor.models.llama_early_exit:EarlyExitLlamaForCausalLM"
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
@@ -135,7 +135,7 @@ def _wrap_from_cli_args(original):
             additional.setdefault(CONFIG_KEY, settings)
             args.additional_config = additional
         if wants_early_exit(getattr(args, "additional_config", None)):
-            from .metrics import enable_server_metrics
+            from vllm_early_exit.plugin.metrics import enable_server_metrics
 
             enable_server_metrics()
         return original.__func__(cls, args, *rest, **kwargs)

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .runs import machine_info, shutdown_engine
+from vllm_early_exit.tools.engines import machine_info, shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -87,7 +87,7 @@ class Measurement:
 
 
 def _prompts(tokenizer, count: int, prompt_tokens: int) -> list[dict]:
-    from .assets import chat_prompt, sharegpt_prompts
+    from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts
 
     texts = sharegpt_prompts(count, max_chars=4000)
     out = []
@@ -114,7 +114,7 @@ def run_benchmark(
     from transformers import AutoConfig, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from . import get_exit_stats, reset_exit_stats
+    from vllm_early_exit import get_exit_stats, reset_exit_stats
 
     num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -280,8 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .assets import smollm2_checkpoint
-    from .config import EarlyExitConfig
+    from vllm_early_exit.tools.assets import smollm2_checkpoint
+    from vllm_early_exit.config import EarlyExitConfig
 
     model = args.model or str(smollm2_checkpoint())
     report = run_benchmark(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .heads import ExitHeads, gate_features
+from vllm_early_exit.model_executor.early_exit.heads import ExitHeads, gate_features
 
 
 class LayerReading:

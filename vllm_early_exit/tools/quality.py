@@ -63,7 +63,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .runs import machine_info, shutdown_engine
+from vllm_early_exit.tools.engines import machine_info, shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 METHODS = ("max_prob", "margin", "entropy", "saturation", "head", "gate", "skip")
@@ -286,7 +286,7 @@ class HumanEval:
     """
 
     def __init__(self, count: int, max_tokens: int, timeout_s: float, tokenizer) -> None:
-        from .assets import chat_prompt
+        from vllm_early_exit.tools.assets import chat_prompt
 
         self.problems = humaneval_problems(count) if count > 0 else []
         self.prompts = [
@@ -332,7 +332,7 @@ def block_influence(model: str, texts: Sequence[str]) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import chat_prompt
+    from vllm_early_exit.tools.assets import chat_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
@@ -411,7 +411,7 @@ class Options:
 
 
 def _heads_layers(heads: str, signal: str) -> list[int]:
-    from .heads import read_metadata
+    from vllm_early_exit.model_executor.early_exit.heads import read_metadata
 
     meta = read_metadata(Path(heads))
     return sorted(meta["gate_layers"] if signal == "gate" else meta["layers"])
@@ -419,8 +419,8 @@ def _heads_layers(heads: str, signal: str) -> list[int]:
 
 def method_settings(signal: str, opts: Options, num_layers: int) -> dict:
     """The engine's early_exit settings for a threshold signal (checked; raises EarlyExitConfigError)."""
-    from .config import EarlyExitConfig
-    from .heads import default_layers
+    from vllm_early_exit.config import EarlyExitConfig
+    from vllm_early_exit.model_executor.early_exit.heads import default_layers
 
     settings: dict = {"signal": signal, "threshold": opts.thresholds[signal][0], "policy": "per_token", "log_interval_s": 0}
     if signal in HEAD_METHODS:
@@ -445,7 +445,7 @@ class Bench:
     def __init__(self, opts: Options) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .assets import chat_prompt, sharegpt_split
+        from vllm_early_exit.tools.assets import chat_prompt, sharegpt_split
 
         self.opts = opts
         self.num_layers = AutoConfig.from_pretrained(opts.model).num_hidden_layers
@@ -496,7 +496,7 @@ class Bench:
     def full_model_choices(self, outputs: list[list[int]]) -> list[list[bool]]:
         """``agreement.full_model_choices`` on the plain engine, each distinct output scored once
         (strict settings reproduce many full-depth outputs exactly)."""
-        from .agreement import full_model_choices
+        from vllm_early_exit.tools.agreement import full_model_choices
 
         missing = sorted({i for i, o in enumerate(outputs) if (i, tuple(o)) not in self._choices})
         if missing:
@@ -507,7 +507,7 @@ class Bench:
 
     def score(self, signal: str, setting, outputs: list[list[int]], stats=None, exit_layers=None) -> Point:
         """A point from its outputs and the engine's counters over them (None: full depth)."""
-        from .agreement import Agreement, token_agreement
+        from vllm_early_exit.tools.agreement import Agreement, token_agreement
 
         agreement = Agreement.of(outputs, self.references)
         choices = self.full_model_choices(outputs)
@@ -529,7 +529,7 @@ class Bench:
         )
 
     def measure(self, llm, signal: str, setting, extra_args: dict | None, exit_layers) -> Point:
-        from . import get_exit_stats, reset_exit_stats
+        from vllm_early_exit import get_exit_stats, reset_exit_stats
 
         reset_exit_stats(llm)
         outputs = self.generate(llm, extra_args)
@@ -638,7 +638,7 @@ def sweep_threshold_signal(bench: Bench, results: Results, signal: str) -> None:
     """
     from tqdm import tqdm
 
-    from .config import EarlyExitConfigError
+    from vllm_early_exit.config import EarlyExitConfigError
 
     try:
         settings = method_settings(signal, bench.opts, bench.num_layers)
@@ -671,7 +671,7 @@ def sweep_skip_sets(bench: Bench, results: Results) -> None:
     """An engine per skip set; HumanEval on a fresh engine for the operating point's set."""
     from tqdm import tqdm
 
-    from .assets import sharegpt_split
+    from vllm_early_exit.tools.assets import sharegpt_split
 
     sets = bench.opts.skip_sets
     if sets is None:
@@ -985,8 +985,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
-    from .assets import smollm2_checkpoint
-    from .heads import default_heads_dir
+    from vllm_early_exit.tools.assets import smollm2_checkpoint
+    from vllm_early_exit.model_executor.early_exit.heads import default_heads_dir
 
     sizes = SMOKE_SIZES if args.smoke else FULL_SIZES
     value = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in sizes.items()}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import EarlyExitConfigError, RequestEarlyExit
+from vllm_early_exit.config import EarlyExitConfigError, RequestEarlyExit
 
 logger = logging.getLogger("vllm_early_exit")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger("vllm_early_exit")
 
-WORKER_EXTENSION = "vllm_early_exit.stats.EarlyExitWorkerExtension"
+WORKER_EXTENSION = "vllm_early_exit.model_executor.early_exit.stats.EarlyExitWorkerExtension"
 
 
 @dataclass

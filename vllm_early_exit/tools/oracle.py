@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .runs import shutdown_engine
+from vllm_early_exit.tools.engines import shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -250,7 +250,7 @@ def write_report(report: dict, out_dir: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
-    from .assets import chat_prompt, sharegpt_split, smollm2_checkpoint
+    from vllm_early_exit.tools.assets import chat_prompt, sharegpt_split, smollm2_checkpoint
 
     if args.prompts < 1 or args.max_tokens < 2 or args.max_skip < 0:
         raise SystemExit("oracle: --prompts must be >= 1, --max-tokens >= 2 and --max-skip >= 0.")
