@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_early_exit.tools.engines import machine_info, shutdown_engine
+from vllm_early_exit.tools.engines import build_engine, machine_info, shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -109,10 +108,9 @@ def run_benchmark(
     only: str | None = None,
     calibrated: dict | None = None,
 ) -> dict:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from vllm_early_exit import get_exit_stats, reset_exit_stats
 
@@ -120,14 +118,10 @@ def run_benchmark(
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = _prompts(tokenizer, max(batches), prompt_tokens)
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
-    common = {
-        "dtype": dtype,
-        "max_model_len": prompt_tokens + output_tokens + 16,
-        "seed": 0,
-    }
+    common = {"dtype": dtype, "max_model_len": prompt_tokens + output_tokens + 16, "kv_cache_gib": 1}
 
     modes = select_modes(engine_modes(num_layers, smoke, calibrated), only)
-    plain = LLM(model, **common)
+    plain = build_engine(model, **common)
 
     def timed(llm, name: str, batch: int) -> Measurement:
         if modes[name] is not None:
@@ -148,8 +142,8 @@ def run_benchmark(
         if name == "plain_eager":
             kwargs["enforce_eager"] = True
         if modes[name] is not None:
-            kwargs["additional_config"] = {"early_exit": {**modes[name], "log_interval_s": 0}}
-        llm = LLM(model, **kwargs)
+            kwargs["early_exit"] = {**modes[name], "log_interval_s": 0}
+        llm = build_engine(model, **kwargs)
         for batch in batches:
             for round_index in range(rounds + 1):
                 pair = [timed(plain, "plain", batch), timed(llm, name, batch)]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 
 from vllm_early_exit.tools.agreement import Agreement
 from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
+from vllm_early_exit.tools.engines import build_engine
 
 # Conservative training-free settings: on SmolLM2 intermediate layers are often
 # confidently wrong, so checks sit deep and require a very confident reading.
@@ -51,9 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from vllm_early_exit import get_exit_stats, reset_exit_stats
 
@@ -62,11 +61,11 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [chat_prompt(tokenizer, p) for p in sharegpt_prompts(args.prompts)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    engine = {"dtype": args.dtype, "max_model_len": 2048, "seed": 0}
+    engine = {"dtype": args.dtype, "max_model_len": 2048, "kv_cache_gib": 1}
 
     print(f"Starting plain vLLM and early-exit vLLM on {model} ...", flush=True)
-    plain = LLM(model, **engine)
-    early = LLM(model, additional_config={"early_exit": settings}, **engine)
+    plain = build_engine(model, **engine)
+    early = build_engine(model, early_exit=settings, **engine)
 
     warm = prompts[: min(4, len(prompts))]
     timed_generate(plain, warm, params)

@@ -1,11 +1,62 @@
-"""What the commands that run engines share (bench, quality, calibrate, oracle):
-stopping an engine, and the machine and versions a result was measured on."""
+"""What the tools that run vLLM engines share (demo, bench, quality, calibrate, oracle).
+
+* :func:`build_engine`: the one way a tool builds an ``LLM``, with the defaults
+  every tool wants (float32, a fixed seed, a CPU KV cache size, the early-exit
+  settings as ``additional_config``, no tokenizer for a folder without one).
+* :func:`generate_together`: the one way a tool makes every prompt of a batch
+  prefill in one engine step, so that every later step is pure decode.
+* :func:`shutdown_engine` and :func:`machine_info`: stopping an engine, and the
+  machine and versions a result was measured on.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer(model: str | Path) -> bool:
+    """Whether vLLM can load a tokenizer for ``model`` (a hub name is assumed to have one)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return True  # a hub name: let vLLM load its tokenizer
+    return any((folder / name).exists() for name in TOKENIZER_FILES)
+
+
+def build_engine(
+    model: str | Path,
+    *,
+    early_exit: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    kv_cache_gib: int = 2,
+    **engine_kwargs: Any,
+):
+    """A vLLM ``LLM`` for ``model`` with the tools' shared defaults.
+
+    ``early_exit`` (the plugin's settings) becomes ``additional_config={"early_exit": ...}``;
+    None builds a plain vLLM engine. ``kv_cache_gib`` is the default of
+    ``VLLM_CPU_KVCACHE_SPACE`` (a value already in the environment wins).
+    ``skip_tokenizer_init`` defaults to True for a folder without tokenizer files.
+    Every other keyword goes to ``LLM`` as it is.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "seed": seed}
+    if not has_tokenizer(model):
+        kwargs["skip_tokenizer_init"] = True
+    kwargs.update(engine_kwargs)
+    if early_exit is not None:
+        kwargs["additional_config"] = {"early_exit": dict(early_exit)}
+    return LLM(str(model), **kwargs)
 
 
 def shutdown_engine(llm) -> None:
@@ -17,6 +68,88 @@ def shutdown_engine(llm) -> None:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # the engine goes away with the object anyway
         pass
+
+
+# --- every prefill in one step ------------------------------------------------------
+
+_request_ids = itertools.count()
+
+
+def prefill_waves(lengths: Sequence[int], budget: int, max_batch: int) -> list[list[int]]:
+    """Indices of prompts (of these token ``lengths``), grouped in order so that each group's
+    prompt tokens fit in ``budget`` and it holds at most ``max_batch`` prompts."""
+    waves: list[list[int]] = [[]]
+    used = 0
+    for i, length in enumerate(lengths):
+        if waves[-1] and (used + length > budget or len(waves[-1]) >= max_batch):
+            waves.append([])
+            used = 0
+        waves[-1].append(i)
+        used += length
+    return waves
+
+
+def _generate_at_once(llm, requests: list, params: list) -> list:
+    """Adds every request while the engine core's scheduler is paused, then runs them to the end."""
+    engine = llm.llm_engine
+    core = engine.engine_core
+    try:
+        core.call_utility("pause_scheduler", "keep", False)
+    except Exception:  # no pause utility (older vLLM; an in-process engine core, which has no call_utility)
+        return llm.generate(requests, params, use_tqdm=False)
+    ids = [f"together-{next(_request_ids)}" for _ in requests]
+    try:
+        for request_id, request, p in zip(ids, requests, params):
+            engine.add_request(request_id, request, p)
+    finally:
+        core.call_utility("resume_scheduler")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    return [finished[i] for i in ids]
+
+
+def generate_together(
+    llm,
+    prompts: Sequence[Sequence[int]],
+    params,
+    *,
+    budget: int | None = None,
+    max_batch: int | None = None,
+) -> list:
+    """``llm.generate`` of token-id ``prompts`` with all their prefills in one engine step.
+
+    vLLM's engine process starts stepping as soon as the first request arrives, so the
+    first requests would decode in steps that still prefill later ones, where nobody
+    leaves early, and how many depends on timing. Here the requests are added while the
+    engine core's scheduler is paused (``pause_scheduler("keep")``), and it resumes once
+    all are in: with a token budget (``max_num_batched_tokens``) that fits the prompts,
+    one step prefills them all and every later step is pure decode, so runs repeat
+    exactly and the early-exit counters see every decode token.
+
+    Fallback: an engine that cannot pause gets plain ``llm.generate``. That is exact for
+    an in-process engine core (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), where ``generate``
+    queues all requests before the first step; with an older vLLM's engine process the
+    first steps may mix prefills and decodes.
+
+    With ``budget`` (prompt tokens per step) and ``max_batch`` given, the prompts run in
+    consecutive waves that each fit (:func:`prefill_waves`). ``params`` is one
+    ``SamplingParams`` or one per prompt. Outputs come back in prompt order.
+    """
+    from vllm.inputs import TokensPrompt
+
+    per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+    if budget is None:
+        return _generate_at_once(llm, requests, per_prompt)
+    outputs: list = [None] * len(prompts)
+    for wave in prefill_waves([len(p) for p in prompts], budget, max_batch or len(prompts)):
+        results = _generate_at_once(llm, [requests[i] for i in wave], [per_prompt[i] for i in wave])
+        for i, result in zip(wave, results):
+            outputs[i] = result
+    return outputs
 
 
 def machine_info() -> dict:

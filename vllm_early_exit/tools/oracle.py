@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_early_exit.tools.engines import shutdown_engine
+from vllm_early_exit.tools.engines import build_engine, shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -163,21 +163,18 @@ def greedy_skip_sets(scorer: SkipScorer, num_layers: int, max_skip: int, progres
 def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip: int) -> dict:
     """Both analyses on token prompts; returns the report dict."""
     import gc
-    import os
 
     from tqdm import tqdm
     from transformers import AutoConfig, LlamaForCausalLM
-    from vllm import LLM
 
     # Budgets hold under per_token also for decode rows of steps that prefill other
-    # requests, so the requests may reach the engine in any order and mix.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # requests, so the requests may reach the engine in any order and mix (no
+    # ``generate_together`` needed).
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     longest = max(len(p) for p in prompts) + max_tokens
-    llm = LLM(
-        model_dir, dtype="float32", max_model_len=longest + 8, seed=0, skip_tokenizer_init=True,
-        enable_prefix_caching=True,
-        additional_config={"early_exit": {"exit_layers": [], "policy": "per_token", "log_interval_s": 0}},
+    llm = build_engine(
+        model_dir, max_model_len=longest + 8, skip_tokenizer_init=True, enable_prefix_caching=True,
+        early_exit={"exit_layers": [], "policy": "per_token", "log_interval_s": 0},
     )
     outputs = budget_outputs(llm, prompts, max_tokens, num_layers)
     shutdown_engine(llm)
