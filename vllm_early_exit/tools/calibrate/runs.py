@@ -1,0 +1,186 @@
+"""The engine runs of ``calibrate``: decode at every candidate threshold, score against full depth.
+
+One early-exit engine decodes every calibration prompt at every candidate (each
+request carries its threshold in ``extra_args``), with all prefills of a batch in
+one step (``engines.generate_together``); one plain engine then scores every
+output token against the full model's choice. :func:`calibrate` runs both and
+hands the measurements to the Learn-then-Test core (``ltt.finish``).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vllm_early_exit.tools.calibrate.ltt import (
+    DEFAULT_THRESHOLDS,
+    CalibrationError,
+    ThresholdRun,
+    build_settings,
+    check_level,
+    check_thresholds,
+    finish,
+    strict_order,
+)
+from vllm_early_exit.tools.engines import build_engine, generate_together, shutdown_engine
+
+# Prompt tokens that may prefill in one step (the engine's max_num_batched_tokens);
+# a threshold's prompts beyond that run in several waves (``generate_together``).
+PREFILL_TOKENS = 16384
+MAX_BATCH = 256
+
+
+def generate_at_thresholds(
+    model: str,
+    prompts: Sequence[Sequence[int]],
+    settings: Mapping[str, Any],
+    thresholds: Sequence[float],
+    *,
+    max_tokens: int,
+    dtype: str = "float32",
+) -> tuple[dict[float, list[list[int]]], dict[float, dict[str, Any]]]:
+    """Greedy outputs of one early-exit engine per threshold, and its counters per threshold.
+
+    Every request carries its threshold (``extra_args``); the prompts run in waves
+    whose prefills each fit one step (``engines.generate_together``).
+    """
+    from tqdm import tqdm
+    from vllm import SamplingParams
+
+    from vllm_early_exit.model_executor.early_exit.stats import get_exit_stats, reset_exit_stats
+
+    longest = max(len(p) for p in prompts)
+    budget = max(PREFILL_TOKENS, longest)
+    engine_settings = {**settings, "threshold": thresholds[0], "log_interval_s": 0}
+    llm = build_engine(
+        model, enforce_eager=True, max_model_len=longest + max_tokens + 1, dtype=dtype, early_exit=engine_settings,
+        max_num_batched_tokens=budget, max_num_seqs=min(MAX_BATCH, len(prompts)),
+        enable_chunked_prefill=True,
+    )
+    outputs: dict[float, list[list[int]]] = {}
+    counters: dict[float, dict[str, Any]] = {}
+    try:
+        for threshold in tqdm(thresholds, desc="early-exit engine, thresholds", unit="threshold"):
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                extra_args={"early_exit": {"threshold": threshold}},
+            )
+            reset_exit_stats(llm)
+            together = generate_together(llm, prompts, params, budget=budget, max_batch=MAX_BATCH)
+            result = [list(out.outputs[0].token_ids) for out in together]
+            stats = get_exit_stats(llm)
+            expected = sum(max(len(o) - 1, 0) for o in result)  # the first token comes from the prefill
+            outputs[threshold] = result
+            counters[threshold] = {
+                "mean_layers": stats.mean_layers if stats.decode_tokens else None,
+                "decode_tokens": stats.decode_tokens,
+                "mixed_step_tokens": max(expected - stats.decode_tokens, 0),
+                "num_layers": stats.num_layers,
+            }
+    finally:
+        shutdown_engine(llm)
+    return outputs, counters
+
+
+def score_outputs(
+    model: str,
+    prompts: Sequence[Sequence[int]],
+    outputs: Mapping[float, Sequence[Sequence[int]]],
+    *,
+    dtype: str = "float32",
+    chunk: int = 64,
+) -> dict[float, list[list[bool]]]:
+    """Per threshold, prompt and generated token: does the full model pick that token?
+
+    Each distinct (prompt, output) pair is scored once by one plain engine.
+    """
+    from tqdm import tqdm
+
+    from vllm_early_exit.tools.agreement import full_model_choices
+
+    unique: dict[tuple[int, tuple[int, ...]], list[bool] | None] = {}
+    for result in outputs.values():
+        for i, out in enumerate(result):
+            unique[(i, tuple(out))] = None
+    keys = list(unique)
+    longest = max(len(prompts[i]) + len(out) for i, out in keys)
+    llm = build_engine(model, enforce_eager=True, max_model_len=longest + 1, dtype=dtype, max_num_batched_tokens=max(2048, longest + 1))
+    try:
+        with tqdm(total=len(keys), desc="plain engine, scoring outputs", unit="output") as bar:
+            for start in range(0, len(keys), chunk):
+                part = keys[start:start + chunk]
+                choices = full_model_choices(llm, [prompts[i] for i, _ in part], [list(o) for _, o in part])
+                for key, c in zip(part, choices):
+                    unique[key] = c
+                bar.update(len(part))
+    finally:
+        shutdown_engine(llm)
+    return {t: [unique[(i, tuple(out))] for i, out in enumerate(result)] for t, result in outputs.items()}
+
+
+def measure(
+    model: str,
+    prompts: Sequence[Sequence[int]],
+    settings: Mapping[str, Any],
+    thresholds: Sequence[float],
+    *,
+    max_tokens: int,
+    dtype: str = "float32",
+) -> list[ThresholdRun]:
+    """Decodes the prompts at every threshold and scores them against the full model.
+
+    ``thresholds`` must already be in strict order; the runs come back in it.
+    """
+    outputs, counters = generate_at_thresholds(model, prompts, settings, thresholds, max_tokens=max_tokens, dtype=dtype)
+    gc.collect()  # the early-exit engine's memory, before the plain engine starts
+    choices = score_outputs(model, prompts, outputs, dtype=dtype)
+    runs = []
+    for t in thresholds:
+        per_prompt = choices[t]
+        runs.append(ThresholdRun(
+            threshold=t,
+            agreement=[sum(c) / len(c) if c else 1.0 for c in per_prompt],
+            tokens=sum(len(c) for c in per_prompt),
+            agreeing_tokens=sum(sum(c) for c in per_prompt),
+            mean_layers=counters[t]["mean_layers"],
+            decode_tokens=counters[t]["decode_tokens"],
+            mixed_step_tokens=counters[t]["mixed_step_tokens"],
+        ))
+
+
+def calibrate(
+    model: str | Path,
+    prompts: Sequence[Sequence[int]],
+    settings: Mapping[str, Any],
+    *,
+    target: float,
+    delta: float,
+    out: str | Path,
+    thresholds: Sequence[float] | None = None,
+    max_tokens: int = 64,
+    dtype: str = "float32",
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Calibrates the threshold of ``settings`` on token-id ``prompts`` (see the ``calibrate`` package docstring).
+
+    Writes ``out`` (the settings, only if a threshold is accepted) and
+    ``<out stem>.report.json``; returns the report.
+    """
+    check_level("--target-agreement", target)
+    check_level("--delta", delta)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise CalibrationError("--prompts: calibration needs at least one prompt, none of them empty.")
+    if not (isinstance(max_tokens, int) and max_tokens >= 1):
+        raise CalibrationError(f"--max-tokens {max_tokens!r} is invalid: allowed values are integers >= 1.")
+    settings = build_settings(settings)
+    signal = settings["signal"]
+    candidates = strict_order(signal, thresholds if thresholds is not None else DEFAULT_THRESHOLDS[signal])
+    check_thresholds(settings, candidates)
+    start = time.perf_counter()
+    runs = measure(str(model), prompts, settings, candidates, max_tokens=max_tokens, dtype=dtype)
+    details = {"model": str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
+    details["seconds"] = round(time.perf_counter() - start, 1)
+    return finish(runs, settings, target=target, delta=delta, out=out, info=details)
