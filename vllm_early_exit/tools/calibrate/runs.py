@@ -149,6 +149,7 @@ def measure(
             decode_tokens=counters[t]["decode_tokens"],
             mixed_step_tokens=counters[t]["mixed_step_tokens"],
         ))
+    return runs
 
 
 def calibrate(

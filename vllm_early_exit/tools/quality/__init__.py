@@ -50,7 +50,16 @@ histograms of the operating points).
 """
 
 from vllm_early_exit.tools.quality.benchmark import Bench, free, run_benchmark, sweep_skip_sets, sweep_threshold_signal
-from vllm_early_exit.tools.quality.cli import FULL_SIZES, SMOKE_SIZES, SMOKE_THRESHOLDS, add_arguments, options_from_args, parse_thresholds, run
+from vllm_early_exit.tools.quality.cli import (
+    DEFAULT_OUT,
+    FULL_SIZES,
+    SMOKE_SIZES,
+    SMOKE_THRESHOLDS,
+    add_arguments,
+    options_from_args,
+    parse_thresholds,
+    run,
+)
 from vllm_early_exit.tools.quality.humaneval import (
     HUMANEVAL_INSTRUCTION,
     HumanEval,
@@ -74,10 +83,20 @@ from vllm_early_exit.tools.quality.methods import (
 )
 from vllm_early_exit.tools.quality.report import markdown, plot_agreement, plot_exits, write_report
 from vllm_early_exit.tools.quality.results import METHOD_ORDER, Results, in_method_order, merge_previous
-from vllm_early_exit.tools.quality.scores import DEPTH_TARGET, OPERATING_TARGET, TARGETS, Point, frontier, lcs_length, pick_operating_point, rouge_l
+from vllm_early_exit.tools.quality.scores import (
+    DEPTH_TARGET,
+    OPERATING_TARGET,
+    TARGETS,
+    Point,
+    frontier,
+    lcs_length,
+    pick_operating_point,
+    rouge_l,
+)
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "DEPTH_TARGET", "FULL_SIZES", "HEAD_METHODS", "HUMANEVAL_INSTRUCTION", "METHODS",
+    "DEFAULT_OUT", "DEFAULT_THRESHOLDS", "DEPTH_TARGET", "FULL_SIZES", "HEAD_METHODS", "HUMANEVAL_INSTRUCTION",
+    "METHODS",
     "METHOD_ORDER", "OPERATING_TARGET", "SMOKE_SIZES", "SMOKE_THRESHOLDS", "TARGETS", "THRESHOLD_SIGNALS", "Bench",
     "HumanEval", "Options", "Point", "Results", "add_arguments", "block_influence", "free", "frontier",
     "humaneval_code", "humaneval_problems", "humaneval_program", "in_method_order", "lcs_length", "markdown",
