@@ -1,0 +1,894 @@
+"""GPU check of the early-exit plugin: correctness, then speed; results written as they finish.
+
+Run from the repository root (``scripts/gpu_check.sh`` does, and sets up the device):
+
+    python scripts/gpu_check.py [--device cpu|cuda] [--out DIR] [--smoke]
+                                [--only correctness|speed] [--budget-s S]
+
+Correctness (one group per model and Model Runner: the runner vLLM picks, then V1 through
+``VLLM_USE_V2_MODEL_RUNNER=0``; tiny random LLaMA first, then SmolLM2):
+
+- ``exits_off_eq_plain``: ``enabled: false`` engine == plain vLLM (same engine options);
+- ``forced_eq_reference``: forced exit at 50% depth == the HF reference (``tests/reference.py``);
+- ``threshold_eq_reference``: a threshold exit (``per_token``) == the HF reference;
+- ``request_off_eq_plain``: rows with per-request ``enabled: false`` beside those exiting rows
+  == plain vLLM's rows;
+- ``compiled_eq_eager``: the same engine with ``compile: true`` == the eager one.
+
+Every engine of a group decodes the same prompts as one batch (engine core in process,
+prefix caching off: the same batch composition in every engine). In float32 a check passes
+on identical tokens; in bf16 plain vLLM is not bit-stable itself, so ``VLLM_BATCH_INVARIANT=1``
+is set where vLLM knows it, each check reports its share of differing tokens beside the
+like-with-like noise (plain vLLM run twice; plain vs the reference at full depth; plain compiled
+vs plain eager), and passes when identical or within that noise plus ``--bf16-tolerance``.
+
+Speed: plain vLLM (default: torch.compile + CUDA graphs) against forced exit at 50% depth and
+checks that never fire (``never_top_k``), both with ``compile: true`` (the modes of
+``vllm_early_exit/tools/bench.py``), on the Llama-3.1-8B shape with dummy weights, batches
+1/8/64, 128 prompt and 128 output tokens, runs alternated engine by engine in one process.
+
+The engines of a group run in a worker subprocess (``--worker``) that appends one JSON line per
+finished engine or measurement; this process turns them into checks and rewrites
+``gpu_check.json`` and ``gpu_check.md`` after each. Exit code 1 if a correctness check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SMOLLM2 = "/tmp/models/smollm2"
+LLAMA8B = "/tmp/models/llama8b-shape"
+HALF_DEPTH_LIMIT = 1.9
+"""Plain vLLM with 16 of 32 layers over all 32 (H100, gpu-bundle/README.md): 1.87x-1.92x."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings (the same as the speed benchmark's modes in vllm_early_exit/tools/bench.py)
+
+
+def forced_settings(num_layers: int) -> dict:
+    """``forced_50``: every decode token leaves after layer num_layers // 2 - 1."""
+    return {"exit_layers": [num_layers // 2 - 1], "threshold": 0.0, "policy": "per_token"}
+
+
+def deep_layers(num_layers: int) -> list[int]:
+    """The check layers of bench's ``never`` and ``per_token`` modes: every second from 2/3 depth."""
+    return list(range(max(1, (2 * num_layers) // 3), num_layers - 1, 2))
+
+
+def never_top_k_settings(num_layers: int) -> dict:
+    """``never_top_k``: max-prob checks that never fire, pruned to 256 tokens (the cheapest check)."""
+    return {"signal": "max_prob", "threshold": 1.0, "exit_layers": deep_layers(num_layers), "vocab_top_k": 256}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers from tests/ (conftest imports pytest at module level; the GPU image may lack it)
+
+
+def _tests_conftest():
+    if importlib.util.find_spec("pytest") is None:
+        stub = types.ModuleType("pytest")
+        stub.fixture = lambda *a, **k: (a[0] if a and callable(a[0]) else (lambda f: f))
+        sys.modules["pytest"] = stub
+    from tests import conftest
+
+    return conftest
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: runs engines in this process, one JSON line per finished engine / measurement
+
+
+def _runner_of(worker) -> str:
+    runner = worker.model_runner
+    return f"{type(runner).__module__}.{type(runner).__qualname__}"
+
+
+def _emit(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _release(llm) -> None:
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    except Exception:
+        pass
+
+
+def _stats(llm) -> dict:
+    from vllm_early_exit import get_exit_stats
+
+    s = get_exit_stats(llm)
+    return {
+        "exits_per_layer": list(s.exits_per_layer),
+        "full_depth_tokens": s.full_depth_tokens,
+        "decode_tokens": s.decode_tokens,
+        "mean_layers": s.mean_layers,
+    }
+
+
+def _engine_kwargs(spec: dict, engine: dict) -> dict:
+    kwargs = {**spec["common"], **engine.get("engine", {})}
+    if engine.get("early_exit") is not None:
+        kwargs["additional_config"] = {"early_exit": {**engine["early_exit"], "log_interval_s": 0}}
+    return kwargs
+
+
+def _start(spec: dict, engine: dict):
+    from vllm import LLM
+
+    start = time.perf_counter()
+    llm = LLM(spec["model"], **_engine_kwargs(spec, engine))
+    info = {"start_s": time.perf_counter() - start}
+    try:
+        info["runner"] = llm.collective_rpc(_runner_of)[0]
+    except Exception as exc:
+        info["runner"] = f"unknown ({exc})"
+    v2 = ".worker.gpu." in info["runner"] or ".worker.cpu." in info["runner"]  # V1: gpu_model_runner, ...
+    info["runner_version"] = "V2" if v2 else "V1" if info["runner"].startswith("vllm.") else "unknown"
+    return llm, info
+
+
+def worker_correctness(spec: dict, results: Path) -> None:
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    for engine in spec["engines"]:
+        record = {"engine": engine["name"]}
+        llm = None
+        try:
+            llm, info = _start(spec, engine)
+            record.update(info)
+            rows = engine.get("rows") or [None] * len(prompts)
+            params = [
+                SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True, extra_args=x)
+                for x in rows
+            ]
+            record["outputs"] = []
+            for _ in range(engine.get("repeats", 1)):
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                record["outputs"].append([list(o.outputs[0].token_ids) for o in outs])
+            if engine.get("early_exit") is not None:
+                record["stats"] = _stats(llm)
+        except Exception as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = traceback.format_exc()[-4000:]
+        _emit(results, record)
+        if llm is not None:
+            _release(llm)
+
+
+def worker_speed(spec: dict, results: Path) -> None:
+    """Plain vLLM stays up; each early-exit engine in turn is started and alternated with it
+    run by run at every batch size (a block), then stopped, so each block's numbers are
+    complete before the next engine starts (a time budget then loses whole engines only)."""
+    import torch
+    from vllm import SamplingParams
+
+    from vllm_early_exit import reset_exit_stats
+
+    def started(engine):
+        try:
+            llm, info = _start(spec, engine)
+            _emit(results, {"engine": engine["name"], "started": True, **info})
+            return llm
+        except Exception as exc:
+            _emit(results, {"engine": engine["name"], "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()[-4000:]})
+            return None
+
+    def timed(llm, name, exiting, prompts, batch, round_index, block):
+        record = {"engine": name, "batch": batch, "round": round_index, "block": block}
+        try:
+            if exiting:
+                reset_exit_stats(llm)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            record["seconds"] = time.perf_counter() - start
+            record["tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
+            if exiting:
+                record["mean_layers"] = _stats(llm)["mean_layers"]
+        except Exception as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"
+        _emit(results, record)
+
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0.0, ignore_eos=True)
+    prompts = {b: [{"prompt_token_ids": [rng.randrange(10, spec["max_token_id"]) for _ in range(spec["prompt_tokens"])]}
+                   for _ in range(b)] for b in spec["batches"]}
+    plain_spec, *others = spec["engines"]
+    plain = started(plain_spec)
+    if plain is None:
+        return
+    for engine in others:
+        llm = started(engine)
+        if llm is None:
+            continue
+        for batch in spec["batches"]:
+            for round_index in range(spec["rounds"] + 1):  # round 0 warms both up at this batch size
+                timed(plain, plain_spec["name"], False, prompts[batch], batch, round_index, engine["name"])
+                timed(llm, engine["name"], True, prompts[batch], batch, round_index, engine["name"])
+        _release(llm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons and verdicts
+
+
+def compare(got: list[list[int]], want: list[list[int]]) -> dict:
+    """Position by position over the rows (a missing or extra token counts as differing)."""
+    tokens = differing = identical = 0
+    first = []
+    for a, b in zip(got, want):
+        n = max(len(a), len(b))
+        diff = [i for i in range(n) if i >= len(a) or i >= len(b) or a[i] != b[i]]
+        tokens += n
+        differing += len(diff)
+        identical += not diff
+        first.append(diff[0] if diff else None)
+    return {
+        "rows": min(len(got), len(want)),
+        "rows_expected": len(want),
+        "tokens": tokens,
+        "differing": differing,
+        "share": differing / tokens if tokens else None,
+        "identical_rows": identical,
+        "first_divergence": first,
+    }
+
+
+def verdict(cmp: dict, exact: bool, noise: float | None, tolerance: float) -> tuple[str, str]:
+    if cmp["tokens"] == 0 or cmp["rows"] < cmp["rows_expected"]:
+        return "fail", "nothing (or not everything) was compared"
+    if cmp["differing"] == 0:
+        return "pass", "identical tokens"
+    if exact:
+        return "fail", f"{cmp['differing']} of {cmp['tokens']} tokens differ (float32: identical required)"
+    bound = (noise or 0.0) + tolerance
+    if cmp["share"] <= bound:
+        return "pass", f"share {cmp['share']:.3f} within bf16 noise {noise or 0.0:.3f} + tolerance {tolerance}"
+    return "fail", f"share {cmp['share']:.3f} above bf16 noise {noise or 0.0:.3f} + tolerance {tolerance}"
+
+
+def exit_counts(traces, num_layers: int) -> list[int]:
+    counts = [0] * num_layers
+    for t in traces:
+        for layer in t.exit_layers:
+            if layer is not None:
+                counts[layer] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: JSON + Markdown, rewritten after every finished check
+
+
+class Report:
+    def __init__(self, out: Path, setup: dict) -> None:
+        self.out = out
+        self.data = {"setup": setup, "correctness": [], "groups": [], "speed": {"rows": [], "engines": {}, "errors": []}}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def check(self, record: dict) -> None:
+        self.data["correctness"].append(record)
+        self.write()
+
+    def failed(self) -> list[dict]:
+        return [c for c in self.data["correctness"] if c["status"] not in ("pass", "info", "skipped")]
+
+    def write(self) -> None:
+        self.data["setup"]["updated"] = _now()
+        (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2))
+        (self.out / "gpu_check.md").write_text(self.markdown())
+
+    def markdown(self) -> str:
+        s = self.data["setup"]
+        lines = [
+            "# GPU check: vllm_early_exit",
+            "",
+            f"{s['date']} | {s['device_name']} | vLLM {s.get('vllm', '?')} | torch {s.get('torch', '?')} | "
+            f"transformers {s.get('transformers', '?')} | Python {s['python']} | correctness dtype {s['dtype']} | "
+            f"VLLM_BATCH_INVARIANT {'1' if s['batch_invariant'] else 'not set'}"
+            f"{' (not known to this vLLM)' if not s['batch_invariant_known'] else ''} | "
+            f"budget {s['budget_s']:.0f} s{' | smoke' if s['smoke'] else ''}",
+            "",
+            "## Correctness",
+            "",
+        ]
+        for g in self.data["groups"]:
+            lines.append(f"- {g['group']}: {_one_line(g['status'], 200)}"
+                         f"{' - ' + _one_line(g['note'], 300) if g.get('note') else ''}")
+        lines += [
+            "",
+            "| group | check | status | differing / tokens | share | noise (like with like) | detail |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in self.data["correctness"]:
+            cmp = c.get("compare") or {}
+            share = f"{cmp['share']:.4f}" if cmp.get("share") is not None else "-"
+            counted = f"{cmp['differing']} / {cmp['tokens']}" if cmp else "-"
+            noise = f"{c['noise']:.4f} ({c['noise_from']})" if c.get("noise") is not None else "-"
+            detail = _one_line(c.get("detail"), 300).replace("|", "/")
+            lines.append(f"| {c['group']} | {c['check']} | {c['status']} | {counted} | {share} | {noise} | {detail} |")
+        sp = self.data["speed"]
+        lines += ["", "## Speed", ""]
+        if sp.get("setup"):
+            x = sp["setup"]
+            lines += [
+                f"{Path(x['model']).name} ({x['num_layers']} layers, {x['dtype']}, load_format {x['load_format']}), "
+                f"{x['prompt_tokens']} prompt / {x['output_tokens']} output tokens (ignore_eos, greedy), "
+                f"{x['rounds']} timed rounds after a warm-up, each engine alternated run by run with plain vLLM "
+                f"(its ratio is to those plain runs). "
+                f"`limit`: layers / mean layers; measured limit of leaving at half depth on H100: "
+                f"~{HALF_DEPTH_LIMIT}x (plain vLLM with 16 of 32 layers, gpu-bundle/README.md).",
+                "",
+            ]
+        if s["smoke"]:
+            lines += [
+                "Smoke run: tiny model, eager engines, few tokens: the numbers check the harness, they are "
+                "not a speed measurement.",
+                "",
+            ]
+        for name, e in sp["engines"].items():
+            settings = json.dumps(e.get("early_exit")) if e.get("early_exit") is not None else "plain vLLM"
+            started = (f"start {e['start_s']:.0f} s, {e.get('runner', '')}" if "start_s" in e
+                       else _one_line(e.get("error", "not started"), 300))
+            lines.append(f"- `{name}`: {settings} {json.dumps(e.get('engine', {}))}; {started}")
+        if sp["rows"]:
+            lines += ["", "| batch | engine | tok/s | ratio to plain | mean layers | limit |", "|---|---|---|---|---|---|"]
+            for r in sp["rows"]:
+                ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else "-"
+                layers = f"{r['mean_layers']:.2f}" if r.get("mean_layers") is not None else "-"
+                limit = f"{r['limit']:.2f}" if r.get("limit") is not None else "-"
+                lines.append(f"| {r['batch']} | {r['engine']} | {r['tokens_per_s']:.1f} | {ratio} | {layers} | {limit} |")
+        for err in sp["errors"]:
+            lines.append(f"- error: {_one_line(err, 300)}")
+        if sp.get("status"):
+            lines += ["", f"Speed: {sp['status']}"]
+        failed = self.failed()
+        lines += ["", f"**{len(failed)} correctness check(s) failed.**" if failed else "All correctness checks that ran passed."]
+        return "\n".join(lines) + "\n"
+
+
+def _one_line(text, limit: int) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+
+
+class Clock:
+    """Wall-clock budget shared out over the remaining items by weight."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.deadline = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def share(self, weight: float, remaining_weight: float) -> float:
+        return max(0.0, self.left() * weight / remaining_weight)
+
+
+def run_worker(kind: str, spec: dict, work: Path, timeout_s: float, env: dict, on_record) -> str:
+    """Runs ``--worker kind`` on ``spec``; calls ``on_record(list of records so far)`` on new lines."""
+    spec_path = work / f"{spec['name']}.spec.json"
+    results = work / f"{spec['name']}.jsonl"
+    spec_path.write_text(json.dumps(spec))
+    results.unlink(missing_ok=True)
+    log = open(work / f"{spec['name']}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", kind, str(spec_path), str(results)],
+        cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline, seen, outcome = time.monotonic() + timeout_s, 0, "finished"
+    while True:
+        try:
+            rc = proc.wait(timeout=2)
+            outcome = "finished" if rc == 0 else f"worker exited with {rc} (log: {log.name})"
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            seen = _poll(results, seen, on_record)
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            outcome = f"stopped at its time budget ({timeout_s:.0f} s)"
+            break
+    _poll(results, -1, on_record)
+    log.close()
+    return outcome
+
+
+def _poll(results: Path, seen: int, on_record) -> int:
+    if not results.exists():
+        return seen
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip().endswith("}")]
+    if len(records) != seen:
+        on_record(records)
+    return len(records)
+
+
+def _batch_invariant_known() -> bool:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    envs = Path(list(spec.submodule_search_locations)[0]) / "envs.py"
+    return envs.exists() and "VLLM_BATCH_INVARIANT" in envs.read_text()
+
+
+def tiny_model(args) -> Path:
+    """The tests' tiny random LLaMA (``tests/conftest.py``), made once in the scratch folder."""
+    tiny = Path(args.scratch) / "tiny_llama"
+    if not (tiny / "config.json").exists():
+        _tests_conftest().make_tiny_llama(tiny)
+    return tiny
+
+
+def correctness_groups(args) -> list[dict]:
+    groups = [{"model": "tiny", "path": tiny_model(args)}]
+    if not args.smoke:
+        groups.append({"model": "smollm2", "path": Path(args.smollm2)})
+    out = []
+    for g in groups:
+        for runner, env in (("default", {}), ("v1", {"VLLM_USE_V2_MODEL_RUNNER": "0"})):
+            out.append({**g, "runner": runner, "env": env, "name": f"{g['model']}-{runner}",
+                        "weight": {"tiny-default": 2.0, "tiny-v1": 1.0}.get(f"{g['model']}-{runner}", 1.5)})
+    return out
+
+
+def model_case(group: dict, conftest, args) -> dict:
+    """Prompts, token count, exit rules and reference of one model."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from tests.reference import ReferenceDecoder
+
+    path = group["path"]
+    num_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    if group["model"] == "tiny":
+        prompts = conftest.tiny_prompts(6, seed=7)
+        max_tokens = conftest.NEW_TOKENS
+        rule = {**conftest.MIXED, "policy": "per_token"}
+        max_model_len = 512
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+        texts = [
+            "The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
+            "Explain why the sky is blue.", "List three prime numbers:", "Once upon a time, in a small village,",
+            "How do I boil an egg?", "Translate 'good morning' into Spanish:",
+        ]
+        prompts = [tok.encode(t) for t in texts]
+        max_tokens = 32
+        rule = {"signal": "max_prob", "threshold": 0.9, "exit_layers": deep_layers(num_layers), "policy": "per_token"}
+        max_model_len = 1024
+    ref = ReferenceDecoder(LlamaForCausalLM.from_pretrained(path, dtype=torch.float32))
+    return {"num_layers": num_layers, "prompts": prompts, "max_tokens": max_tokens, "rule": rule,
+            "forced": forced_settings(num_layers), "max_model_len": max_model_len, "reference": ref}
+
+
+def correctness_spec(group: dict, case: dict, args) -> dict:
+    exact = args.dtype == "float32"
+    common = {"dtype": args.dtype, "max_model_len": case["max_model_len"], "seed": 0, "enforce_eager": True,
+              "enable_prefix_caching": False, "skip_tokenizer_init": True, "max_num_seqs": 16}
+    if args.device == "cuda":
+        common["gpu_memory_utilization"] = 0.3
+    off = {"early_exit": {"enabled": False}}
+    mixed_rows = [None if i % 2 == 0 else off for i in range(len(case["prompts"]))]
+    engines = [
+        {"name": "plain", "early_exit": None, "repeats": 2},
+        {"name": "exits_off", "early_exit": {"enabled": False}},
+        {"name": "forced", "early_exit": case["forced"]},
+        {"name": "threshold_mixed", "early_exit": case["rule"], "rows": mixed_rows},
+        {"name": "compiled", "early_exit": {**case["rule"], "compile": True}, "rows": mixed_rows,
+         "engine": {"enforce_eager": False}},
+    ]
+    if not exact:  # the compile-vs-eager noise of plain vLLM itself, for compiled_eq_eager in bf16
+        engines.append({"name": "plain_compiled", "early_exit": None, "engine": {"enforce_eager": False}})
+    return {"name": group["name"], "model": str(group["path"]), "common": common, "engines": engines,
+            "prompts": case["prompts"], "max_tokens": case["max_tokens"]}
+
+
+class GroupChecks:
+    """Turns a group's engine records into checks as soon as their engines are done."""
+
+    def __init__(self, group: dict, case: dict, report: Report, args) -> None:
+        self.group, self.case, self.report, self.args = group, case, report, args
+        self.exact = args.dtype == "float32"
+        self.done: set[str] = set()
+        self.runner = self.runner_version = None
+        self._ref: dict[str, list] = {}
+
+    def reference(self, rule: str):
+        if rule not in self._ref:
+            c, ref = self.case, self.case["reference"]
+            kwargs = {
+                "full": {},
+                "forced": {"exit_layers": tuple(c["forced"]["exit_layers"]), "threshold": 0.0},
+                "rule": {"exit_layers": tuple(c["rule"]["exit_layers"]), "threshold": c["rule"]["threshold"]},
+            }[rule]
+            self._ref[rule] = [ref.generate(p, c["max_tokens"], **kwargs) for p in c["prompts"]]
+        return self._ref[rule]
+
+    def __call__(self, records: list[dict]) -> None:
+        by = {r["engine"]: r for r in records}
+        if self.runner is None and "plain" in by and "runner" in by["plain"]:
+            self.runner, self.runner_version = by["plain"]["runner"], by["plain"]["runner_version"]
+        for name, needs, fn in (
+            ("plain_run_to_run", ("plain",), self.plain_run_to_run),
+            ("exits_off_eq_plain", ("plain", "exits_off"), self.exits_off),
+            ("forced_eq_reference", ("plain", "forced"), self.forced),
+            ("threshold_eq_reference", ("plain", "threshold_mixed"), self.threshold),
+            ("request_off_eq_plain", ("plain", "threshold_mixed"), self.request_off),
+            ("compiled_eq_eager", ("threshold_mixed", "compiled"), self.compiled),
+        ):
+            if name in self.done or not all(n in by for n in needs):
+                continue
+            self.done.add(name)
+            self.run_check(name, fn, [by[n] for n in needs], by)
+
+    def finish(self, outcome: str) -> None:
+        for name in ("plain_run_to_run", "exits_off_eq_plain", "forced_eq_reference", "threshold_eq_reference",
+                     "request_off_eq_plain", "compiled_eq_eager"):
+            if name not in self.done:
+                self.done.add(name)
+                self.record(name, "not run", f"its engines did not finish: {outcome}")
+
+    def record(self, check: str, status: str, detail: str, **extra) -> None:
+        self.report.check({"group": self.group["name"], "runner": self.runner, "check": check, "status": status,
+                           "detail": detail, **extra})
+
+    def run_check(self, name, fn, engines, by) -> None:
+        errors = [f"{e['engine']}: {e['error']}" for e in engines if "error" in e]
+        if errors:
+            tb = next(e.get("traceback") for e in engines if "error" in e)
+            self.record(name, "error", "; ".join(errors), traceback=tb)
+            return
+        try:
+            fn(*engines, by=by)
+        except Exception as exc:
+            self.record(name, "error", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+
+    def noise(self, plain: dict) -> float:
+        return compare(plain["outputs"][1], plain["outputs"][0])["share"] or 0.0
+
+    def judged(self, name, got, want, noise, noise_from, detail_extra="", ok=True, **extra) -> None:
+        """``ok``: the check's other conditions (exit counts, exits happened) hold."""
+        cmp = compare(got, want)
+        status, detail = verdict(cmp, self.exact, noise if not self.exact else None, self.args.bf16_tolerance)
+        if not ok:
+            status, detail = "fail", detail + "; but see the exit counts"
+        self.record(name, status, detail + (f"; {detail_extra}" if detail_extra else ""), compare=cmp,
+                    noise=None if self.exact else noise, noise_from=noise_from, **extra)
+
+    def plain_run_to_run(self, plain, by) -> None:
+        cmp = compare(plain["outputs"][1], plain["outputs"][0])
+        status = "info" if cmp["tokens"] else "fail"
+        self.record("plain_run_to_run", status, f"plain vLLM run twice on the same batch; runner {plain.get('runner')}",
+                    compare=cmp, start_s=plain.get("start_s"))
+
+    def exits_off(self, plain, off, by) -> None:
+        self.judged("exits_off_eq_plain", off["outputs"][0], plain["outputs"][0], self.noise(plain), "plain run to run",
+                    f"decode tokens counted {off['stats']['decode_tokens']}", stats=off["stats"])
+
+    def _against_reference(self, name, plain, engine, rule, rows) -> None:
+        c = self.case
+        traces = [self.reference(rule)[i] for i in rows]
+        want = [t.tokens for t in traces]
+        got = [engine["outputs"][0][i] for i in rows]
+        expected = exit_counts(traces, c["num_layers"])
+        counts = engine["stats"]["exits_per_layer"]
+        same_counts = counts == expected
+        baseline = None
+        if not self.exact:
+            full = [self.reference("full")[i].tokens for i in rows]
+            baseline = compare([plain["outputs"][0][i] for i in rows], full)["share"]
+        margins = [abs(v - c["rule"]["threshold"]) for t in traces for step in t.confidences for v in step.values()]
+        detail = (f"exit counts {'equal' if same_counts else 'differ'}: engine {counts}, reference {expected}"
+                  + (f"; min |confidence - threshold| {min(margins):.2e}" if rule == "rule" and margins else ""))
+        has_exits = sum(expected) > 0 and sum(counts) > 0
+        if not has_exits:
+            detail += "; no exits: nothing early was compared"
+        # Forced exits do not depend on numerics; threshold decisions may flip in bf16.
+        counts_ok = same_counts or (rule == "rule" and not self.exact)
+        self.judged(name, got, want, baseline, "plain vs reference at full depth", detail,
+                    ok=counts_ok and has_exits, stats=engine["stats"], reference_exits=expected)
+
+    def forced(self, plain, forced, by) -> None:
+        self._against_reference("forced_eq_reference", plain, forced, "forced", range(len(self.case["prompts"])))
+
+    def threshold(self, plain, mixed, by) -> None:
+        self._against_reference("threshold_eq_reference", plain, mixed, "rule", range(0, len(self.case["prompts"]), 2))
+
+    def request_off(self, plain, mixed, by) -> None:
+        rows = range(1, len(self.case["prompts"]), 2)
+        exited = sum(mixed["stats"]["exits_per_layer"])
+        self.judged("request_off_eq_plain", [mixed["outputs"][0][i] for i in rows],
+                    [plain["outputs"][0][i] for i in rows], self.noise(plain), "plain run to run",
+                    f"rows beside them left early {exited} times", ok=exited > 0)
+
+    def compiled(self, mixed, compiled, by) -> None:
+        noise, noise_from = None, "plain compiled vs plain eager"
+        if not self.exact:
+            if "plain_compiled" in by and "outputs" in by["plain_compiled"]:
+                noise = compare(by["plain_compiled"]["outputs"][0], by["plain"]["outputs"][0])["share"]
+            else:
+                noise, noise_from = self.noise(by["plain"]), "plain run to run (plain compiled did not run yet)"
+        same = compiled["stats"]["exits_per_layer"] == mixed["stats"]["exits_per_layer"]
+        self.judged("compiled_eq_eager", compiled["outputs"][0], mixed["outputs"][0], noise, noise_from,
+                    f"exit counts {'equal' if same else 'differ'}: compiled {compiled['stats']['exits_per_layer']}, "
+                    f"eager {mixed['stats']['exits_per_layer']}; start {compiled.get('start_s', 0):.0f} s",
+                    ok=same or not self.exact, stats=compiled["stats"])
+
+
+def run_correctness(args, report: Report, clock: Clock, work: Path, weights_after: float) -> None:
+    conftest = _tests_conftest()
+    try:
+        groups = correctness_groups(args)
+    except Exception as exc:
+        report.check({"group": "setup", "check": "tiny model", "status": "error", "detail": str(exc),
+                      "traceback": traceback.format_exc()[-4000:]})
+        return
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if report.data["setup"]["batch_invariant"]:
+        env["VLLM_BATCH_INVARIANT"] = "1"
+    cases: dict[str, dict] = {}
+    default_runner: dict[str, str] = {}
+    for index, group in enumerate(groups):
+        remaining = sum(g["weight"] for g in groups[index:]) + weights_after
+        entry = {"group": group["name"], "runner_env": group["env"]}
+        report.data["groups"].append(entry)
+        if group["runner"] == "v1" and default_runner.get(group["model"], "V2") == "V1":
+            entry.update(status="skipped", note="V2 unavailable on this platform: vLLM picked the V1 runner "
+                         "for the default run already, so a V1 run would repeat it")
+            report.write()
+            continue
+        if not Path(group["path"], "config.json").exists():
+            entry.update(status="skipped", note=f"no model at {group['path']}")
+            report.write()
+            continue
+        budget = clock.share(group["weight"], remaining)
+        if budget < 20:
+            entry.update(status="skipped", note=f"out of time budget ({budget:.0f} s left for it)")
+            report.write()
+            continue
+        started = time.monotonic()
+        try:
+            if group["model"] not in cases:
+                cases[group["model"]] = model_case(group, conftest, args)
+            case = cases[group["model"]]
+            checks = GroupChecks(group, case, report, args)
+            spec = correctness_spec(group, case, args)
+            entry.update(status="running", budget_s=round(budget))
+            report.write()
+            outcome = run_worker("correctness", spec, work, budget - (time.monotonic() - started),
+                                 {**env, **group["env"]}, checks)
+            checks.finish(outcome)
+            entry.update(status=outcome, runner=checks.runner, runner_version=checks.runner_version,
+                         seconds=round(time.monotonic() - started))
+            if group["runner"] == "default" and checks.runner_version == "V1":
+                default_runner[group["model"]] = "V1"
+                entry["note"] = f"V2 unavailable on this platform: vLLM picked {checks.runner}"
+        except Exception as exc:
+            entry.update(status="error", note=f"{type(exc).__name__}: {exc}")
+            report.check({"group": group["name"], "check": "group", "status": "error", "detail": str(exc),
+                          "traceback": traceback.format_exc()[-4000:]})
+        report.write()
+
+
+def speed_spec(args) -> dict:
+    from transformers import AutoConfig
+
+    if args.smoke:
+        model = tiny_model(args)
+        batches, prompt_tokens, output_tokens, rounds, max_token_id = [4], 16, 8, 1, 500
+    else:
+        model = Path(args.llama8b)
+        batches, prompt_tokens, output_tokens, rounds, max_token_id = [1, 8, 64], 128, 128, 2, 49000
+    num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
+    # Smoke runs on CPU stay eager (compiling three engines takes minutes on 2 cores).
+    compiled = not args.smoke
+    common = {"dtype": "bfloat16" if args.device == "cuda" else "float32",
+              "max_model_len": prompt_tokens + output_tokens + 16, "seed": 0, "max_num_seqs": max(batches)}
+    if args.smoke:
+        common["skip_tokenizer_init"] = True  # the tiny model has no tokenizer
+    else:
+        common["load_format"] = "dummy"
+    if args.device == "cuda":
+        common["gpu_memory_utilization"] = 0.28
+    extra = {"compile": True} if compiled else {}
+    eager = {} if compiled else {"enforce_eager": True}
+    engines = [
+        {"name": "plain", "early_exit": None, "engine": eager},
+        {"name": "forced_50" + ("_compiled" if compiled else ""), "early_exit": {**forced_settings(num_layers), **extra},
+         "engine": eager},
+        {"name": "never_top_k" + ("_compiled" if compiled else ""),
+         "early_exit": {**never_top_k_settings(num_layers), **extra}, "engine": eager},
+    ]
+    return {"name": "speed", "model": str(model), "common": common, "engines": engines, "batches": batches,
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "rounds": rounds,
+            "max_token_id": max_token_id, "num_layers": num_layers}
+
+
+def speed_rows(records: list[dict], num_layers: int) -> tuple[list[dict], list[str]]:
+    """Per batch: plain vLLM over all its timed runs, and each engine with its ratio to the plain
+    runs alternated with it (its block)."""
+    runs = [r for r in records if "batch" in r and "error" not in r and r["round"] > 0]
+    errors = [f"{r['engine']}{' batch ' + str(r['batch']) if 'batch' in r else ''}: {r['error']}"
+              for r in records if "error" in r]
+
+    def rate(ms):
+        return sum(r["tokens"] for r in ms) / sum(r["seconds"] for r in ms)
+
+    rows = []
+    for batch in sorted({r["batch"] for r in runs}):
+        at = [r for r in runs if r["batch"] == batch]
+        plain = [r for r in at if r["engine"] == "plain"]
+        if plain:
+            rows.append({"batch": batch, "engine": "plain", "tokens_per_s": rate(plain), "runs": len(plain),
+                         "ratio": 1.0, "mean_layers": float(num_layers), "limit": 1.0})
+        for engine in dict.fromkeys(r["engine"] for r in at if r["engine"] != "plain"):
+            ms = [r for r in at if r["engine"] == engine]
+            block = [r for r in plain if r["block"] == engine]
+            mean_layers = sum(r["mean_layers"] for r in ms) / len(ms)
+            rows.append({"batch": batch, "engine": engine, "tokens_per_s": rate(ms), "runs": len(ms),
+                         "ratio": rate(ms) / rate(block) if block else None, "mean_layers": mean_layers,
+                         "limit": num_layers / mean_layers if mean_layers else None})
+    return rows, errors
+
+
+def run_speed(args, report: Report, clock: Clock, work: Path) -> None:
+    sp = report.data["speed"]
+    budget = clock.left()
+    if budget < 30:
+        sp["status"] = f"skipped: out of time budget ({budget:.0f} s left)"
+        report.write()
+        return
+    try:
+        spec = speed_spec(args)
+        if not Path(spec["model"], "config.json").exists():
+            sp["status"] = f"skipped: no model at {spec['model']}"
+            report.write()
+            return
+        sp["setup"] = {"model": spec["model"], "num_layers": spec["num_layers"], "dtype": spec["common"]["dtype"],
+                       "load_format": spec["common"].get("load_format", "auto"), "batches": spec["batches"],
+                       "prompt_tokens": spec["prompt_tokens"], "output_tokens": spec["output_tokens"],
+                       "rounds": spec["rounds"]}
+        sp["engines"] = {e["name"]: {"early_exit": e["early_exit"], "engine": e["engine"]} for e in spec["engines"]}
+        sp["status"] = f"running (budget {budget:.0f} s)"
+        report.write()
+
+        def on_record(records):
+            for r in records:
+                if "batch" not in r:
+                    sp["engines"][r["engine"]].update({k: v for k, v in r.items() if k not in ("traceback", "engine")})
+            sp["rows"], sp["errors"] = speed_rows(records, spec["num_layers"])
+            report.write()
+
+        # Engine cores in their own processes: a function sent through collective_rpc (which
+        # runner ran) needs pickle. The CPU smoke run keeps the cores in process (quicker starts).
+        env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+        if args.smoke:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        outcome = run_worker("speed", spec, work, budget - 5, env, on_record)
+        sp["status"] = outcome
+    except Exception as exc:
+        sp["status"] = "error"
+        sp["errors"].append(f"{type(exc).__name__}: {exc}")
+        sp["traceback"] = traceback.format_exc()[-4000:]
+    report.write()
+
+
+def setup_info(args) -> dict:
+    info = {"date": _now(), "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "device": args.device, "dtype": args.dtype, "smoke": args.smoke,
+            "only": args.only, "budget_s": args.budget_s, "batch_invariant_known": _batch_invariant_known(),
+            "argv": sys.argv[1:]}
+    info["batch_invariant"] = info["batch_invariant_known"] and args.dtype != "float32" and not args.no_batch_invariant
+    for name in ("torch", "vllm", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception as exc:
+            info[name] = f"unavailable ({exc})"
+    try:
+        import torch
+
+        info["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    except Exception as exc:
+        info["device_name"] = f"unknown ({exc})"
+    return info
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="default: $OUT or ./gpu_check_out")
+    p.add_argument("--smoke", action="store_true", help="tiny model only, few tokens; speed on the tiny model, 1 batch size")
+    p.add_argument("--only", choices=("correctness", "speed"))
+    p.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 470)),
+                   help="wall-clock budget of the whole run, shared out over the checks (default 470)")
+    p.add_argument("--dtype", default=None, help="correctness dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--bf16-tolerance", type=float, default=0.05,
+                   help="bf16: share of differing tokens allowed above the like-with-like noise (default 0.05)")
+    p.add_argument("--no-batch-invariant", action="store_true", help="do not set VLLM_BATCH_INVARIANT=1 in bf16")
+    p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "gpu_check_scratch"),
+                   help="tiny model and vLLM cache (kept out of --out, whose files travel back)")
+    p.add_argument("--smollm2", default=SMOLLM2)
+    p.add_argument("--llama8b", default=LLAMA8B)
+    args = p.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    return args
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        kind, spec_path, results = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+        spec = json.loads(spec_path.read_text())
+        (worker_correctness if kind == "correctness" else worker_speed)(spec, results)
+        return 0
+    args = parse_args(argv)
+    clock = Clock(args.budget_s)
+    out = Path(args.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if args.device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    Path(args.scratch).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(args.scratch) / "vllm_cache"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    report = Report(out, setup_info(args))
+    report.write()
+    if args.only in (None, "correctness"):
+        speed_weight = 0.0 if args.only else 1.0 if args.smoke else 3.0
+        run_correctness(args, report, clock, work, weights_after=speed_weight)
+    if args.only in (None, "speed"):
+        run_speed(args, report, clock, work)
+    report.write()
+    print(report.markdown())
+    return 1 if report.failed() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
