@@ -2,11 +2,13 @@
 
 vLLM calls :func:`register` in every process through the
 ``vllm.general_plugins`` entry point. It registers the model class lazily (by
-``"module:Class"`` string) and installs the engine hooks in ``engine``.
+``"module:Class"`` string) and installs the engine hooks (``plugin/hooks.py``).
 """
 
-from vllm_early_exit.config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
-from vllm_early_exit.model_executor.early_exit.stats import ExitStats, get_exit_stats, reset_exit_stats
+from vllm_early_exit.config import CONFIG_KEY, EarlyExitConfig
+from vllm_early_exit.errors import EarlyExitConfigError, EarlyExitUnsupportedError
+from vllm_early_exit.model_executor.early_exit.stats import ExitStats
+from vllm_early_exit.plugin.worker import get_exit_stats, reset_exit_stats
 
 __all__ = [
     "CONFIG_KEY",

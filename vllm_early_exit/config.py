@@ -1,22 +1,29 @@
-"""Early-exit settings: the one place where they are parsed and validated.
+"""Early-exit settings: parsed from a table of fields and checked here.
 
 Users pass the settings as the ``early_exit`` entry of vLLM's
 ``additional_config`` (offline ``LLM(..., additional_config={"early_exit": {...}})``,
 or ``--additional-config`` / ``--early-exit-config`` on the command line).
-Everything that can be checked without the model is checked in
-:meth:`EarlyExitConfig.from_dict`; the layer indices are checked against the
-model's depth in :meth:`EarlyExitConfig.exit_layers_for`. Both run at engine
-start-up, before any request is served.
+:meth:`EarlyExitConfig.from_dict` checks every field against ``FIELDS`` (type,
+allowed values, message) and then the rules that join two fields; the layer
+indices are checked against the model's depth in :meth:`EarlyExitConfig.exit_layers_for`.
+Checks that need the loaded model config or the engine settings (model type,
+heads against the model's shape, parallelism) are in ``plugin/checks.py``. All
+of them run at engine start-up, before any request is served. A request's own
+settings (``RequestEarlyExit``) are checked when the request is made.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from vllm_early_exit.errors import EarlyExitConfigError, EarlyExitUnsupportedError
+
+__all__ = ["CONFIG_KEY", "EarlyExitConfig", "EarlyExitConfigError", "EarlyExitUnsupportedError", "RequestEarlyExit"]
 
 CONFIG_KEY = "early_exit"
 
@@ -33,8 +40,16 @@ SIGNALS: dict[str, str] = {
     ">= threshold (0 <= threshold <= 1); needs `heads` trained with gates",
 }
 
-# Signals whose threshold is a probability in [0, 1].
-PROBABILITY_SIGNALS = ("max_prob", "margin", "head", "gate")
+# Signal -> (lowest, highest threshold, what the message says).
+_PROBABILITY = (0.0, 1.0, "it must lie in [0, 1]")
+THRESHOLD_RANGES: dict[str, tuple[float, float, str]] = {
+    "max_prob": _PROBABILITY,
+    "margin": _PROBABILITY,
+    "head": _PROBABILITY,
+    "gate": _PROBABILITY,
+    "saturation": (-1.0, 1.0, "(a cosine similarity) it must lie in [-1, 1]"),
+    "entropy": (0.0, math.inf, "it must be >= 0 (nats)"),
+}
 # Signals that read a trained heads folder.
 HEAD_SIGNALS = ("head", "gate")
 
@@ -45,18 +60,8 @@ POLICIES: dict[str, str] = {
 }
 
 
-class EarlyExitConfigError(ValueError):
-    """An early-exit setting is invalid. The message names the key and what is allowed."""
-
-
-class EarlyExitUnsupportedError(ValueError):
-    """The model or an engine setting cannot be combined with early exit (the message says why)."""
-
-
 def _fail(key: str, value: Any, allowed: str) -> EarlyExitConfigError:
-    return EarlyExitConfigError(
-        f"early_exit.{key}={value!r} is invalid: {allowed}."
-    )
+    return EarlyExitConfigError(f"early_exit.{key}={value!r} is invalid: {allowed}.")
 
 
 def _is_number(value: Any) -> bool:
@@ -67,9 +72,92 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_layer_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(x) and x >= 0 for x in value)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _layers(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(sorted(set(value)))
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting: its default, the check of a given value, what the error says is allowed, its conversion."""
+
+    name: str
+    default: Any
+    valid: Callable[[Any], bool]
+    allowed: str
+    convert: Callable[[Any], Any] = _same
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("enabled", True, lambda v: isinstance(v, bool), "expected true or false"),
+    Field("signal", "max_prob", lambda v: v in SIGNALS, f"allowed values are {sorted(SIGNALS)}"),
+    Field("threshold", 0.9, lambda v: _is_number(v) and math.isfinite(v), "expected a finite number", float),
+    Field("min_layer", None, _optional(lambda v: _is_int(v) and v >= 0), "expected a layer index >= 0"),
+    Field(
+        "exit_layers", None, _optional(_is_layer_list),
+        "expected a list of layer indices >= 0 ([]: no exit checks)", _layers,
+    ),
+    Field("policy", "all", lambda v: v in POLICIES, f"allowed values are {sorted(POLICIES)}"),
+    Field("quorum", 0.75, lambda v: _is_number(v) and 0.0 < v <= 1.0, "expected a share in (0, 1]", float),
+    Field(
+        "log_interval_s", 10.0, lambda v: _is_number(v) and v >= 0,
+        "expected seconds >= 0 (0 turns logging off)", float,
+    ),
+    Field(
+        "vocab_top_k", None, _optional(lambda v: _is_int(v) and v >= 2),
+        "expected a number of tokens >= 2, or null for the full vocabulary",
+    ),
+    Field(
+        "heads", None, _optional(lambda v: isinstance(v, str) and bool(v)),
+        "expected the path of a heads folder (from `train-heads`)",
+        lambda v: None if v is None else str(Path(v).expanduser()),
+    ),
+    Field("skip_layers", (), _is_layer_list, "expected a list of layer indices >= 0", _layers),
+    Field("compile", False, lambda v: isinstance(v, bool), "expected true or false"),
+)
+
+
+def _check_together(values: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """The rules that join two settings (``values``: converted; ``given``: what the user set)."""
+    signal, threshold = values["signal"], values["threshold"]
+    low, high, rule = THRESHOLD_RANGES[signal]
+    if not low <= threshold <= high:
+        raise _fail("threshold", given.get("threshold", threshold), f"for signal {signal!r} {rule}")
+    if values["exit_layers"] is not None and values["min_layer"] is not None:
+        raise EarlyExitConfigError(
+            "early_exit.min_layer and early_exit.exit_layers are exclusive: "
+            "give the first layer or the list of layers, not both."
+        )
+    if "quorum" in given and values["policy"] != "quorum":
+        raise _fail("quorum", given["quorum"], "it only applies with policy 'quorum'")
+    heads = values["heads"]
+    if heads is None and signal in HEAD_SIGNALS:
+        raise _fail("signal", signal, "it reads trained heads: set early_exit.heads to a folder from `train-heads`")
+    if heads is not None:
+        from vllm_early_exit.model_executor.early_exit.heads import read_metadata
+
+        meta = read_metadata(Path(heads))  # a clear error when the folder is not a heads folder
+        if signal == "gate" and not meta.get("gate_layers"):
+            raise _fail(
+                "signal", signal,
+                f"the heads in {given['heads']!r} were trained without gates (train-heads without --no-gates)",
+            )
+
+
 @dataclass(frozen=True)
 class EarlyExitConfig:
-    """Validated early-exit settings.
+    """Validated early-exit settings (one attribute per entry of ``FIELDS``).
 
     Attributes:
         enabled: run exit checks at all. ``False`` gives plain full-depth decoding.
@@ -89,9 +177,9 @@ class EarlyExitConfig:
             their stream through their head, and a row that leaves emits its head's token.
         skip_layers: layers (0-based) that every decode token skips; their K/V is
             filled from the residual stream that passes them.
-        compile: compile the layers between decision points as groups (``groups.py``)
-            with vLLM's torch.compile, and on CUDA capture them as piecewise CUDA
-            graphs. False: the model runs eagerly (``enforce_eager``).
+        compile: compile the layers between decision points as groups
+            (``model_executor/early_exit/groups.py``) with vLLM's torch.compile, and on
+            CUDA capture them as piecewise CUDA graphs. False: the model runs eagerly.
     """
 
     enabled: bool = True
@@ -116,105 +204,18 @@ class EarlyExitConfig:
             raise EarlyExitConfigError(
                 f"early_exit settings must be a JSON object (dict), got {type(raw).__name__}."
             )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        known = [f.name for f in FIELDS]
+        unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise EarlyExitConfigError(
-                f"unknown early_exit setting(s) {unknown}; allowed keys are {sorted(known)}."
-            )
-        values = dict(raw)
-
-        enabled = values.get("enabled", cls.enabled)
-        if not isinstance(enabled, bool):
-            raise _fail("enabled", enabled, "expected true or false")
-
-        signal = values.get("signal", cls.signal)
-        if signal not in SIGNALS:
-            raise _fail("signal", signal, f"allowed values are {sorted(SIGNALS)}")
-
-        threshold = values.get("threshold", cls.threshold)
-        if not _is_number(threshold) or not math.isfinite(threshold):
-            raise _fail("threshold", threshold, "expected a finite number")
-        if signal in PROBABILITY_SIGNALS and not 0.0 <= threshold <= 1.0:
-            raise _fail("threshold", threshold, f"for signal {signal!r} it must lie in [0, 1]")
-        if signal == "saturation" and not -1.0 <= threshold <= 1.0:
-            raise _fail("threshold", threshold, "for signal 'saturation' (a cosine similarity) it must lie in [-1, 1]")
-        if signal == "entropy" and threshold < 0.0:
-            raise _fail("threshold", threshold, "for signal 'entropy' it must be >= 0 (nats)")
-
-        min_layer = values.get("min_layer", cls.min_layer)
-        if min_layer is not None and (not _is_int(min_layer) or min_layer < 0):
-            raise _fail("min_layer", min_layer, "expected a layer index >= 0")
-
-        exit_layers = values.get("exit_layers", cls.exit_layers)
-        if exit_layers is not None:
-            if isinstance(exit_layers, (str, bytes)) or not isinstance(exit_layers, (list, tuple)):
-                raise _fail("exit_layers", exit_layers, "expected a list of layer indices")
-            if not all(_is_int(x) and x >= 0 for x in exit_layers):
-                raise _fail("exit_layers", exit_layers, "expected a list of layer indices >= 0 ([]: no exit checks)")
-            if min_layer is not None:
-                raise EarlyExitConfigError(
-                    "early_exit.min_layer and early_exit.exit_layers are exclusive: "
-                    "give the first layer or the list of layers, not both."
-                )
-            exit_layers = tuple(sorted(set(exit_layers)))
-
-        policy = values.get("policy", cls.policy)
-        if policy not in POLICIES:
-            raise _fail("policy", policy, f"allowed values are {sorted(POLICIES)}")
-
-        quorum = values.get("quorum", cls.quorum)
-        if not _is_number(quorum) or not 0.0 < quorum <= 1.0:
-            raise _fail("quorum", quorum, "expected a share in (0, 1]")
-        if "quorum" in values and policy != "quorum":
-            raise _fail("quorum", quorum, "it only applies with policy 'quorum'")
-
-        log_interval_s = values.get("log_interval_s", cls.log_interval_s)
-        if not _is_number(log_interval_s) or log_interval_s < 0:
-            raise _fail("log_interval_s", log_interval_s, "expected seconds >= 0 (0 turns logging off)")
-
-        vocab_top_k = values.get("vocab_top_k", cls.vocab_top_k)
-        if vocab_top_k is not None and (not _is_int(vocab_top_k) or vocab_top_k < 2):
-            raise _fail("vocab_top_k", vocab_top_k, "expected a number of tokens >= 2, or null for the full vocabulary")
-
-        heads = values.get("heads", cls.heads)
-        if heads is not None:
-            if not isinstance(heads, str) or not heads:
-                raise _fail("heads", heads, "expected the path of a heads folder (from `train-heads`)")
-            from vllm_early_exit.model_executor.early_exit.heads import read_metadata
-
-            meta = read_metadata(Path(heads).expanduser())
-            if signal == "gate" and not meta.get("gate_layers"):
-                raise _fail("signal", signal, f"the heads in {heads!r} were trained without gates (train-heads without --no-gates)")
-            heads = str(Path(heads).expanduser())
-        elif signal in HEAD_SIGNALS:
-            raise _fail("signal", signal, "it reads trained heads: set early_exit.heads to a folder from `train-heads`")
-
-        skip_layers = values.get("skip_layers", cls.skip_layers)
-        if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, (list, tuple)) or not all(
-            _is_int(x) and x >= 0 for x in skip_layers
-        ):
-            raise _fail("skip_layers", skip_layers, "expected a list of layer indices >= 0")
-        skip_layers = tuple(sorted(set(skip_layers)))
-
-        compile_groups = values.get("compile", cls.compile)
-        if not isinstance(compile_groups, bool):
-            raise _fail("compile", compile_groups, "expected true or false")
-
-        return cls(
-            enabled=enabled,
-            signal=signal,
-            threshold=float(threshold),
-            min_layer=min_layer,
-            exit_layers=exit_layers,
-            policy=policy,
-            quorum=float(quorum),
-            log_interval_s=float(log_interval_s),
-            vocab_top_k=vocab_top_k,
-            heads=heads,
-            skip_layers=skip_layers,
-            compile=compile_groups,
-        )
+            raise EarlyExitConfigError(f"unknown early_exit setting(s) {unknown}; allowed keys are {sorted(known)}.")
+        values: dict[str, Any] = {}
+        for field in FIELDS:
+            value = raw.get(field.name, field.default)
+            if not field.valid(value):
+                raise _fail(field.name, value, field.allowed)
+            values[field.name] = field.convert(value)
+        _check_together(values, raw)
+        return cls(**values)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EarlyExitConfig":
@@ -271,12 +272,22 @@ class EarlyExitConfig:
             )
         return tuple(range(first, last + 1))
 
+    def check_layers_for(self, num_layers: int) -> frozenset[int]:
+        """The layers where a check runs: the exit layers, less the skipped ones
+        (a skipped layer leaves the stream as it was)."""
+        return frozenset(self.exit_layers_for(num_layers)) - frozenset(self.skip_layers)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if self.exit_layers is not None:
             data["exit_layers"] = list(self.exit_layers)
         data["skip_layers"] = list(self.skip_layers)
         return {k: v for k, v in data.items() if v is not None and v != []}
+
+
+assert [(f.name, f.default) for f in fields(EarlyExitConfig)] == [
+    (f.name, f.convert(f.default)) for f in FIELDS
+], "FIELDS and EarlyExitConfig must list the same settings with the same defaults"
 
 
 FLAT_REQUEST_KEYS = {

@@ -1,10 +1,12 @@
-"""Per-request early-exit settings of the rows of the running step.
+"""How per-request early-exit settings reach the model: read from vLLM's model runner.
 
 vLLM hands a model no per-request parameters: the model runner keeps them
 (``runner.requests[req_id].sampling_params``) and the row order of a step
 (``runner.input_batch.req_ids``). ``RequestRows`` reads both. It finds the
 runner once, while the runner is loading the model (the model is constructed
-inside ``runner.load_model``), and keeps that reference.
+inside ``runner.load_model``), and keeps that reference. The model asks it each
+decode step for the settings of the step's rows (``RowSettings``), and the
+decode-row detection (``batch.py``) reads the prompt lengths through it.
 """
 
 from __future__ import annotations
@@ -12,31 +14,18 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from vllm_early_exit.config import EarlyExitConfigError, RequestEarlyExit
+from vllm_early_exit.model_executor.early_exit.step import RowSettings
 
 logger = logging.getLogger("vllm_early_exit")
 
 
-@dataclass(frozen=True)
-class RowSettings:
-    """The step's per-row settings, when any row has its own."""
-
-    allowed: torch.Tensor | None
-    """False for rows whose request turned early exit off (``[rows]``), or None when all may leave."""
-    thresholds: torch.Tensor | None
-    """Per-row thresholds (float32, ``[rows]``), or None when every row uses the engine's."""
-    last_layers: torch.Tensor | None = None
-    """Per row, the last layer its depth budget allows (``max_layers - 1``; rows without
-    a budget get a layer past the stack), or None when no row has a budget."""
-    budget_layers: frozenset[int] = frozenset()
-    """The layers after which some row's budget ends."""
-
-
 class RequestRows:
+    """The model runner's view of the step's requests: their settings and prompt lengths."""
+
     def __init__(self, runner) -> None:
         self.runner = runner
         self._cache: dict[str, RequestEarlyExit | None] = {}

@@ -58,8 +58,7 @@ class ExitDecider:
     def __init__(self, config: EarlyExitConfig, num_layers: int) -> None:
         self.enabled = config.enabled
         self.skip_layers = frozenset(config.skip_layers)
-        # A skipped layer leaves the stream as it was: no check there.
-        self.check_layers = frozenset(config.exit_layers_for(num_layers)) - self.skip_layers
+        self.check_layers = config.check_layers_for(num_layers)
         self.threshold = config.threshold
         self.heads = ExitHeads.load(config.heads) if config.heads else None
         self.signal = make_signal(config.signal, self.heads)

@@ -9,10 +9,10 @@ piecewise CUDA graphs, never one full graph: the decisions between groups are
 Python). The exit decision itself stays between groups, on the host.
 
 Rows that left earlier in the step stay in the batch, frozen: ``keep`` is 0 for
-them, so after every layer their hidden state is zeroed and their residual set
-back to the stream they entered the group with. Each deeper layer's attention then writes K/V from their exit-layer
-stream, which is exactly state propagation, and the shapes never change, so one
-compiled graph serves every step.
+them, and ``kv_fill.run_layers_holding`` holds them at the stream they entered
+the group with, so each deeper layer's attention writes their K/V from their
+exit-layer stream (state propagation). The shapes never change, so one compiled
+graph serves every step.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from torch import nn
 from vllm.compilation.backends import set_model_tag
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CompilationMode, VllmConfig
+
+from vllm_early_exit.model_executor.early_exit.kv_fill import run_layers_holding
 
 
 def group_bounds(
@@ -77,13 +79,7 @@ class LayerGroup(nn.Module):
         keep: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``keep``: ``[rows, 1]``, 1 for rows that run these layers, 0 for rows held at their stream."""
-        held = hidden_states + residual  # the held rows' stream (a new tensor: the layers update ``residual`` in place)
-        running = keep > 0
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-            hidden_states = hidden_states * keep
-            residual = torch.where(running, residual, held)
-        return hidden_states, residual
+        return run_layers_holding(self.layers, positions, hidden_states, residual, keep)
 
 
 @functools.cache

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from vllm_early_exit.config import EarlyExitConfigError
+from vllm_early_exit.errors import EarlyExitConfigError
 
 FORMAT = "vllm-early-exit-heads"
 VERSION = 1
@@ -42,13 +42,6 @@ GATE_FEATURES = ("max_prob", "margin", "entropy", "saturation")
 def default_layers(num_layers: int) -> list[int]:
     """Where heads go (and checks run) by default: every second layer from a third of the stack to the second-to-last."""
     return list(range(num_layers // 3, num_layers - 1, 2))
-
-
-def default_heads_dir(model: str | Path) -> Path:
-    """Where ``train-heads`` keeps a model's heads: ``<cache>/heads/<model folder name>``."""
-    from vllm_early_exit.tools.assets import cache_dir
-
-    return cache_dir() / "heads" / Path(model).name
 
 
 def gate_features(logits: torch.Tensor, stream: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

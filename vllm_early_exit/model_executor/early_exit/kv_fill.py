@@ -1,16 +1,33 @@
-"""Where K/V of skipped layers is written: state propagation.
+"""Where propagated K/V is written: every path that gives a token K/V it did not compute.
 
-When a decode step leaves after layer L, layers L+1.. still need K/V at these
-positions, or later tokens would attend to holes. For each skipped layer the
-exit-layer residual stream goes through that layer's input norm, the k/v part
-of its ``qkv_proj`` and rotary, and the result is written into the layer's
-paged KV blocks by vLLM's own cache-update op, so every attention backend that
-implements ``do_kv_cache_update`` (CPU, FlashAttention, FlashInfer) keeps working.
+A decode token that leaves after layer L, or skips a layer, still needs K/V in
+the layers it does not run, or later tokens would attend to holes. State
+propagation writes them from the token's residual stream ``s`` (at its exit, or
+entering the skipped layer): layer ``l`` stores ``k, v = kv_proj(norm_l(s))``
+with rotary on ``k``. This module is the only place that arranges it; each way
+below writes exactly that rule:
+
+* ``KVPropagator.fill``: the stream through each layer's input norm, the k/v
+  part of its ``qkv_proj`` and rotary, written by vLLM's own cache-update op (a
+  pure-decode step whose rows all left, or a skipped layer in a pure-decode step);
+* ``freeze_rows``: rows that left while others go on get hidden state 0 and
+  residual ``s``, so every deeper layer's fused add+norm sees ``s`` and its own
+  attention writes their K/V from it (eager walk);
+* ``run_layer``: a layer where only the running rows take the MLP (frozen rows
+  keep ``s``);
+* ``run_layers_holding`` (compiled groups): after each layer the frozen rows'
+  hidden state is zeroed and their residual set back to ``s``;
+* ``skip_layer`` / ``holding``: decode rows of a mixed step (prefill rows run
+  every layer) pass a skipped layer held at their stream, which its attention
+  writes as their K/V.
+
+Every attention backend that implements ``do_kv_cache_update`` (CPU, FlashAttention,
+FlashInfer) keeps working, since the cache is written by vLLM's op or attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -45,12 +62,12 @@ def _project_kv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 class KVPropagator:
-    """Fills the paged K/V of skipped layers from the exit layer's residual stream."""
+    """Fills the paged K/V of layers a step does not run from a residual stream."""
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.layers = layers
 
-    def fill(self, positions: torch.Tensor, stream: torch.Tensor, skipped: range) -> None:
+    def fill(self, positions: torch.Tensor, stream: torch.Tensor, skipped: Iterable[int]) -> None:
         for index in skipped:
             layer = self.layers[index]
             attn = layer.self_attn
@@ -61,3 +78,76 @@ class KVPropagator:
                 v.view(-1, attn.num_kv_heads, attn.head_dim),
                 attn.attn.layer_name,
             )
+
+
+def freeze_rows(
+    hidden_states: torch.Tensor, residual: torch.Tensor, stream: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """Holds ``rows`` at ``stream`` (in place): deeper layers write their K/V from it."""
+    hidden_states[rows] = 0
+    residual[rows] = stream[rows]
+
+
+def run_layer(
+    layer: nn.Module,
+    positions: torch.Tensor,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor | None,
+    running: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer; only ``running`` rows take the MLP (None: every row, vLLM's own forward).
+
+    Attention runs for every row: for frozen rows it writes K/V from their held
+    stream, which is what state propagation writes.
+    """
+    if running is None:
+        return layer(positions, hidden_states, residual)
+    hidden_states, residual = layer.input_layernorm(hidden_states, residual)
+    hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states)
+    hidden, res = layer.post_attention_layernorm(hidden_states[running], residual[running])
+    hidden = layer.mlp(hidden)
+    out = torch.zeros_like(hidden_states).index_copy_(0, running, hidden)
+    return out, residual.index_copy_(0, running, res)
+
+
+def skip_layer(
+    layer: nn.Module,
+    positions: torch.Tensor,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor | None,
+    stream: torch.Tensor,
+    skipping: torch.Tensor,
+    running: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer that ``skipping`` rows pass unchanged while the other rows run it.
+
+    ``stream``: every row's stream entering the layer (a tensor of its own). The
+    layer's attention writes the skipping rows' K/V from it, as a fill would.
+    """
+    hidden_states, residual = run_layer(layer, positions, hidden_states, residual, running)
+    freeze_rows(hidden_states, residual, stream, skipping)
+    return hidden_states, residual
+
+
+def holding(keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A compiled group's row mask with ``rows`` held at their stream as well."""
+    held = keep.clone()
+    held[rows] = 0
+    return held
+
+
+def run_layers_holding(
+    layers: Sequence[nn.Module],
+    positions: torch.Tensor,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    keep: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layers in turn, rows with ``keep == 0`` held at the stream they entered with (no host sync)."""
+    held = hidden_states + residual  # a new tensor: the layers update ``residual`` in place
+    running = keep > 0
+    for layer in layers:
+        hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states = hidden_states * keep
+        residual = torch.where(running, residual, held)
+    return hidden_states, residual

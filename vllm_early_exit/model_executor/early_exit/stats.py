@@ -1,9 +1,8 @@
-"""Early-exit statistics: counted in the model, logged by the engine, read from Python.
+"""Early-exit counters, kept by the model and logged periodically by the engine.
 
-The model counts, for every pure-decode step, how many tokens left after each
-layer and how many went the full depth. ``get_exit_stats(llm)`` reads the
-counters from the workers through vLLM's ``collective_rpc`` and a worker
-extension that the plugin installs (``EarlyExitWorkerExtension``).
+The model counts, for every decode step, how many tokens left after each layer
+and how many went the full depth. They are read from Python through
+``plugin/worker.py`` and served on ``/metrics`` through ``plugin/metrics.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger("vllm_early_exit")
-
-WORKER_EXTENSION = "vllm_early_exit.model_executor.early_exit.stats.EarlyExitWorkerExtension"
-
 
 @dataclass
 class ExitStats:
@@ -35,6 +31,11 @@ class ExitStats:
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
             self.exits_per_layer = [0] * self.num_layers
+
+    def reset(self) -> None:
+        """Sets every counter back to zero (in place: the model's walkers hold this object)."""
+        self.exits_per_layer = [0] * self.num_layers
+        self.full_depth_tokens = 0
 
     def record(self, exit_layer: int | None, tokens: int) -> None:
         """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
@@ -115,49 +116,3 @@ class PeriodicStatsLogger:
         if now - self._last >= self.interval_s:
             self._last = now
             logger.info("Early exit: %s", stats.summary())
-
-
-class EarlyExitWorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``): RPCs for the counters and the execution mode."""
-
-    def _early_exit_model(self):
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        inner = getattr(model, "model", None)
-        if not hasattr(inner, "exit_stats"):
-            raise RuntimeError(
-                f"{type(model).__name__} is not the early-exit model; "
-                "start vLLM with early exit enabled to read its statistics."
-            )
-        return inner
-
-    def early_exit_stats(self) -> dict[str, Any]:
-        return self._early_exit_model().exit_stats.to_dict()
-
-    def reset_early_exit_stats(self) -> None:
-        inner = self._early_exit_model()
-        inner.exit_stats = ExitStats(inner.exit_stats.num_layers, skip_layers=inner.exit_stats.skip_layers)
-
-    def early_exit_layer_groups(self) -> list[dict[str, Any]]:
-        """The compiled layer groups (``compile``) and whether each has been compiled; [] when eager."""
-        stack = self._early_exit_model().compiled_stack
-        if stack is None:
-            return []
-        return [
-            {"layers": [first, stop], "compiled": bool(getattr(group, "compiled", False))}
-            for (first, stop), group in stack.groups.items()
-        ]
-
-
-def get_exit_stats(llm, all_ranks: bool = False) -> ExitStats | list[ExitStats]:
-    """Early-exit counters of an ``LLM`` (or ``LLMEngine``) since start or the last reset.
-
-    Returns the first worker's counters; ``all_ranks=True`` returns one per worker
-    (tensor-parallel ranks take the same decisions, so they agree).
-    """
-    per_rank = [ExitStats.from_dict(d) for d in llm.collective_rpc("early_exit_stats")]
-    return per_rank if all_ranks else per_rank[0]
-
-
-def reset_exit_stats(llm) -> None:
-    """Sets the early-exit counters of every worker back to zero."""
-    llm.collective_rpc("reset_early_exit_stats")

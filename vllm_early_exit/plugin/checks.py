@@ -1,0 +1,97 @@
+"""Start-up checks against the loaded model and the engine settings, and the settings early exit needs.
+
+``verify_and_update`` runs while vLLM builds its ``VllmConfig`` (through the
+``MODELS_CONFIG_MAP`` entry that ``hooks.install_hooks`` adds), in the process
+that starts the engine, before any worker exists. Settings that can be checked
+without the model are checked in ``config.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
+from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
+from vllm_early_exit.plugin.worker import WORKER_EXTENSION
+
+logger = logging.getLogger("vllm_early_exit")
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def verify_and_update(vllm_config) -> None:
+    """Start-up checks and the engine settings early exit needs.
+
+    Raises ``EarlyExitConfigError`` for bad settings and ``EarlyExitUnsupportedError``
+    for a model or engine setting early exit cannot run with, each with a message that names the setting and what is allowed.
+    """
+    model_config = vllm_config.model_config
+    hf_config = model_config.hf_config
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise EarlyExitUnsupportedError(
+            f"early exit supports LLaMA-family models (model_type {list(SUPPORTED_MODEL_TYPES)}); "
+            f"{model_config.model} has model_type {model_type!r}. Start it without early exit."
+        )
+    settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
+    check_layers = settings.check_layers_for(hf_config.num_hidden_layers)
+    if settings.heads is not None:
+        heads = ExitHeads.load(settings.heads)
+        heads.check_base(hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size, settings.heads)
+        heads.check_layers(check_layers, settings.heads, gates=settings.signal == "gate")
+    if settings.vocab_top_k is not None and settings.vocab_top_k > hf_config.vocab_size:
+        raise EarlyExitConfigError(
+            f"early_exit.vocab_top_k={settings.vocab_top_k} is invalid: this model's vocabulary "
+            f"has {hf_config.vocab_size} tokens."
+        )
+
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise EarlyExitUnsupportedError(
+            "early exit does not support pipeline parallelism "
+            f"(pipeline_parallel_size={parallel.pipeline_parallel_size}): the exit decision "
+            "needs the LM head at every check layer. Use tensor parallelism instead."
+        )
+    if settings.vocab_top_k is not None and parallel.tensor_parallel_size > 1:
+        raise EarlyExitUnsupportedError(
+            "early_exit.vocab_top_k does not support tensor parallelism yet (the LM head is "
+            "split across ranks); leave vocab_top_k unset with tensor_parallel_size > 1."
+        )
+    if vllm_config.speculative_config is not None:
+        raise EarlyExitUnsupportedError(
+            "early exit cannot be combined with speculative decoding: both change how "
+            "decode steps run the layer stack. Turn one of them off."
+        )
+    _set_execution_mode(vllm_config, settings)
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = WORKER_EXTENSION
+    elif parallel.worker_extension_cls != WORKER_EXTENSION:
+        logger.warning(
+            "worker_extension_cls=%s is set, so get_exit_stats() cannot read the counters.",
+            parallel.worker_extension_cls,
+        )
+
+
+def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
+    """Eager, or compiled layer groups with piecewise CUDA graphs (never one whole-model graph).
+
+    The exit decision is a host-side branch between layers, so a graph of the whole
+    forward would freeze one path. vLLM derives its compilation settings from
+    ``enforce_eager`` and ``cudagraph_mode`` after this hook runs.
+    """
+    model_config = vllm_config.model_config
+    if not (settings.enabled and settings.compile):
+        if not model_config.enforce_eager:
+            logger.info("Early exit runs the model eagerly (enforce_eager=True; set early_exit.compile to compile).")
+            model_config.enforce_eager = True
+        return
+    if model_config.enforce_eager:
+        logger.warning("early_exit.compile is set but enforce_eager=True: the layer groups run eagerly.")
+        return
+    from vllm.config import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if compilation.cudagraph_mode is None or compilation.cudagraph_mode.has_full_cudagraphs():
+        # On platforms without graphs vLLM turns this off again.
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    logger.info("Early exit compiles the layer groups between decision points (piecewise CUDA graphs on CUDA).")
