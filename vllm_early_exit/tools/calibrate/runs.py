@@ -50,7 +50,7 @@ def generate_at_thresholds(
     from tqdm import tqdm
     from vllm import SamplingParams
 
-    from vllm_early_exit.model_executor.early_exit.stats import get_exit_stats, reset_exit_stats
+    from vllm_early_exit import get_exit_stats, reset_exit_stats
 
     longest = max(len(p) for p in prompts)
     budget = max(PREFILL_TOKENS, longest)
