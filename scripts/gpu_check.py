@@ -29,7 +29,8 @@ checks that never fire (``never_top_k``), both with ``compile: true`` (the modes
 
 The engines of a group run in a worker subprocess (``--worker``) that appends one JSON line per
 finished engine or measurement; this process turns them into checks and rewrites
-``gpu_check.json`` and ``gpu_check.md`` after each. Exit code 1 if a correctness check failed.
+``gpu_check.json`` and ``gpu_check.md`` after each. Exit code 1 if a correctness check failed,
+2 if none got to a verdict (all out of time), else 0.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -190,7 +192,6 @@ def worker_speed(spec: dict, results: Path) -> None:
     """Plain vLLM stays up; each early-exit engine in turn is started and alternated with it
     run by run at every batch size (a block), then stopped, so each block's numbers are
     complete before the next engine starts (a time budget then loses whole engines only)."""
-    import torch
     from vllm import SamplingParams
 
     from vllm_early_exit import reset_exit_stats
@@ -210,9 +211,7 @@ def worker_speed(spec: dict, results: Path) -> None:
         try:
             if exiting:
                 reset_exit_stats(llm)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = time.perf_counter()  # generate returns with the outputs: the device is done
             outs = llm.generate(prompts, params, use_tqdm=False)
             record["seconds"] = time.perf_counter() - start
             record["tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -304,7 +303,7 @@ class Report:
         self.write()
 
     def failed(self) -> list[dict]:
-        return [c for c in self.data["correctness"] if c["status"] not in ("pass", "info", "skipped")]
+        return [c for c in self.data["correctness"] if c["status"] not in ("pass", "info", "not run")]
 
     def write(self) -> None:
         self.data["setup"]["updated"] = _now()
@@ -416,6 +415,7 @@ def run_worker(kind: str, spec: dict, work: Path, timeout_s: float, env: dict, o
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--worker", kind, str(spec_path), str(results)],
         cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its engine-core processes go with it when the budget stops it
     )
     deadline, seen, outcome = time.monotonic() + timeout_s, 0, "finished"
     while True:
@@ -428,7 +428,10 @@ def run_worker(kind: str, spec: dict, work: Path, timeout_s: float, env: dict, o
         finally:
             seen = _poll(results, seen, on_record)
         if time.monotonic() > deadline:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
             outcome = f"stopped at its time budget ({timeout_s:.0f} s)"
             break
@@ -440,7 +443,12 @@ def run_worker(kind: str, spec: dict, work: Path, timeout_s: float, env: dict, o
 def _poll(results: Path, seen: int, on_record) -> int:
     if not results.exists():
         return seen
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip().endswith("}")]
+    records = []
+    for line in results.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line still being written
+            break
     if len(records) != seen:
         on_record(records)
     return len(records)
@@ -534,7 +542,7 @@ class GroupChecks:
         self.exact = args.dtype == "float32"
         self.done: set[str] = set()
         self.runner = self.runner_version = None
-        self._ref: dict[str, list] = {}
+        self._ref: dict[str, list] = case.setdefault("traces", {})  # shared by the model's groups
 
     def reference(self, rule: str):
         if rule not in self._ref:
@@ -567,9 +575,10 @@ class GroupChecks:
     def finish(self, outcome: str) -> None:
         for name in ("plain_run_to_run", "exits_off_eq_plain", "forced_eq_reference", "threshold_eq_reference",
                      "request_off_eq_plain", "compiled_eq_eager"):
-            if name not in self.done:
+            if name not in self.done:  # out of time: not run; the worker died: an error
                 self.done.add(name)
-                self.record(name, "not run", f"its engines did not finish: {outcome}")
+                status = "not run" if "time budget" in outcome else "error"
+                self.record(name, status, f"its engines did not finish: {outcome}")
 
     def record(self, check: str, status: str, detail: str, **extra) -> None:
         self.report.check({"group": self.group["name"], "runner": self.runner, "check": check, "status": status,
@@ -887,7 +896,10 @@ def main(argv=None) -> int:
         run_speed(args, report, clock, work)
     report.write()
     print(report.markdown())
-    return 1 if report.failed() else 0
+    if report.failed():
+        return 1
+    judged = [c for c in report.data["correctness"] if c["status"] == "pass"]
+    return 2 if args.only in (None, "correctness") and not judged else 0  # 2: no check got to a verdict
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_verdicts_need_compared_and_equal_tokens():
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out), "--budget-s", "540"],
+        [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out), "--budget-s", "540",
+         "--scratch", str(tmp_path / "scratch")],
         cwd=ROOT, capture_output=True, text=True, timeout=660,
     )
     report_md = out / "gpu_check.md"
