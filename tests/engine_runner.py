@@ -24,6 +24,11 @@ def main(spec_path: str, result_path: str) -> None:
         # decode. With a separate core process, requests arrive one by one and a decode
         # token may share a step with another request's prefill (that step runs full depth).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if os.environ.get("EARLY_EXIT_TEST_IN_PLACE_NORM"):  # see in_place_norm.py (needs the core in this process)
+        sys.path.insert(0, os.path.dirname(__file__))
+        import in_place_norm
+
+        in_place_norm.install()
     from vllm import LLM, SamplingParams
 
     llm = LLM(spec["model"], **spec["engine"])

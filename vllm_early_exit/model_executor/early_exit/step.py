@@ -136,9 +136,19 @@ class StepState:
         """The candidates marked in ``leave`` are no longer running."""
         self.remaining = self.candidates[~leave]
 
-    def final_stream(self, stream: torch.Tensor | None = None) -> torch.Tensor:
-        """Each row's last stream (``stream``, or the current one); rows that left through a head emit the head's."""
-        stream = self.stream() if stream is None else stream
+    def final_stream(self, stream: torch.Tensor) -> torch.Tensor:
+        """Every row's last stream when all left after one check (``stream``: the check's);
+        rows that left through a head emit the head's stream."""
         for leaving, exit_stream in self.emitted:
             stream[leaving] = exit_stream
         return stream
+
+    def final_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden state and residual at the end of the stack, in vLLM's fused layout: the final
+        norm then adds them as vLLM's own forward does (in float32 where the norm does).
+        Rows that left through a head hold the head's stream."""
+        self.ensure_residual()
+        for leaving, exit_stream in self.emitted:
+            self.hidden_states[leaving] = 0
+            self.residual[leaving] = exit_stream
+        return self.hidden_states, self.residual

@@ -30,7 +30,11 @@ from vllm_early_exit.model_executor.early_exit.step import Exit, StepState
 
 
 class Walker(ABC):
-    """Walks a step's rows down layers ``start..end-1``; returns each row's last stream."""
+    """Walks a step's rows down layers ``start..end-1``.
+
+    ``walk`` returns ``(stream, None)`` when every row left at one check, else
+    ``(hidden_states, residual)`` for the final fused add+norm.
+    """
 
     def __init__(
         self,
@@ -45,7 +49,7 @@ class Walker(ABC):
         self.decider, self.kv, self.stats = decider, kv, stats
 
     @abstractmethod
-    def walk(self, state: StepState) -> torch.Tensor: ...
+    def walk(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def remember_previous(self, state: StepState, layer: int) -> None:
         """Keeps the stream entering ``layer`` when the signal reads it there."""
@@ -80,21 +84,21 @@ class Walker(ABC):
             state.left(leave)
         return Exit(leaving, stream, everyone)
 
-    def leave_all(self, state: StepState, exit: Exit, layer: int) -> torch.Tensor:
+    def leave_all(self, state: StepState, exit: Exit, layer: int) -> tuple[torch.Tensor, None]:
         """Every logits row left after ``layer``: fill the deeper layers' K/V and stop."""
         self.kv.fill(state.positions, exit.stream, range(layer + 1, self.end))
-        return state.final_stream(exit.stream)
+        return state.final_stream(exit.stream), None
 
-    def finish(self, state: StepState) -> torch.Tensor:
+    def finish(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
         """The walk reached the last layer: the rows still running went the full depth."""
         self.stats.record(None, state.running_rows)
-        return state.final_stream()
+        return state.final_state()
 
 
 class EagerWalker(Walker):
     """Layer by layer; frozen rows skip the MLP (their attention writes their K/V)."""
 
-    def walk(self, state: StepState) -> torch.Tensor:
+    def walk(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor | None]:
         running: torch.Tensor | None = None  # rows of the step still running (None: all)
         for index in range(self.start, self.end):
             self.remember_previous(state, index)
@@ -128,7 +132,7 @@ class GroupedWalker(Walker):
         super().__init__(*args, **kwargs)
         self.stack = stack
 
-    def walk(self, state: StepState) -> torch.Tensor:
+    def walk(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor | None]:
         state.ensure_residual()
         keep = state.hidden_states.new_ones(state.hidden_states.shape[0], 1)  # 0 for frozen rows
         for first, stop in self.stack.bounds:

@@ -97,9 +97,10 @@ class EarlyExitLlamaModel(LlamaModel):
         settings = settings.on_token_rows(batch, hidden_states.shape[0])
         points = self.decider.check_layers | settings.budget_layers
         self.decider.begin_step()
-        stream = self._walker(points).walk(StepState(hidden_states, positions, batch, settings, points))
+        state = StepState(hidden_states, positions, batch, settings, points)
+        hidden_states, residual = self._walker(points).walk(state)
         self._publish()
-        return self.norm(stream)
+        return self.norm(hidden_states) if residual is None else self.norm(hidden_states, residual)[0]
 
     def _row_settings(self, batch: DecodeBatch, device: torch.device) -> RowSettings:
         """The decode rows' own request settings (one row per decode token)."""
