@@ -120,3 +120,15 @@ def test_engine_refuses_non_llama_models(tiny_qwen2):
 def test_engine_refuses_pipeline_parallelism(tiny_llama):
     with pytest.raises(EarlyExitUnsupportedError, match="pipeline parallelism"):
         _start(tiny_llama, additional_config={"early_exit": {}}, pipeline_parallel_size=2)
+
+
+def test_engine_refuses_lora(tiny_llama):
+    with pytest.raises(EarlyExitUnsupportedError, match="does not support LoRA adapters"):
+        _start(tiny_llama, additional_config={"early_exit": {}}, enable_lora=True)
+
+
+def test_engine_refuses_model_runner_v2_when_asked_for(tiny_llama, monkeypatch):
+    """Per-request settings cannot reach the model on Model Runner V2: never start on it."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(EarlyExitUnsupportedError, match="V1 model runner.*VLLM_USE_V2_MODEL_RUNNER=1"):
+        _start(tiny_llama, additional_config={"early_exit": {}})

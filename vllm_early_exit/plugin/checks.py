@@ -62,6 +62,13 @@ def verify_and_update(vllm_config) -> None:
             "early exit cannot be combined with speculative decoding: both change how "
             "decode steps run the layer stack. Turn one of them off."
         )
+    if vllm_config.lora_config is not None:
+        raise EarlyExitUnsupportedError(
+            "early exit does not support LoRA adapters (enable_lora): rows that left the stack are "
+            "gathered before the MLP, while vLLM's LoRA kernels map adapters by token position, so a "
+            "row could get another request's adapter. Start without LoRA or without early exit."
+        )
+    _choose_model_runner(vllm_config)
     _set_execution_mode(vllm_config, settings)
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = WORKER_EXTENSION
@@ -70,6 +77,37 @@ def verify_and_update(vllm_config) -> None:
             "worker_extension_cls=%s is set, so get_exit_stats() cannot read the counters.",
             parallel.worker_extension_cls,
         )
+
+
+V2_MODEL_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def _choose_model_runner(vllm_config) -> None:
+    """vLLM's V1 model runner: the model reads per-request settings and prompt lengths from its batch.
+
+    Model Runner V2 (vLLM's default on CUDA when Triton is present) keeps neither
+    where the model can read them, so per-request settings (``enabled: false``
+    among them) would be ignored: never start on it. The choice is the
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` environment variable, set in this process (so
+    the engine and worker processes inherit it) when the user has not set it;
+    engines started later in this process also get V1.
+    """
+    import os
+
+    explicit = os.environ.get(V2_MODEL_RUNNER_ENV)
+    if explicit is not None and explicit.strip().lower() in ("1", "true"):
+        raise EarlyExitUnsupportedError(
+            f"early exit needs vLLM's V1 model runner, but {V2_MODEL_RUNNER_ENV}={explicit} asks for "
+            f"Model Runner V2, where per-request early-exit settings cannot reach the model. "
+            f"Unset {V2_MODEL_RUNNER_ENV} (early exit then chooses V1) or set it to 0."
+        )
+    if not vllm_config.use_v2_model_runner:
+        return
+    os.environ[V2_MODEL_RUNNER_ENV] = "0"
+    logger.info(
+        "Early exit runs on vLLM's V1 model runner (%s=0): Model Runner V2 does not expose the "
+        "per-request settings and prompt lengths early exit reads.", V2_MODEL_RUNNER_ENV,
+    )
 
 
 def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:

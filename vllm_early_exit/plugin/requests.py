@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_early_exit.config import EarlyExitConfigError, RequestEarlyExit
+from vllm_early_exit.config import EarlyExitConfigError, EarlyExitUnsupportedError, RequestEarlyExit
 from vllm_early_exit.model_executor.early_exit.step import RowSettings
 
 logger = logging.getLogger("vllm_early_exit")
@@ -31,16 +31,19 @@ class RequestRows:
         self._cache: dict[str, RequestEarlyExit | None] = {}
 
     @classmethod
-    def of_loading_runner(cls) -> "RequestRows | None":
-        """The model runner up the call stack (the one loading this model), if any."""
+    def of_loading_runner(cls) -> "RequestRows":
+        """The model runner up the call stack (the one loading this model); refuses to start without one."""
         frame = sys._getframe(1)
         while frame is not None:
             candidate = frame.f_locals.get("self")
             if hasattr(candidate, "input_batch") and hasattr(candidate, "requests"):
                 return cls(candidate)
             frame = frame.f_back
-        logger.warning("Early exit: no model runner found; per-request settings are ignored.")
-        return None
+        raise EarlyExitUnsupportedError(
+            "early exit could not find vLLM's V1 model runner while the model was loading, so "
+            "per-request settings (enabled, threshold, max_layers) could not reach the model. "
+            "Start the engine with VLLM_USE_V2_MODEL_RUNNER=0 (the V1 model runner)."
+        )
 
     def _settings(self, req_id: str) -> RequestEarlyExit | None:
         if req_id not in self._cache:
