@@ -73,7 +73,7 @@ class ReferenceDecoder:
 
     def _step(
         self, token_ids, positions, cache, exit_layers, threshold, propagate,
-        vocab_top_k=None, heads=None, skip_layers=(), signal="max_prob",
+        vocab_top_k=None, heads=None, skip_layers=(), signal="max_prob", shortlist=None,
     ):
         """One forward; returns (greedy token, exit layer or None, max-prob per check layer).
 
@@ -82,11 +82,14 @@ class ReferenceDecoder:
         exit heads read at check layers (and emitted on exit). ``skip_layers`` are not
         run; their K/V comes from the stream that passes them. ``signal="saturation"``
         compares the cosine of the streams after and before a check layer instead of max-prob.
+        ``shortlist`` (token ids): a check is confident only when the max-prob over those
+        tokens' logits and then over the full vocabulary both reach the threshold; the
+        recorded confidence is the first stage's when it fails, else the full one.
         """
         hidden = self.model.model.embed_tokens(token_ids)
         layers = self.model.model.layers
         heads = heads or {}
-        exit_layer, confidences, shortlist = None, {}, None
+        exit_layer, confidences, top_k_tokens = None, {}, None
         for index, layer in enumerate(layers):
             if index in skip_layers:
                 self._fill_kv(index, hidden, positions, cache)
@@ -105,10 +108,15 @@ class ReferenceDecoder:
             elif index in exit_layers:
                 logits = self._readout(hidden, heads.get(index))
                 if vocab_top_k is not None:
-                    if shortlist is None:
-                        shortlist = logits.topk(vocab_top_k).indices
+                    if top_k_tokens is None:
+                        top_k_tokens = logits.topk(vocab_top_k).indices
                     else:
-                        logits = logits[shortlist]
+                        logits = logits[top_k_tokens]
+                if shortlist is not None:
+                    first = float(torch.softmax(logits[shortlist], -1).max())
+                    if first < threshold:
+                        confidences[index] = first
+                        continue
                 confidence = float(torch.softmax(logits, -1).max())
                 confidences[index] = confidence
                 if confidence >= threshold:
@@ -132,6 +140,7 @@ class ReferenceDecoder:
         heads: dict | None = None,
         skip_layers: tuple[int, ...] = (),
         signal: str = "max_prob",
+        shortlist: list[int] | None = None,
     ) -> Trace:
         """Greedy decoding with the max-prob rule at ``exit_layers`` for decode tokens.
 
@@ -146,7 +155,7 @@ class ReferenceDecoder:
             position = torch.tensor([len(prompt) + len(trace.tokens) - 1])
             token, exit_layer, confidences = self._step(
                 torch.tensor([token]), position, cache, exit_layers, threshold, propagate,
-                vocab_top_k, heads, skip_layers, signal,
+                vocab_top_k, heads, skip_layers, signal, shortlist,
             )
             trace.tokens.append(token)
             trace.exit_layers.append(exit_layer)

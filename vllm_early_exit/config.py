@@ -123,6 +123,11 @@ FIELDS: tuple[Field, ...] = (
         "expected the path of a heads folder (from `train-heads`)",
         lambda v: None if v is None else str(Path(v).expanduser()),
     ),
+    Field(
+        "shortlist", None, _optional(lambda v: isinstance(v, str) and bool(v)),
+        "expected the path of a shortlist file (from `python -m vllm_early_exit shortlist`)",
+        lambda v: None if v is None else str(Path(v).expanduser()),
+    ),
     Field("skip_layers", (), _is_layer_list, "expected a list of layer indices >= 0", _layers),
     Field("compile", False, lambda v: isinstance(v, bool), "expected true or false"),
 )
@@ -141,6 +146,21 @@ def _check_together(values: dict[str, Any], given: Mapping[str, Any]) -> None:
         )
     if "quorum" in given and values["policy"] != "quorum":
         raise _fail("quorum", given["quorum"], "it only applies with policy 'quorum'")
+    if values["shortlist"] is not None:
+        if signal in ("saturation", "gate"):
+            raise _fail(
+                "shortlist", given["shortlist"],
+                f"a shortlist is the first stage of a logit signal (max_prob, margin, entropy, head); "
+                f"signal {signal!r} does not read it",
+            )
+        if values["vocab_top_k"] is not None:
+            raise EarlyExitConfigError(
+                "early_exit.shortlist and early_exit.vocab_top_k are exclusive: both prune the vocabulary "
+                "of a check; choose one."
+            )
+        from vllm_early_exit.model_executor.early_exit.shortlist import read_shortlist
+
+        read_shortlist(values["shortlist"])  # a clear error when the file is not a shortlist
     heads = values["heads"]
     if heads is None and signal in HEAD_SIGNALS:
         raise _fail("signal", signal, "it reads trained heads: set early_exit.heads to a folder from `train-heads`")
@@ -175,6 +195,9 @@ class EarlyExitConfig:
             row's top-K tokens and later checks score only those. None: full vocabulary.
         heads: folder of trained exit heads (``train-heads``). Check layers then read
             their stream through their head, and a row that leaves emits its head's token.
+        shortlist: a token shortlist file (``shortlist`` command): checks first read the
+            signal over these tokens' logits, and only rows that pass read the full
+            vocabulary to confirm (``model_executor/early_exit/shortlist.py``).
         skip_layers: layers (0-based) that every decode token skips; their K/V is
             filled from the residual stream that passes them.
         compile: compile the layers between decision points as groups
@@ -192,6 +215,7 @@ class EarlyExitConfig:
     log_interval_s: float = 10.0
     vocab_top_k: int | None = None
     heads: str | None = None
+    shortlist: str | None = None
     skip_layers: tuple[int, ...] = ()
     compile: bool = False
 

@@ -12,6 +12,7 @@ import logging
 
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
 from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
+from vllm_early_exit.model_executor.early_exit.shortlist import check_shortlist, read_shortlist
 from vllm_early_exit.plugin.worker import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
@@ -45,6 +46,9 @@ def verify_and_update(vllm_config) -> None:
             f"has {hf_config.vocab_size} tokens."
         )
 
+    if settings.shortlist is not None:
+        check_shortlist(read_shortlist(settings.shortlist), hf_config.vocab_size, settings.shortlist)
+
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
         raise EarlyExitUnsupportedError(
@@ -56,6 +60,11 @@ def verify_and_update(vllm_config) -> None:
         raise EarlyExitUnsupportedError(
             "early_exit.vocab_top_k does not support tensor parallelism yet (the LM head is "
             "split across ranks); leave vocab_top_k unset with tensor_parallel_size > 1."
+        )
+    if settings.shortlist is not None and parallel.tensor_parallel_size > 1:
+        raise EarlyExitUnsupportedError(
+            "early_exit.shortlist does not support tensor parallelism yet (the LM head is split "
+            "across ranks); leave shortlist unset with tensor_parallel_size > 1."
         )
     if vllm_config.speculative_config is not None:
         raise EarlyExitUnsupportedError(

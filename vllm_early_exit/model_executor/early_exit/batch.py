@@ -1,17 +1,59 @@
 """Which tokens of the running step are decode tokens, read from vLLM's forward context.
 
-Tokens of all requests are flattened in request order; rows past
-``num_actual_tokens`` are padding. In a pure-decode step every request
-contributes exactly one token, its logits row. In a mixed step, prefill tokens
-need exact K/V in every layer and never leave; its decode tokens are the
-requests with one scheduled token at or past the end of their prompt (a
-one-token last chunk of a chunked prefill is not one).
+Tokens of all requests are flattened in request order (the runner's
+``input_batch.req_ids`` order); rows past ``num_actual_tokens`` are padding.
+Only decode tokens may leave early or skip layers; every other token (prompt
+tokens, padding) runs every layer, so prompt K/V is exact in every layer.
+
+The rule. A request's row is a decode row when, before this step, the request
+had computed at least its whole prompt (``input_batch.num_computed_tokens_cpu[i]
+>= input_batch.num_prompt_tokens[i]``) and it has exactly one token in the step.
+This is vLLM's own rule (``is_prefilling = num_computed_tokens < num_prompt_tokens``
+and the zero-draft decode mask in ``gpu_model_runner.py``, 0.32).
+``num_computed_tokens_cpu`` holds the count BEFORE this step's tokens while the
+model runs: ``_update_states`` writes the scheduler's count (tokens computed by
+earlier steps, prefix-cache hits included) before the forward, the runner takes
+the step's positions as ``num_computed_tokens_cpu[req] + 0..n-1``, and nothing
+writes it again until the next step's ``_update_states`` (V1 GPU runner, and
+the CPU runner, which inherits it, in 0.26 and 0.32).
+
+A step shaped like decode (``max_query_len == 1``) is therefore not proof of
+decode: a prompt whose blocks are all prefix-cache hits but its last token (hits
+are rounded down to a block, and at least one prompt token is computed), or a
+one-token last chunk of a chunked prefill, computes one prompt token in such a
+step. Every request of such a step is checked (one vectorised numpy comparison
+per step): all decode rows give the fast pure-decode form ``DecodeBatch(n)``;
+some give a mixed step, whose other rows run every layer; none give None.
+
+Layouts per attention backend (fields checked in vLLM 0.26 and 0.32):
+
+- ``max_query_len`` and ``query_start_loc`` (CPU_ATTN ``CPUAttentionMetadata``,
+  ``FlashAttentionMetadata``, ``TritonAttentionMetadata``): with
+  ``max_query_len == 1`` request i is row i; otherwise the request lengths come
+  from ``query_start_loc`` (a device-to-host copy, on mixed steps only).
+- ``num_decodes`` / ``num_decode_tokens`` / ``num_prefills`` and no
+  ``max_query_len`` (``FlashInferMetadata``): the runner orders the batch
+  decodes first (``reorder_batch_threshold``), so requests 0..num_decodes-1 are
+  rows 0..num_decodes-1 when each has one token (``num_decode_tokens ==
+  num_decodes``); FlashInfer counts one-token prompt chunks as decodes, so these
+  candidates are checked by the same rule. Anything else there (multi-token
+  "decodes" of speculative layouts, zero-length padding requests) runs full depth.
+
+Without the runner's batch (``input_batch=None``) no step is taken as decode:
+no metadata layout tells a one-token prompt row from a decode row (FlashInfer's
+``num_prefills == 0`` counts short prompt chunks as decodes too), so the only
+safe answer is full depth. Speculative layouts (rows of several tokens) never
+have decode rows by this rule; micro-batched metadata (a list of more than one
+dict, DBO) is not mapped to rows and runs full depth. Any inconsistency between
+the metadata and the batch (token or request counts that do not agree) also
+gives full depth.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 
@@ -36,56 +78,105 @@ class DecodeBatch:
         return range(self.num_tokens) if self.requests is None else self.requests
 
 
-def _first_metadata(attn_metadata):
-    if isinstance(attn_metadata, list):  # speculative decoding: [0] is the target's
-        attn_metadata = attn_metadata[0] if attn_metadata else None
+def step_metadata(attn_metadata):
+    """The attention metadata of one layer (all layers of the model share the step's layout).
+
+    None when there is none (dummy and profiling runs) or when it is split into
+    micro-batches (a list of several per-layer dicts), whose rows are not mapped here."""
+    if isinstance(attn_metadata, list):
+        if len(attn_metadata) != 1:
+            return None
+        attn_metadata = attn_metadata[0]
     if isinstance(attn_metadata, dict):
         attn_metadata = next(iter(attn_metadata.values()), None)
     return attn_metadata
 
 
-def _mixed_step_decodes(meta, input_batch) -> DecodeBatch | None:
-    """Decode tokens of a step that also prefills (needs ``query_start_loc`` and the runner's batch)."""
-    starts = getattr(meta, "query_start_loc", None)
-    if starts is None or input_batch is None:
+def _num_requests(input_batch) -> int:
+    num_reqs = getattr(input_batch, "num_reqs", None)
+    return len(input_batch.req_ids) if num_reqs is None else int(num_reqs)
+
+
+def _finished_prompts(input_batch, requests: np.ndarray) -> np.ndarray:
+    """Per request in ``requests``: True when it had computed its whole prompt before this step."""
+    computed = np.asarray(input_batch.num_computed_tokens_cpu)[requests]
+    prompt = np.asarray(input_batch.num_prompt_tokens)[requests]
+    return computed >= prompt
+
+
+def _decode_rows(
+    input_batch, candidates: np.ndarray, rows: np.ndarray, pure_if_all: bool, device: torch.device
+) -> DecodeBatch | None:
+    """The decode batch of the one-token requests ``candidates`` (their token rows ``rows``)."""
+    decode = _finished_prompts(input_batch, candidates)
+    if not decode.any():
         return None
-    starts = starts.tolist()
-    computed = input_batch.num_computed_tokens_cpu
-    prompt = input_batch.num_prompt_tokens
-    requests = tuple(
-        i for i in range(len(starts) - 1)
-        if starts[i + 1] - starts[i] == 1 and computed[i] >= prompt[i]
+    if pure_if_all and decode.all():
+        return DecodeBatch(int(candidates.size))
+    requests = candidates[decode]
+    return DecodeBatch(
+        int(requests.size),
+        torch.tensor(rows[decode].tolist(), dtype=torch.long, device=device),
+        tuple(requests.tolist()),
     )
-    if not requests:
+
+
+def decode_batch(meta, input_batch) -> DecodeBatch | None:
+    """The decode tokens of a step with attention metadata ``meta`` (one layer's), given the
+    runner's batch; None when it has none (the whole step then runs every layer)."""
+    if meta is None or input_batch is None:
         return None
-    rows = torch.tensor([starts[i] for i in requests], device=meta.query_start_loc.device)
-    return DecodeBatch(len(requests), rows, requests)
+    num_tokens = getattr(meta, "num_actual_tokens", None)
+    if not num_tokens:
+        return None
+    num_tokens = int(num_tokens)
+    num_reqs = _num_requests(input_batch)
+    if num_reqs == 0:
+        return None
+    device = meta.slot_mapping.device if hasattr(meta, "slot_mapping") else torch.device("cpu")
+
+    max_query_len = getattr(meta, "max_query_len", None)
+    if max_query_len is None:
+        return _split_batch_decodes(meta, input_batch, num_tokens, num_reqs, device)
+    if max_query_len == 1:
+        # Every scheduled request has one token: request i is row i.
+        if num_tokens != num_reqs:
+            return None
+        everyone = np.arange(num_reqs)
+        return _decode_rows(input_batch, everyone, everyone, pure_if_all=True, device=device)
+    starts = getattr(meta, "query_start_loc", None)
+    if starts is None:
+        return None
+    starts = starts[: num_reqs + 1].cpu().numpy()
+    if starts.size != num_reqs + 1 or int(starts[-1]) != num_tokens:
+        return None
+    one_token = np.flatnonzero(np.diff(starts) == 1)
+    return _decode_rows(input_batch, one_token, starts[one_token], pure_if_all=False, device=device)
+
+
+def _split_batch_decodes(meta, input_batch, num_tokens: int, num_reqs: int, device) -> DecodeBatch | None:
+    """Backends that count decodes and prefills instead (FlashInfer): decodes come first."""
+    num_decodes = getattr(meta, "num_decodes", None)
+    num_decode_tokens = getattr(meta, "num_decode_tokens", None)
+    num_prefills = getattr(meta, "num_prefills", None)
+    if num_decodes is None or num_decode_tokens is None or num_prefills is None:
+        return None
+    if not num_decodes or num_decode_tokens != num_decodes or num_decodes + num_prefills != num_reqs:
+        return None
+    if num_decodes > num_tokens:
+        return None
+    candidates = np.arange(num_decodes)
+    return _decode_rows(input_batch, candidates, candidates, pure_if_all=num_prefills == 0, device=device)
 
 
 def current_decode_batch(input_batch=None) -> DecodeBatch | None:
     """The decode tokens of the running step, or None when it has none.
 
-    ``input_batch``: the model runner's batch, which knows prompt lengths; without it
-    only pure-decode steps are recognised. None also covers vLLM's dummy and
-    profiling runs, which carry no metadata.
+    ``input_batch``: the model runner's batch (request order, prompt lengths and
+    tokens computed before this step); without it no step is taken as decode (see
+    the module docstring). None also covers vLLM's dummy and profiling runs,
+    which carry no metadata.
     """
     if not is_forward_context_available():
         return None
-    meta = _first_metadata(get_forward_context().attn_metadata)
-    if meta is None:
-        return None
-    max_query_len = getattr(meta, "max_query_len", None)
-    num_tokens = getattr(meta, "num_actual_tokens", None)
-    if max_query_len is None:
-        # Backends that split the batch (e.g. FlashInfer) count prefills instead.
-        if getattr(meta, "num_prefills", None) != 0:
-            return None
-        num_tokens = getattr(meta, "num_decode_tokens", num_tokens)
-        if num_tokens is None or num_tokens != getattr(meta, "num_decodes", num_tokens):
-            return None
-        max_query_len = 1
-    if not num_tokens:
-        return None
-    if max_query_len != 1:
-        return _mixed_step_decodes(meta, input_batch)
-    return DecodeBatch(int(num_tokens))
+    return decode_batch(step_metadata(get_forward_context().attn_metadata), input_batch)

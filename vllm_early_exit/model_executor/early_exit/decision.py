@@ -10,6 +10,14 @@ With ``vocab_top_k`` K (dynamic vocabulary pruning), the first check of a step
 scores the full vocabulary and keeps each row's top-K tokens; later checks of
 the step score only those K rows of the LM head, so they cost K/vocab of a
 full check. The signal then reads a distribution over the K kept tokens.
+
+With ``shortlist`` (``shortlist.py``), a check is two stages: the signal over the
+logits of a static token shortlist, then, for the rows that pass, over the full
+vocabulary; a row is confident only when both say so. A check whose rows all say
+"stay" at the first stage costs a few percent of an LM head.
+
+The full-vocabulary logits of rows that leave are kept (``exit_logits.py``): vLLM
+samples from them instead of running the LM head again.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import torch
 from torch import nn
 
 from vllm_early_exit.config import EarlyExitConfig
+from vllm_early_exit.model_executor.early_exit.exit_logits import ExitLogits
 from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 from vllm_early_exit.model_executor.early_exit.policies import make_policy
+from vllm_early_exit.model_executor.early_exit.shortlist import Shortlist
 from vllm_early_exit.model_executor.early_exit.signals import LayerReading, make_signal
 
 
@@ -51,6 +61,11 @@ class LogitReadout:
         hidden = self.norm(stream).to(rows.dtype)
         return torch.bmm(rows, hidden.unsqueeze(-1)).squeeze(-1) * self.logits_processor.scale
 
+    def shortlisted(self, stream: torch.Tensor, shortlist: Shortlist) -> torch.Tensor:
+        """Logits of the shortlist's tokens, the same for every row: ``[rows, len(shortlist)]``."""
+        weight = shortlist.weight(self.lm_head)
+        return torch.nn.functional.linear(self.norm(stream).to(weight.dtype), weight) * self.logits_processor.scale
+
 
 class ExitDecider:
     """Decides, at a check layer, which rows of a pure-decode step leave there."""
@@ -66,6 +81,8 @@ class ExitDecider:
         self.forced = self.signal.always_confident(config.threshold)
         self.policy = make_policy(config.policy, config.quorum)
         self.vocab_top_k = config.vocab_top_k
+        self.shortlist = Shortlist(config.shortlist) if config.shortlist else None
+        self.exit_logits = ExitLogits()
         self.readout: LogitReadout | None = None
         self._top_tokens: torch.Tensor | None = None
         self._heads_placed = False
@@ -79,8 +96,9 @@ class ExitDecider:
         self.readout = readout
 
     def begin_step(self) -> None:
-        """Forgets the previous step's vocabulary shortlist."""
+        """Forgets the previous step's top-K tokens and kept logits."""
         self._top_tokens = None
+        self.exit_logits.begin_step()
 
     def exit_stream(self, layer: int, stream: torch.Tensor) -> torch.Tensor:
         """The stream a row leaving after ``layer`` is read from: through the layer's head, if any."""
@@ -91,16 +109,17 @@ class ExitDecider:
             self._heads_placed = True
         return self.heads.apply(layer, stream)
 
-    def _logits(self, stream: torch.Tensor, rows: torch.Tensor, step_rows: int) -> torch.Tensor:
+    def _logits(self, stream: torch.Tensor, rows: torch.Tensor, step_rows: int) -> tuple[torch.Tensor, bool]:
+        """The rows' logits, and whether they cover the full vocabulary."""
         if self.vocab_top_k is None:
-            return self.readout(stream)
+            return self.readout(stream), True
         if self._top_tokens is None:
             # First check of the step: score the full vocabulary and keep each row's top-K.
             logits = self.readout(stream)
             self._top_tokens = torch.zeros(step_rows, self.vocab_top_k, dtype=torch.long, device=stream.device)
             self._top_tokens[rows] = logits.topk(self.vocab_top_k, dim=-1).indices
-            return logits
-        return self.readout.pruned(stream, self._top_tokens[rows])
+            return logits, True
+        return self.readout.pruned(stream, self._top_tokens[rows]), False
 
     def rows_to_exit(
         self,
@@ -121,20 +140,55 @@ class ExitDecider:
         (for signals that read it); ``thresholds``: their own thresholds (None: the
         engine's); ``allowed``: False for rows that must not leave (None: all may);
         ``forced``: True for rows that reached their depth budget (None: none).
+        Leaving rows whose full logits were read have them kept for sampling.
         """
         assert self.readout is not None, "the LM head was not bound to the exit decider"
+        read: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows with full logits, their logits)
         if layer not in self.check_layers:  # a budget layer only
             confident = torch.zeros(rows.shape[0], dtype=torch.bool, device=stream.device)
         elif self.forced and thresholds is None:
             confident = torch.ones(rows.shape[0], dtype=torch.bool, device=stream.device)
         else:
-            reading = LayerReading(
-                layer, stream, previous,
-                lambda: self._logits(self.exit_stream(layer, stream), rows, step_rows),
-            )
-            confident = self.signal.confident(reading, self.threshold if thresholds is None else thresholds)
+            threshold = self.threshold if thresholds is None else thresholds
+            confident, read = self._confident(layer, stream, rows, step_rows, previous, threshold)
         if allowed is not None:
             confident = confident & allowed
         if forced is not None:
             confident = confident | forced
-        return self.policy.rows_to_exit(confident)
+        leave = self.policy.rows_to_exit(confident)
+        if read is not None:
+            read_rows, logits = read
+            taken = leave[read_rows]
+            self.exit_logits.keep(rows[read_rows][taken], logits[taken])
+        return leave
+
+    def _confident(self, layer, stream, rows, step_rows, previous, threshold):
+        """The signal's verdict per row, and the full logits it read (which rows, the logits)."""
+        exit_stream = self.exit_stream(layer, stream) if self.signal.reads_logits else stream
+        if self.shortlist is not None:
+            first = LayerReading(layer, stream, previous, lambda: self.readout.shortlisted(exit_stream, self.shortlist))
+            confident = self.signal.confident(first, threshold)
+            if not bool(confident.any()):  # every row stays: the full readout is spared
+                return confident, None
+            picked = confident.nonzero().squeeze(1)
+            stream, exit_stream, rows = stream[picked], exit_stream[picked], rows[picked]
+            previous = None if previous is None else previous[picked]
+            if isinstance(threshold, torch.Tensor):
+                threshold = threshold[picked]
+        else:
+            picked = None
+        full: list[torch.Tensor] = []
+
+        def read_logits() -> torch.Tensor:
+            logits, is_full = self._logits(exit_stream, rows, step_rows)
+            if is_full:
+                full.append(logits)
+            return logits
+
+        verdict = self.signal.confident(LayerReading(layer, stream, previous, read_logits), threshold)
+        read_rows = torch.arange(verdict.shape[0], device=verdict.device) if picked is None else picked
+        if picked is not None:
+            confident = torch.zeros_like(confident)
+            confident[picked] = verdict
+            verdict = confident
+        return verdict, (read_rows, full[0]) if full else None

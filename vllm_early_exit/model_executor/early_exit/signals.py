@@ -49,6 +49,8 @@ class ExitSignal(ABC):
     higher_is_confident: bool = True
     needs_previous: bool = False
     """True when the signal reads the stream entering the check layer."""
+    reads_logits: bool = True
+    """True when the signal reads the layer's logits (it costs an LM-head product)."""
     score_range: tuple[float, float] = (0.0, 1.0)
     """Smallest and largest score the signal can give."""
 
@@ -112,6 +114,7 @@ class SaturationSignal(ExitSignal):
 
     name = "saturation"
     needs_previous = True
+    reads_logits = False
     score_range = (-1.0, 1.0)
 
     def score(self, reading: LayerReading) -> torch.Tensor:

@@ -27,6 +27,8 @@ class ExitStats:
     exits_per_layer: list[int] = field(default_factory=list)
     full_depth_tokens: int = 0
     skip_layers: tuple[int, ...] = ()
+    sampled_from_checks: int = 0
+    """Tokens sampled from the logits their exit check computed (no second LM-head product)."""
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
@@ -36,6 +38,7 @@ class ExitStats:
         """Sets every counter back to zero (in place: the model's walkers hold this object)."""
         self.exits_per_layer = [0] * self.num_layers
         self.full_depth_tokens = 0
+        self.sampled_from_checks = 0
 
     def record(self, exit_layer: int | None, tokens: int) -> None:
         """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
@@ -82,6 +85,7 @@ class ExitStats:
             "early_exit_tokens": self.early_exit_tokens,
             "mean_layers": self.mean_layers,
             "skip_layers": list(self.skip_layers),
+            "sampled_from_checks": self.sampled_from_checks,
         }
 
     @classmethod
@@ -91,6 +95,7 @@ class ExitStats:
             exits_per_layer=list(data["exits_per_layer"]),
             full_depth_tokens=data["full_depth_tokens"],
             skip_layers=tuple(data.get("skip_layers", ())),
+            sampled_from_checks=data.get("sampled_from_checks", 0),
         )
 
     def summary(self) -> str:

@@ -6,7 +6,8 @@ Steps without decode tokens and vLLM's dummy runs take the full stack; steps
 with decode tokens are walked down the stack by a walker (``early_exit/walkers.py``:
 eager, or compiled groups with ``compile``), which lets decode rows leave after a
 check layer or at their request's depth budget and skip the ``skip_layers``.
-Weights, weight loading, LoRA and sampling are vLLM's.
+``compute_logits`` reuses the logits of rows that left through a full-vocabulary
+check (``early_exit/exit_logits.py``). Weights, weight loading and sampling are vLLM's.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class EarlyExitLlamaModel(LlamaModel):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
+        self.decider.begin_step()
         batch = None
         if self.decider.enabled:
             batch = current_decode_batch(self.request_rows.input_batch if self.request_rows else None)
@@ -96,9 +98,9 @@ class EarlyExitLlamaModel(LlamaModel):
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         settings = settings.on_token_rows(batch, hidden_states.shape[0])
         points = self.decider.check_layers | settings.budget_layers
-        self.decider.begin_step()
         state = StepState(hidden_states, positions, batch, settings, points)
         hidden_states, residual = self._walker(points).walk(state)
+        self.decider.exit_logits.seal(batch.num_tokens if batch.pure else None)
         self._publish()
         return self.norm(hidden_states) if residual is None else self.norm(hidden_states, residual)[0]
 
@@ -158,6 +160,12 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         self.model.decider.bind_readout(
             LogitReadout(self.model.norm, self.lm_head, self.logits_processor)
         )
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """vLLM's logits, but rows that left through a full-vocabulary check keep that check's logits."""
+        logits, reused = self.model.decider.exit_logits.logits(hidden_states, super().compute_logits)
+        self.model.exit_stats.sampled_from_checks += reused
+        return logits
 
     def _init_model(
         self,

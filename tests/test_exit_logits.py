@@ -1,0 +1,80 @@
+"""Cheap checks: exit logits reused for sampling, and a static token shortlist as a first stage.
+
+Both are compared with the HF reference in the real engine. A row that leaves
+after a full-vocabulary check is sampled from that check's logits (vLLM does not
+run the LM head for it again): the tokens must stay the reference's, and the
+counters say how many tokens were sampled that way.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_early_exit import EarlyExitConfigError
+from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
+
+from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
+from .test_correctness import exit_counts
+from .test_settings import _start
+
+EVEN_TOKENS = list(range(0, 512, 2))
+TWO_STAGE = {"exit_layers": (1, 3), "threshold": 0.2}
+
+
+@pytest.fixture(scope="module")
+def even_shortlist(tmp_path_factory):
+    return write_shortlist(tmp_path_factory.mktemp("shortlist") / "even.json", EVEN_TOKENS, 512, {"test": True})
+
+
+def test_rows_that_leave_are_sampled_from_their_check_logits(tiny_llama, reference, mixed_traces):
+    """per_token, alone and batched: every early token took its check's logits, tokens unchanged."""
+    prompts, traces = mixed_traces
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit={**MIXED, "policy": "per_token"}, batched="both"
+    )
+    expected = [t.tokens for t in traces]
+    assert result["outputs"] == expected
+    assert result["outputs_batched"] == expected
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"] == [2 * n for n in exit_counts(traces, reference.num_layers)]
+    assert stats["sampled_from_checks"] == stats["early_exit_tokens"] > 0
+
+
+def test_whole_step_leaving_needs_no_lm_head(tiny_llama, reference):
+    """policy all, one request at a time: when the step leaves, every row's logits are the check's."""
+    prompts = tiny_prompts(2, seed=11)
+    rule = {"exit_layers": (2,), "threshold": 0.3}
+    traces = [reference.generate(p, NEW_TOKENS, **rule) for p in prompts]
+    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit={**rule, "exit_layers": [2]})
+    assert result["outputs"] == [t.tokens for t in traces]
+    stats = result["stats"][0]
+    assert stats["sampled_from_checks"] == stats["early_exit_tokens"] == sum(t.exit_layers.count(2) for t in traces) > 0
+
+
+def test_two_stage_check_matches_reference(tiny_llama, reference, even_shortlist):
+    """Max-prob over the shortlist first, then over the full vocabulary: rows leave only when both pass,
+    so fewer leave than with the full check alone, and never where it would not."""
+    prompts = tiny_prompts(3, seed=7)
+    traces = [reference.generate(p, NEW_TOKENS, **TWO_STAGE, shortlist=EVEN_TOKENS) for p in prompts]
+    full = [reference.generate(p, NEW_TOKENS, **TWO_STAGE) for p in prompts]
+    margins = [abs(c - TWO_STAGE["threshold"]) for t in traces for step in t.confidences for c in step.values()]
+    assert min(margins) > 1e-3
+    settings = {"exit_layers": [1, 3], "threshold": 0.2, "policy": "per_token", "shortlist": str(even_shortlist)}
+    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True)
+    assert result["outputs"] == [t.tokens for t in traces]
+    counts = exit_counts(traces, reference.num_layers)
+    assert result["stats"][0]["exits_per_layer"] == counts
+    assert 0 < sum(counts) < sum(exit_counts(full, reference.num_layers))
+    assert result["stats"][0]["sampled_from_checks"] == sum(counts)
+
+
+def test_shortlist_is_checked_at_start(tiny_llama, tmp_path, even_shortlist):
+    with pytest.raises(EarlyExitConfigError, match="early_exit.shortlist=.*cannot be read.*shortlist --model"):
+        _start(tiny_llama, additional_config={"early_exit": {"shortlist": str(tmp_path / "missing.json")}})
+    with pytest.raises(EarlyExitConfigError, match="early_exit.shortlist=.*signal 'saturation' does not read it"):
+        _start(tiny_llama, additional_config={"early_exit": {"shortlist": str(even_shortlist), "signal": "saturation"}})
+    with pytest.raises(EarlyExitConfigError, match="shortlist and early_exit.vocab_top_k are exclusive"):
+        _start(tiny_llama, additional_config={"early_exit": {"shortlist": str(even_shortlist), "vocab_top_k": 8}})
+    other = write_shortlist(tmp_path / "other.json", [1, 2, 3], 49152, {})
+    with pytest.raises(EarlyExitConfigError, match="vocabulary of 49152 tokens.*served model has 512"):
+        _start(tiny_llama, additional_config={"early_exit": {"shortlist": str(other)}})
