@@ -11,9 +11,15 @@ taken against the plain runs alternated with it. Results go to JSON, Markdown an
 Modes (each an early-exit engine):
   forced_50 / forced_75   every decode token leaves at 50% / 75% depth (systems side)
   never / never_top_k     checks run and nothing leaves (check overhead), full / pruned vocabulary
+  never_shortlist         the same with a token shortlist as the checks' first stage
   all / quorum / per_token  the same training-free exit rule under each policy
+  per_token_shortlist     per_token with the shortlist first stage
   *_compiled              the same settings with ``compile: true`` (compiled layer groups)
   calibrated              a settings file from ``calibrate`` (quality-preserving settings)
+
+Beside each ratio stands the cost model's prediction (``cost.py``): the ratio of
+weight bytes read per decode token, plain vLLM over the engine, given the exit
+counts the engine measured; on a weight-bound machine it is the limit.
 """
 
 from __future__ import annotations
@@ -25,17 +31,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio
 from vllm_early_exit.tools.engines import build_engine, machine_info, shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 
 
-COMPILED = ("forced_50", "never_top_k", "per_token")
+COMPILED = ("forced_50", "never_top_k", "never_shortlist", "per_token", "per_token_shortlist")
 """Modes also measured with compiled layer groups (``<mode>_compiled``)."""
 
 
-def engine_modes(num_layers: int, smoke: bool, calibrated: dict | None = None) -> dict[str, dict | None]:
-    """Engine name -> early_exit settings (None: plain vLLM with that name's engine options)."""
+def engine_modes(
+    num_layers: int, smoke: bool, calibrated: dict | None = None, shortlist: str | None = None
+) -> dict[str, dict | None]:
+    """Engine name -> early_exit settings (None: plain vLLM with that name's engine options).
+    ``shortlist``: a shortlist file for the ``*_shortlist`` modes (None: they are left out)."""
     half, three_quarters = num_layers // 2 - 1, (3 * num_layers) // 4 - 1
     deep = list(range(max(1, (2 * num_layers) // 3), num_layers - 1, 2))
     rule = {"signal": "max_prob", "threshold": 0.9, "exit_layers": deep}
@@ -51,11 +61,15 @@ def engine_modes(num_layers: int, smoke: bool, calibrated: dict | None = None) -
         "quorum": {**rule, "policy": "quorum", "quorum": 0.5},
         "per_token": {**rule, "policy": "per_token"},
     }
-    modes.update({f"{name}_compiled": {**modes[name], "compile": True} for name in COMPILED})
+    if shortlist is not None:
+        modes["never_shortlist"] = {**modes["never"], "shortlist": shortlist}
+        modes["per_token_shortlist"] = {**modes["per_token"], "shortlist": shortlist}
+    modes.update({f"{name}_compiled": {**modes[name], "compile": True} for name in COMPILED if name in modes})
     if calibrated is not None:
         modes["calibrated"] = calibrated
     if smoke:
-        return {k: modes[k] for k in ("plain", "forced_50", "never_top_k", "per_token")}
+        smoke_modes = ("plain", "forced_50", "never_top_k", "per_token", "per_token_shortlist")
+        return {k: modes[k] for k in smoke_modes if k in modes}
     return modes
 
 
@@ -77,6 +91,8 @@ class Measurement:
     tokens: int
     seconds: float
     mean_layers: float
+    stats: dict | None = None
+    """The engine's exit counters over this run (None for plain vLLM)."""
     block: str = ""
     """The engine whose block of alternated runs this one belongs to."""
 
@@ -107,6 +123,7 @@ def run_benchmark(
     out_dir: Path,
     only: str | None = None,
     calibrated: dict | None = None,
+    shortlist: str | None = None,
 ) -> dict:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
@@ -114,13 +131,14 @@ def run_benchmark(
 
     from vllm_early_exit import get_exit_stats, reset_exit_stats
 
-    num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
+    model_config = AutoConfig.from_pretrained(model)
+    num_layers = model_config.num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = _prompts(tokenizer, max(batches), prompt_tokens)
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
     common = {"dtype": dtype, "max_model_len": prompt_tokens + output_tokens + 16, "kv_cache_gib": 1}
 
-    modes = select_modes(engine_modes(num_layers, smoke, calibrated), only)
+    modes = select_modes(engine_modes(num_layers, smoke, calibrated, shortlist), only)
     plain = build_engine(model, **common)
 
     def timed(llm, name: str, batch: int) -> Measurement:
@@ -130,8 +148,9 @@ def run_benchmark(
         outs = llm.generate(prompts[:batch], params, use_tqdm=False)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        depth = get_exit_stats(llm).mean_layers if modes[name] is not None else float(num_layers)
-        return Measurement(name, batch, tokens, seconds, depth)
+        stats = get_exit_stats(llm) if modes[name] is not None else None
+        depth = stats.mean_layers if stats is not None else float(num_layers)
+        return Measurement(name, batch, tokens, seconds, depth, None if stats is None else stats.to_dict())
 
     # One engine besides plain vLLM at a time (memory), alternated with it run by
     # run; every engine's ratio is taken against the plain runs of its own block.
@@ -155,7 +174,7 @@ def run_benchmark(
         del llm
         gc.collect()
 
-    report = summarize(results, num_layers)
+    report = summarize(results, num_layers, WeightBytes.of(model_config), modes)
     report["setup"] = {
         "model": model,
         "num_layers": num_layers,
@@ -172,9 +191,12 @@ def run_benchmark(
     return report
 
 
-def summarize(results: list[Measurement], num_layers: int) -> dict:
+def summarize(
+    results: list[Measurement], num_layers: int, weights: WeightBytes | None = None, modes: dict | None = None
+) -> dict:
     """Per engine and batch: tokens/s over its rounds, ratio to the plain runs alternated with
-    it, mean depth, ideal speedup and efficiency. Plain vLLM's row pools all its runs."""
+    it, mean depth, ideal speedup, efficiency and the cost model's predicted ratio.
+    Plain vLLM's row pools all its runs."""
 
     def tokens_per_s(ms: list[Measurement]) -> float:
         return sum(m.tokens for m in ms) / sum(m.seconds for m in ms)
@@ -186,6 +208,7 @@ def summarize(results: list[Measurement], num_layers: int) -> dict:
         rows.append({
             "engine": "plain", "batch": batch, "tokens_per_s": tokens_per_s(plain_all),
             "ratio_vs_plain": 1.0, "mean_layers": float(num_layers), "ideal_speedup": 1.0, "efficiency": 1.0,
+            "predicted": 1.0,
         })
         for engine in dict.fromkeys(m.engine for m in at_batch if m.engine != "plain"):
             ms = [m for m in at_batch if m.engine == engine]
@@ -193,9 +216,12 @@ def summarize(results: list[Measurement], num_layers: int) -> dict:
             depth = sum(m.mean_layers for m in ms) / len(ms)
             ratio = tokens_per_s(ms) / tokens_per_s(plain)
             ideal = num_layers / depth
+            predicted = None
+            if weights is not None and modes is not None and modes.get(engine) is not None and ms[-1].stats:
+                predicted = predicted_ratio(weights, modes[engine], ms[-1].stats)
             rows.append({
                 "engine": engine, "batch": batch, "tokens_per_s": tokens_per_s(ms), "ratio_vs_plain": ratio,
-                "mean_layers": depth, "ideal_speedup": ideal, "efficiency": ratio / ideal,
+                "mean_layers": depth, "ideal_speedup": ideal, "efficiency": ratio / ideal, "predicted": predicted,
             })
     return {"rows": rows}
 
@@ -214,14 +240,18 @@ def write_report(report: dict, out_dir: Path) -> None:
         "each engine alternated run by run with plain vLLM",
         "",
         "`ratio` is output tokens/s over plain vLLM with its default settings in the same run; "
-        "`ideal` = layers / mean depth; `efficiency` = ratio / ideal.",
+        "`ideal` = layers / mean depth; `efficiency` = ratio / ideal; `predicted`: the cost model's "
+        "ratio of weight bytes read per decode token (plain over engine, from the measured exits; "
+        "layers run, K/V projections of layers filled, checks, the LM head unless the token was "
+        "sampled from its check's logits): the limit on a weight-bound machine.",
         "",
-        "| engine | batch | tokens/s | ratio | mean layers | ideal | efficiency |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | batch | tokens/s | ratio | predicted | mean layers | ideal | efficiency |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        predicted = "-" if r.get("predicted") is None else f"{r['predicted']:.3f}"
         lines.append(
-            f"| {r['engine']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.3f} | "
+            f"| {r['engine']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.3f} | {predicted} | "
             f"{r['mean_layers']:.2f} | {r['ideal_speedup']:.2f} | {r['efficiency']:.3f} |"
         )
     lines += ["", "Settings per engine:", ""]
@@ -267,6 +297,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="a quick run with four engines (CI)")
     parser.add_argument("--modes", help="comma-separated engines to measure (default: all; see the module doc)")
     parser.add_argument(
+        "--shortlist",
+        help="shortlist file for the *_shortlist modes (default: the model's, built with `shortlist` on first use)",
+    )
+    parser.add_argument(
         "--calibrated",
         help="a settings file from `calibrate` to measure as the `calibrated` engine "
         "(e.g. benchmarks/results/calibrated_head.json)",
@@ -276,6 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     from vllm_early_exit.tools.assets import smollm2_checkpoint
     from vllm_early_exit.config import EarlyExitConfig
+
+    from vllm_early_exit.tools.shortlist import ensure_shortlist
 
     model = args.model or str(smollm2_checkpoint())
     report = run_benchmark(
@@ -289,6 +325,7 @@ def run(args: argparse.Namespace) -> dict:
         Path(args.out),
         only=args.modes,
         calibrated=None if args.calibrated is None else EarlyExitConfig.from_cli_value(args.calibrated, "--calibrated"),
+        shortlist=args.shortlist or str(ensure_shortlist(model)),
     )
     print((Path(args.out) / "speed.md").read_text())
     return report
