@@ -112,3 +112,6 @@ def install_hooks() -> None:
         SamplingParams._verify_args = _wrap_verify_args(SamplingParams._verify_args)
     if ARCHITECTURE not in MODELS_CONFIG_MAP:
         MODELS_CONFIG_MAP[ARCHITECTURE] = _model_config_hook()
+    from vllm_early_exit.plugin.prefix_cache import install_prefix_cache_guard
+
+    install_prefix_cache_guard()  # prefix cache of early-exit engines: full-depth blocks only
