@@ -133,7 +133,7 @@ def decode_batch(meta, input_batch) -> DecodeBatch | None:
     num_reqs = _num_requests(input_batch)
     if num_reqs == 0:
         return None
-    device = meta.slot_mapping.device if hasattr(meta, "slot_mapping") else torch.device("cpu")
+    device = getattr(getattr(meta, "slot_mapping", None), "device", torch.device("cpu"))  # the step's token device
 
     max_query_len = getattr(meta, "max_query_len", None)
     if max_query_len is None:
