@@ -132,8 +132,9 @@ class ExitDecider:
         thresholds: torch.Tensor | None = None,
         allowed: torch.Tensor | None = None,
         forced: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Boolean mask over ``rows``: the rows that leave after ``layer``.
+    ) -> torch.Tensor | None:
+        """Boolean mask over ``rows``: the rows that leave after ``layer``; None when the host
+        already knows that none does (every row failed the shortlist stage).
 
         ``stream``: residual stream of ``rows`` (the step's logits rows still
         running, of ``step_rows``); ``previous``: their stream entering the layer
@@ -151,6 +152,10 @@ class ExitDecider:
         else:
             threshold = self.threshold if thresholds is None else thresholds
             confident, read = self._confident(layer, stream, rows, step_rows, previous, threshold)
+            if confident is None:  # every row stays
+                if forced is None:
+                    return None
+                confident = torch.zeros(rows.shape[0], dtype=torch.bool, device=stream.device)
         if allowed is not None:
             confident = confident & allowed
         if forced is not None:
@@ -163,13 +168,14 @@ class ExitDecider:
         return leave
 
     def _confident(self, layer, stream, rows, step_rows, previous, threshold):
-        """The signal's verdict per row, and the full logits it read (which rows, the logits)."""
+        """The signal's verdict per row (None: every row stays, known on the host), and the
+        full logits it read (which rows, the logits)."""
         exit_stream = self.exit_stream(layer, stream) if self.signal.reads_logits else stream
         if self.shortlist is not None:
             first = LayerReading(layer, stream, previous, lambda: self.readout.shortlisted(exit_stream, self.shortlist))
             confident = self.signal.confident(first, threshold)
             if not bool(confident.any()):  # every row stays: the full readout is spared
-                return confident, None
+                return None, None
             picked = confident.nonzero().squeeze(1)
             stream, exit_stream, rows = stream[picked], exit_stream[picked], rows[picked]
             previous = None if previous is None else previous[picked]

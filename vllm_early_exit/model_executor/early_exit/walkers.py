@@ -71,6 +71,8 @@ class Walker(ABC):
             previous=state.of_candidates(state.previous),
             **state.candidate_settings(layer),
         )
+        if leave is None:
+            return None
         leaving = candidates[leave]
         count = leaving.numel()  # the step's one host sync per check
         if count == 0:
