@@ -144,7 +144,7 @@ class ExitDecider:
         Leaving rows whose full logits were read have them kept for sampling.
         """
         assert self.readout is not None, "the LM head was not bound to the exit decider"
-        read: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows with full logits, their logits)
+        read: tuple[torch.Tensor | None, torch.Tensor] | None = None  # (which rows have full logits, those)
         if layer not in self.check_layers:  # a budget layer only
             confident = torch.zeros(rows.shape[0], dtype=torch.bool, device=stream.device)
         elif self.forced and thresholds is None:
@@ -163,8 +163,10 @@ class ExitDecider:
         leave = self.policy.rows_to_exit(confident)
         if read is not None:
             read_rows, logits = read
-            taken = leave[read_rows]
-            self.exit_logits.keep(rows[read_rows][taken], logits[taken])
+            if read_rows is None:
+                self.exit_logits.keep(rows, logits, leave)
+            else:
+                self.exit_logits.keep(rows[read_rows], logits, leave[read_rows])
         return leave
 
     def _confident(self, layer, stream, rows, step_rows, previous, threshold):
@@ -192,9 +194,9 @@ class ExitDecider:
             return logits
 
         verdict = self.signal.confident(LayerReading(layer, stream, previous, read_logits), threshold)
-        read_rows = torch.arange(verdict.shape[0], device=verdict.device) if picked is None else picked
         if picked is not None:
             confident = torch.zeros_like(confident)
             confident[picked] = verdict
             verdict = confident
-        return verdict, (read_rows, full[0]) if full else None
+        # ``picked``: which of the rows the full logits belong to (None: all of them).
+        return verdict, (picked, full[0]) if full else None

@@ -21,17 +21,22 @@ class ExitLogits:
     def __init__(self) -> None:
         self._rows: list[torch.Tensor] = []
         self._logits: list[torch.Tensor] = []
+        self._taken: list[torch.Tensor] = []
         self._num_rows: int | None = None
 
     def begin_step(self) -> None:
         self._rows.clear()
         self._logits.clear()
+        self._taken.clear()
         self._num_rows = None
 
-    def keep(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
-        """``logits[i]`` are the sampling logits of token row ``rows[i]``."""
+    def keep(self, rows: torch.Tensor, logits: torch.Tensor, taken: torch.Tensor) -> None:
+        """``logits[i]`` are the sampling logits of token row ``rows[i]`` where ``taken[i]``
+        (the row left). The masks are applied once, when the logits are served: no host
+        sync per check."""
         self._rows.append(rows)
         self._logits.append(logits)
+        self._taken.append(taken)
 
     def seal(self, num_rows: int | None) -> None:
         """Ends the step: its logits serve the next ``compute_logits`` of ``num_rows`` rows
@@ -48,7 +53,8 @@ class ExitLogits:
         if self._num_rows != num_rows:
             self.begin_step()
             return compute(hidden_states), 0
-        rows, kept = torch.cat(self._rows), torch.cat(self._logits)
+        taken = torch.cat(self._taken)
+        rows, kept = torch.cat(self._rows)[taken], torch.cat(self._logits)[taken]
         self.begin_step()
         covered = torch.zeros(num_rows, dtype=torch.bool, device=hidden_states.device)
         covered[rows] = True
