@@ -24,6 +24,16 @@ def humaneval_problems(count: int) -> list[dict]:
 
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the code only.\n\n"
+# Generation stops at the code block's closing fence: the prose after it does not count.
+HUMANEVAL_STOP = ["\n```\n"]
+
+
+def humaneval_prompt(tokenizer, problem: dict) -> list[int]:
+    """Token ids of a problem's prompt: the instruction and the problem in one user turn of the
+    model's chat template, ready for generation."""
+    from vllm_early_exit.tools.assets import chat_prompt
+
+    return tokenizer.encode(chat_prompt(tokenizer, HUMANEVAL_INSTRUCTION + problem["prompt"]), add_special_tokens=False)
 
 
 def humaneval_code(text: str) -> str:
@@ -60,22 +70,47 @@ def _limit_resources() -> None:  # runs in the child before exec
 def run_program(program: str, timeout_s: float) -> bool:
     """Runs untrusted generated code: a fresh isolated interpreter in a temporary folder,
     its own session (killed whole on timeout), 2 GiB of memory. True iff it exits with 0."""
+    return program_outcome(program, timeout_s) == "passed"
+
+
+def program_outcome(program: str, timeout_s: float) -> str:
+    """:func:`run_program`'s verdict with the kind of failure: ``"passed"``, ``"timeout"``,
+    ``"assertion"`` (a test failed: a wrong answer), ``"syntax"`` (the code does not parse,
+    often an answer cut off), ``"error:<ExceptionName>"`` (it raised), ``"killed"`` (a signal,
+    e.g. past the memory limit) or ``"exit:<code>"``."""
+    import re
     import signal
 
     with tempfile.TemporaryDirectory(prefix="humaneval-") as tmp:
         path = Path(tmp) / "program.py"
         path.write_text(program)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={"PATH": os.environ.get("PATH", ""), "HOME": tmp}, preexec_fn=_limit_resources,
-        )
-        try:
-            return proc.wait(timeout=timeout_s) == 0
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return False
+        with open(Path(tmp) / "stderr.txt", "w+b") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                env={"PATH": os.environ.get("PATH", ""), "HOME": tmp}, preexec_fn=_limit_resources,
+            )
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return "timeout"
+            if code == 0:
+                return "passed"
+            if code < 0:
+                return "killed"
+            stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - 4096))
+            tail = stderr.read().decode("utf-8", "replace").strip().splitlines()
+    match = re.match(r"([A-Za-z_][\w.]*)(:|$)", tail[-1]) if tail else None
+    if match is None:
+        return f"exit:{code}"
+    name = match.group(1).rsplit(".", 1)[-1]
+    if name == "AssertionError":
+        return "assertion"
+    if name in ("SyntaxError", "IndentationError", "TabError"):
+        return "syntax"
+    return f"error:{name}"
 
 
 class HumanEval:
@@ -87,13 +122,8 @@ class HumanEval:
     """
 
     def __init__(self, count: int, max_tokens: int, timeout_s: float, tokenizer) -> None:
-        from vllm_early_exit.tools.assets import chat_prompt
-
         self.problems = humaneval_problems(count) if count > 0 else []
-        self.prompts = [
-            tokenizer.encode(chat_prompt(tokenizer, HUMANEVAL_INSTRUCTION + p["prompt"]), add_special_tokens=False)
-            for p in self.problems
-        ]
+        self.prompts = [humaneval_prompt(tokenizer, p) for p in self.problems]
         self.prompt_lengths = [len(p) for p in self.prompts]
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
@@ -103,8 +133,7 @@ class HumanEval:
         """Generates a reply per problem and runs its code against the problem's tests."""
         from vllm import SamplingParams
 
-        # Stop at the code block's closing fence: the prose after it does not count.
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, stop=["\n```\n"], extra_args=extra_args)
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, stop=HUMANEVAL_STOP, extra_args=extra_args)
         outputs = generate_together(llm, self.prompts, params)
         passed, codes = [], []
         for problem, output in zip(self.problems, outputs):
