@@ -80,13 +80,14 @@ def test_layer_out_of_range(raw, message):
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen2(tmp_path_factory):
-    from transformers import Qwen2Config
+def tiny_mistral(tmp_path_factory):
+    """A config-only Mistral (LLaMA with sliding-window attention): a close relative early exit refuses."""
+    from transformers import MistralConfig
 
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    Qwen2Config(
+    path = tmp_path_factory.mktemp("tiny_mistral")
+    MistralConfig(
         vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
     ).save_pretrained(path)
     return path
 
@@ -110,11 +111,12 @@ def test_engine_refuses_bad_settings_at_start(tiny_llama, settings, message):
         _start(tiny_llama, additional_config={"early_exit": settings})
 
 
-def test_engine_refuses_non_llama_models(tiny_qwen2):
-    with pytest.raises(EarlyExitUnsupportedError, match="LLaMA-family.*model_type 'qwen2'"):
-        _start(tiny_qwen2, additional_config={"early_exit": {}})
-    with pytest.raises(EarlyExitUnsupportedError, match="LLaMA-family.*model_type 'qwen2'"):
-        _start(tiny_qwen2, hf_overrides={"architectures": ["EarlyExitLlamaForCausalLM"]})
+def test_engine_refuses_other_architectures(tiny_mistral):
+    message = r"LLaMA-family models \(model_type \['llama', 'qwen2'\]\).*model_type 'mistral'"
+    with pytest.raises(EarlyExitUnsupportedError, match=message):
+        _start(tiny_mistral, additional_config={"early_exit": {}})
+    with pytest.raises(EarlyExitUnsupportedError, match=message):
+        _start(tiny_mistral, hf_overrides={"architectures": ["EarlyExitLlamaForCausalLM"]})
 
 
 def test_engine_refuses_pipeline_parallelism(tiny_llama):

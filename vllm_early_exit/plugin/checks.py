@@ -13,11 +13,13 @@ import logging
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
 from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 from vllm_early_exit.model_executor.early_exit.shortlist import check_shortlist, read_shortlist
+from vllm_early_exit.model_executor.models.qwen2_early_exit import QWEN2_MODEL_TYPE, adapt_qwen2_config
 from vllm_early_exit.plugin.worker import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", QWEN2_MODEL_TYPE)
+"""``hf_config.model_type`` values the early-exit model runs (Qwen2: see ``models/qwen2_early_exit.py``)."""
 
 
 def verify_and_update(vllm_config) -> None:
@@ -34,6 +36,8 @@ def verify_and_update(vllm_config) -> None:
             f"early exit supports LLaMA-family models (model_type {list(SUPPORTED_MODEL_TYPES)}); "
             f"{model_config.model} has model_type {model_type!r}. Start it without early exit."
         )
+    if model_type == QWEN2_MODEL_TYPE:
+        adapt_qwen2_config(hf_config, model_config.model)
     settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
     check_layers = settings.check_layers_for(hf_config.num_hidden_layers)
     if settings.heads is not None:

@@ -22,7 +22,7 @@ def wants_early_exit(additional_config: Any) -> bool:
 CLI_HELP = {
     "--enable-early-exit": (
         "Serve the model with early exit (vllm-early-exit plugin): pure-decode steps may "
-        "leave the layer stack after a confident check layer. LLaMA-family models only."
+        "leave the layer stack after a confident check layer. LLaMA and Qwen2 models only."
     ),
     "--early-exit-config": (
         "Early-exit settings as inline JSON or the path of a JSON file, e.g. "
