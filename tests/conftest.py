@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random LLaMA checkpoints, SmolLM2, and a real vLLM engine per call."""
+"""Shared fixtures: tiny random LLaMA and Qwen2 checkpoints, SmolLM2, and a real vLLM engine per call."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def _vllm_env(tmp_path_factory):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def tiny_shape(layers: int, vocab_size: int) -> dict:
+    """HF config sizes of the tiny random models: 4 heads of 32 (2 KV heads), a 256-wide MLP."""
+    return {
+        "vocab_size": vocab_size, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "initializer_range": 0.2, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
 def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6, vocab_size: int = 512) -> Path:
     """A random LLaMA: 4 heads of 32 (2 KV heads) so tensor parallelism 2 divides it.
 
@@ -34,19 +43,7 @@ def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6, vocab_size: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = LlamaConfig(**tiny_shape(layers, vocab_size), tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -54,6 +51,42 @@ def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6, vocab_size: i
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def make_tiny_qwen2(
+    path: Path, *, seed: int = 0, layers: int = 6, vocab_size: int = 512, tie_word_embeddings: bool = False
+) -> Path:
+    """A random Qwen2 shaped like ``make_tiny_llama``'s LLaMA, with non-zero q/k/v biases.
+
+    HF initialises biases to zero; random ones make the checkpoint's biases matter, so
+    an engine that dropped them would decode differently.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        **tiny_shape(layers, vocab_size), tie_word_embeddings=tie_word_embeddings, use_sliding_window=False
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with an untied LM head (``tiny_qwen2_tied``: tied embeddings)."""
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tied(tmp_path_factory) -> Path:
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2_tied"), seed=1, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")

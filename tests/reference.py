@@ -6,6 +6,9 @@ at full depth; every decode token leaves after ``exit_layer``; the deeper
 layers get K/V at that position from the exit-layer residual stream (state
 propagation), or, with ``propagate=False``, get none (later tokens attend only
 to the positions those layers really computed).
+
+HF's ``Qwen2ForCausalLM`` has the same modules (its q/k/v projections carry a
+bias, which ``nn.Linear`` applies), so it works here unchanged (``test_qwen2.py``).
 """
 
 from __future__ import annotations
