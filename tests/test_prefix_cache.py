@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -110,15 +109,9 @@ def _preempting_chats(llm) -> dict:
     then each one's next turn with early exit off, one at a time."""
     from vllm import SamplingParams
 
-    scheduler = _scheduler(llm)
-    preempted = []
-    original = scheduler._preempt_request
+    from vllm_early_exit.tools.engines import watch_preemptions
 
-    def count(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return original(request, *args, **kwargs)
-
-    scheduler._preempt_request = count
+    preempted = watch_preemptions(llm)
     prompts = [_tokens(PROMPT_LEN, 10 + i) for i in range(PREEMPT_REQUESTS)]
     params = SamplingParams(max_tokens=PREEMPT_TOKENS, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -183,15 +176,9 @@ def run_all(model: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("prefix_cache") / "runs.json"
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out), str(tiny_llama)],
-        capture_output=True, text=True, timeout=900, check=False,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    from .in_process import run_script
+
+    return run_script(__file__, tmp_path_factory.mktemp("prefix_cache") / "runs.json", tiny_llama, timeout=900)
 
 
 def _prompt_blocks(n: int) -> int:

@@ -21,8 +21,9 @@ of its *exact prefix*:
 * it starts at the request's local prefix-cache hit (those blocks passed this
   rule when they were cached, so they are exact by induction);
 * a chunk of more than one token that starts at the end of the exact prefix
-  extends it (prompt chunks; after a preemption, the recomputed prompt plus
-  output, which runs as a prefill at full depth);
+  extends it, up to the end of the prompt (prompt chunks; after a preemption,
+  the recomputed prompt: the recomputed output tokens replay the exits they
+  took while decoding, ``replay.py``, so their K/V is propagated again);
 * a one-token chunk ends it: decode tokens, and also the rare one-token prompt
   chunk (a prompt whose blocks all hit but its last token, a one-token last
   chunk of a chunked prefill). Whether the model runs such a prompt row at full
@@ -95,7 +96,7 @@ vLLM internals used (checked on 0.32.0, installed, and 0.26.0, read):
   single-type managers. Both only cache full blocks below the count they get.
   The 0.32 ``FullAttentionManager._cache_partial_tail_block`` (hash blocks
   smaller than scheduler blocks) only caches a boundary at or below that count.
-* ``request.request_id``, ``request.num_computed_tokens``. Same in both.
+* ``request.request_id``, ``request.num_computed_tokens``, ``request.num_prompt_tokens``. Same in both.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class ExactPrefixGuard:
             exact = computed + hits
             # A chunk of more than one token is a prefill row: every layer, exact K/V.
             if external == 0 and num_new > 1:
-                exact += num_new
+                exact = min(exact + num_new, request.num_prompt_tokens)
         self.exact[request_id] = exact
         blocks = self._allocate(request, *args, **kwargs)
         if blocks is None:  # not scheduled this step: nothing was computed or cached

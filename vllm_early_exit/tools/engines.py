@@ -70,6 +70,21 @@ def shutdown_engine(llm) -> None:
         pass
 
 
+def watch_preemptions(llm) -> list[str]:
+    """The ids of requests vLLM preempts from now on (appended as it happens), for an engine
+    whose core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preempted: list[str] = []
+    preempt = scheduler._preempt_request
+
+    def counted(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = counted
+    return preempted
+
+
 # --- every prefill in one step ------------------------------------------------------
 
 _request_ids = itertools.count()

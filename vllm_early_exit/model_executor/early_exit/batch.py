@@ -68,6 +68,12 @@ class DecodeBatch:
     """Their token rows in a mixed step; None in a pure-decode step (rows 0..num_tokens-1)."""
     requests: tuple[int, ...] | None = None
     """Their requests' indices in the runner's batch; None in a pure-decode step (row i is request i)."""
+    pinned: tuple[int, ...] | None = None
+    """Per decode row of a recompute after preemption (``replay.py``): the layer after which the
+    row leaves whatever the signal says (it left there before the preemption), or -1 for a row
+    that decides live; None when no row is pinned."""
+    positions: tuple[int, ...] | None = None
+    """With ``pinned``: each row's position (-1: the request's next position, as for decode)."""
 
     @property
     def pure(self) -> bool:
@@ -76,6 +82,15 @@ class DecodeBatch:
     @property
     def request_indices(self) -> tuple[int, ...] | range:
         return range(self.num_tokens) if self.requests is None else self.requests
+
+    @property
+    def num_live(self) -> int:
+        """Decode rows that decide live (not pinned)."""
+        return self.num_tokens if self.pinned is None else sum(p < 0 for p in self.pinned)
+
+    @property
+    def pinned_layers(self) -> frozenset[int]:
+        return frozenset() if self.pinned is None else frozenset(p for p in self.pinned if p >= 0)
 
 
 def step_metadata(attn_metadata):
@@ -169,6 +184,13 @@ def _split_batch_decodes(meta, input_batch, num_tokens: int, num_reqs: int, devi
     return _decode_rows(input_batch, candidates, candidates, pure_if_all=num_prefills == 0, device=device)
 
 
+def current_step_metadata():
+    """The running step's attention metadata (one layer's), or None (dummy and profiling runs)."""
+    if not is_forward_context_available():
+        return None
+    return step_metadata(get_forward_context().attn_metadata)
+
+
 def current_decode_batch(input_batch=None) -> DecodeBatch | None:
     """The decode tokens of the running step, or None when it has none.
 
@@ -177,6 +199,4 @@ def current_decode_batch(input_batch=None) -> DecodeBatch | None:
     the module docstring). None also covers vLLM's dummy and profiling runs,
     which carry no metadata.
     """
-    if not is_forward_context_available():
-        return None
-    return decode_batch(step_metadata(get_forward_context().attn_metadata), input_batch)
+    return decode_batch(current_step_metadata(), input_batch)

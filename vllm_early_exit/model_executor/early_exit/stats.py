@@ -29,6 +29,8 @@ class ExitStats:
     skip_layers: tuple[int, ...] = ()
     sampled_from_checks: int = 0
     """Tokens sampled from the logits their exit check computed (no second LM-head product)."""
+    replayed_tokens: int = 0
+    """Generated tokens whose exits were replayed when vLLM recomputed a preempted request."""
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
@@ -39,6 +41,7 @@ class ExitStats:
         self.exits_per_layer = [0] * self.num_layers
         self.full_depth_tokens = 0
         self.sampled_from_checks = 0
+        self.replayed_tokens = 0
 
     def record(self, exit_layer: int | None, tokens: int) -> None:
         """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
@@ -86,6 +89,7 @@ class ExitStats:
             "mean_layers": self.mean_layers,
             "skip_layers": list(self.skip_layers),
             "sampled_from_checks": self.sampled_from_checks,
+            "replayed_tokens": self.replayed_tokens,
         }
 
     @classmethod
@@ -96,6 +100,7 @@ class ExitStats:
             full_depth_tokens=data["full_depth_tokens"],
             skip_layers=tuple(data.get("skip_layers", ())),
             sampled_from_checks=data.get("sampled_from_checks", 0),
+            replayed_tokens=data.get("replayed_tokens", 0),
         )
 
     def summary(self) -> str:

@@ -78,6 +78,7 @@ class StepState:
         batch: DecodeBatch,
         settings: RowSettings,
         points: frozenset[int],
+        num_layers: int,
     ) -> None:
         self.hidden_states = hidden_states
         self.residual: torch.Tensor | None = None
@@ -96,6 +97,14 @@ class StepState:
         """The stream entering the current check layer, for signals that read it."""
         self.emitted: list[tuple[torch.Tensor, torch.Tensor]] = []
         """(rows, stream they emit) for rows that left through an exit head."""
+        num_rows = hidden_states.shape[0]
+        self.depths = torch.full((num_rows,), num_layers, dtype=torch.int16, device=positions.device)
+        """Per token row, the depth code of its walk (``replay.py``): last layer run + 1."""
+        self.pinned: torch.Tensor | None = None
+        """Per token row, the layer after which a replayed row leaves (-1: decides live)."""
+        if batch.pinned is not None:
+            self.pinned = torch.full((num_rows,), -1, dtype=torch.long, device=positions.device)
+            self.pinned[batch.rows] = torch.tensor(batch.pinned, dtype=torch.long, device=positions.device)
 
     def stream(self) -> torch.Tensor:
         """Every row's residual stream, as a new tensor (vLLM's fused add+norm may work in place)."""
@@ -131,6 +140,23 @@ class StepState:
     def ensure_residual(self) -> None:
         if self.residual is None:  # only skipped layers so far
             self.residual = torch.zeros_like(self.hidden_states)
+
+    def pin(self, leave: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+        """The policy's ``leave`` mask over the candidates, with replayed rows leaving exactly
+        after their recorded layer (None stays None when no row is pinned)."""
+        if self.pinned is None:
+            return leave
+        pinned = self.of_candidates(self.pinned)
+        here = pinned == layer
+        return here if leave is None else torch.where(pinned >= 0, here, leave)
+
+    def live(self, rows: torch.Tensor) -> int:
+        """How many of ``rows`` decide live (the host syncs only in replay steps)."""
+        return rows.numel() if self.pinned is None else int((self.pinned[rows] < 0).sum())
+
+    def decode_depths(self) -> torch.Tensor:
+        """The depth codes of the decode rows, in decode-row order."""
+        return self.depths[: self._logits_rows] if self.batch.pure else self.depths[self.batch.rows]
 
     def left(self, leave: torch.Tensor) -> None:
         """The candidates marked in ``leave`` are no longer running."""

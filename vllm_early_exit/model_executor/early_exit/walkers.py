@@ -71,13 +71,15 @@ class Walker(ABC):
             previous=state.of_candidates(state.previous),
             **state.candidate_settings(layer),
         )
+        leave = state.pin(leave, layer)
         if leave is None:
             return None
         leaving = candidates[leave]
         count = leaving.numel()  # the step's one host sync per check
         if count == 0:
             return None
-        self.stats.record(layer, count)
+        state.depths[leaving] = layer + 1
+        self.stats.record(layer, state.live(leaving))
         if self.decider.heads is not None:
             state.emitted.append((leaving, self.decider.exit_stream(layer, stream[leaving])))
         everyone = count == candidates.numel() and state.batch.pure
@@ -93,7 +95,7 @@ class Walker(ABC):
 
     def finish(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
         """The walk reached the last layer: the rows still running went the full depth."""
-        self.stats.record(None, state.running_rows)
+        self.stats.record(None, state.running_rows if state.remaining is None else state.live(state.remaining))
         return state.final_state()
 
 

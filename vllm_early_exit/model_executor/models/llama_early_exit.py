@@ -20,10 +20,11 @@ from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 from vllm_early_exit.config import EarlyExitConfig
-from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch, current_decode_batch
+from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch, current_step_metadata, decode_batch
 from vllm_early_exit.model_executor.early_exit.decision import ExitDecider, LogitReadout
 from vllm_early_exit.model_executor.early_exit.groups import CompiledStack, compiling, group_bounds
 from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, check_kv_fill_supported
+from vllm_early_exit.model_executor.early_exit.replay import ExitRecord, note_step, with_replay
 from vllm_early_exit.model_executor.early_exit.stats import ExitStats, PeriodicStatsLogger
 from vllm_early_exit.model_executor.early_exit.step import NO_ROW_SETTINGS, RowSettings, StepState
 from vllm_early_exit.model_executor.early_exit.walkers import EagerWalker, GroupedWalker, Walker
@@ -57,6 +58,9 @@ class EarlyExitLlamaModel(LlamaModel):
             else None
         )
         self.request_rows = RequestRows.of_loading_runner() if config.enabled else None
+        self.exit_record = (
+            ExitRecord(num_layers, self.request_rows.runner.requests) if self.request_rows is not None else None
+        )
         if config.enabled:
             check_kv_fill_supported(self.layers[self.start_layer : self.end_layer])
         self.compiled_stack = (
@@ -86,23 +90,38 @@ class EarlyExitLlamaModel(LlamaModel):
         **kwargs,
     ):
         self.decider.begin_step()
-        batch = None
-        if self.decider.enabled:
-            batch = current_decode_batch(self.request_rows.input_batch if self.request_rows else None)
+        batch = self._decode_batch(positions.device) if self.decider.enabled else None
         if batch is None:
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         settings = self._row_settings(batch, positions.device)
         if self._keeps_full_depth(batch, settings):
-            self._count(None, batch.num_tokens)
+            self._count(None, batch.num_live)
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         settings = settings.on_token_rows(batch, hidden_states.shape[0])
-        points = self.decider.check_layers | settings.budget_layers
-        state = StepState(hidden_states, positions, batch, settings, points)
+        points = self.decider.check_layers | settings.budget_layers | batch.pinned_layers
+        state = StepState(hidden_states, positions, batch, settings, points, self.config.num_hidden_layers)
         hidden_states, residual = self._walker(points).walk(state)
         self.decider.exit_logits.seal(batch.num_tokens if batch.pure else None)
+        if batch.num_live:
+            note_step(self.exit_record, self.request_rows.input_batch, batch, state.decode_depths())
         self._publish()
         return self.norm(hidden_states) if residual is None else self.norm(hidden_states, residual)[0]
+
+    def _decode_batch(self, device: torch.device) -> DecodeBatch | None:
+        """The step's decode rows, with the replayed rows of recomputes after preemption (``replay.py``)."""
+        if self.request_rows is None:
+            return None  # no step is taken as decode without the runner's batch (``batch.py``)
+        meta, input_batch = current_step_metadata(), self.request_rows.input_batch
+        batch = decode_batch(meta, input_batch)
+        if meta is None:
+            return batch
+        per_row = self.decider.policy.per_row
+        replay = self.exit_record.replay(meta, input_batch, skips=bool(self.decider.skip_layers), live_last=per_row)
+        if replay is None:
+            return batch
+        self.exit_stats.replayed_tokens += sum(p >= 0 for p in replay.pinned)
+        return with_replay(batch, replay, meta, keep_live=per_row, device=device)
 
     def _row_settings(self, batch: DecodeBatch, device: torch.device) -> RowSettings:
         """The decode rows' own request settings (one row per decode token)."""
@@ -117,8 +136,9 @@ class EarlyExitLlamaModel(LlamaModel):
         if self.decider.policy.per_row:
             # Skipping is for every decode row: a request with early exit off keeps its step full depth.
             return settings.any_off and bool(self.decider.skip_layers)
-        # The step leaves as a whole: not while it prefills too, nor when a request turned early exit off.
-        return settings.any_off or not batch.pure
+        # The step leaves as a whole: not while it prefills too (but for replayed rows of a
+        # recompute, ``replay.py``), nor when a request turned early exit off.
+        return settings.any_off or not (batch.pure or batch.num_live == 0)
 
     def _walker(self, points: frozenset[int]) -> Walker:
         """Compiled groups when the step's decision points all fall on their cuts
