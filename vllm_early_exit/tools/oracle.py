@@ -36,7 +36,7 @@ DEFAULT_OUT = Path("benchmarks/results")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF LLaMA checkpoint folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="HF LLaMA or Qwen2 checkpoint folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", type=int, default=32, help="evaluation-split ShareGPT prompts (default 32)")
     parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     parser.add_argument("--max-skip", type=int, default=4, help="largest skip set the greedy search builds (default 4)")
@@ -165,7 +165,7 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
     import gc
 
     from tqdm import tqdm
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     # Budgets hold under per_token also for decode rows of steps that prefill other
     # requests, so the requests may reach the engine in any order and mix (no
@@ -183,7 +183,7 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
     depths = min_depths(outputs)
     full = [per_depth[-1] for per_depth in outputs]
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # LLaMA or Qwen2
     scorer = SkipScorer(model, prompts, full)
     candidates = sum(num_layers - 1 - k for k in range(max_skip))
     with tqdm(total=candidates, desc="skip sets") as progress:

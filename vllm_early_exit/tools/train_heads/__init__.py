@@ -30,7 +30,7 @@ saw them); their accuracy is measured by two-fold cross-fitting there.
 
 Held-out numbers use the full vocabulary. The training core,
 :func:`train_exit_heads`, takes token sequences and a model folder, so it runs on
-any LLaMA checkpoint without a tokenizer.
+any LLaMA or Qwen2 checkpoint without a tokenizer.
 """
 
 from vllm_early_exit.model_executor.early_exit.heads import default_layers

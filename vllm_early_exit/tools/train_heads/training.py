@@ -24,7 +24,7 @@ def base_model_info(model_dir: str | Path, config) -> dict[str, Any]:
     """``base_model`` of the heads file: the engine checks the three sizes against the served model."""
     return {
         "path": str(model_dir),
-        "architecture": (config.architectures or ["LlamaForCausalLM"])[0],
+        "architecture": (config.architectures or [config.model_type])[0],
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
@@ -39,11 +39,12 @@ def versions() -> dict[str, str]:
 
 def load_model(model_dir: str | Path):
     """The HF model in float32, in eval mode, with its parameters frozen."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if not (Path(model_dir) / "config.json").is_file():
         raise TrainHeadsError(f"--model {str(model_dir)!r} is not an HF checkpoint folder (no config.json)")
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # The checkpoint's own class (LLaMA, Qwen2: a LLaMA class would drop Qwen2's q/k/v biases).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
     return model
 
