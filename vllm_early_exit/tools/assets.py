@@ -90,14 +90,24 @@ def convert_gguf(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"convert_gguf: dtype {dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+
+    def check(built: str) -> None:
+        if architecture is not None and built != architecture:
+            raise ValueError(
+                f"{gguf_path.name}: transformers built {built}, expected {architecture}; "
+                "the file is not the model it should be"
+            )
+
+    # The class from the file's metadata first (seconds), before dequantizing every tensor.
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    check(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__)
     print(f"Converting {gguf_path.name} into an HF checkpoint ({dtype}) at {target} (once) ...", flush=True)
     start = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch_dtype)
-    if architecture is not None and type(model).__name__ != architecture:
-        raise ValueError(
-            f"{gguf_path.name}: transformers built {type(model).__name__}, expected {architecture}; "
-            "the file is not the model it should be"
-        )
+    check(type(model).__name__)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # The weights are dequantized on load; the checkpoint is plain ``dtype``.
     if hasattr(model.config, "quantization_config"):
