@@ -199,3 +199,26 @@ def test_program_outcome_kinds(program, outcome):
 
     assert program_outcome(program, timeout_s=2.0) == outcome
     assert run_program(program, timeout_s=2.0) == (outcome == "passed")
+
+
+def test_full_depth_runner_resumes_from_its_jsonl(tmp_path):
+    """The HumanEval baseline's JSONL: a line cut off by a crash is dropped (that problem runs
+    again), and the summary counts what is there, in problem order."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "humaneval_full_depth.py"
+    spec = importlib.util.spec_from_file_location("humaneval_full_depth", path)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    rows = [{"task_id": f"HumanEval/{i}", "index": i, "passed": i != 1, "outcome": "passed" if i != 1 else "assertion",
+             "finish_reason": "stop", "output_tokens": 10, "prompt_tokens": 5, "reply": "", "code": ""} for i in range(3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / runner.JSONL).write_text(text + text.splitlines()[0][:20])  # a crash mid-line
+    assert sorted(runner.read_done(tmp_path / runner.JSONL)) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    setup = {"model_name": "m", "model": "m", "vllm": "0", "device": "cpu", "processor": "x", "cpus": 2, "torch": "t",
+             "dtype": "float32", "max_tokens": 8, "instruction": "i", "timeout_s": 1.0,
+             "runs": [{"started": "s", "generation_s": 3.0, "output_tokens": 30}]}
+    summary = runner.summarize(tmp_path, setup, total_problems=164)
+    assert (summary["problems_run"], summary["passed"], summary["in_order"], summary["complete"]) == (3, 2, True, False)
+    assert summary["outcomes"] == {"passed": 2, "assertion": 1} and summary["output_tokens_per_s"] == 10.0
+    assert "the first 3 of 164" in (tmp_path / "humaneval.md").read_text()
