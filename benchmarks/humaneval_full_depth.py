@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -89,6 +90,8 @@ def markdown(s: dict) -> str:
         f"| prompt | the problem in one user turn of the model's chat template, after \"{s['instruction'].strip()}\" |",
         f"| scoring | the reply's first code block (or the whole reply) against the problem's tests, {s['timeout_s']:g} s per program |",
         f"| dates | {', '.join(r['started'] for r in s['runs'])} |",
+        *[f"| engine, run {i} | {', '.join(f'{k} {v}' for k, v in r['engine'].items())} |"
+          for i, r in enumerate(s["runs"], 1) if "engine" in r],
         f"| generation time | {s['generation_s']:.0f} s over {len(s['runs'])} run(s) |",
         f"| output tokens/s | {s['output_tokens_per_s']:.1f} |" if s["output_tokens_per_s"] else "| output tokens/s | - |",
         f"| output tokens per reply | mean {s['mean_output_tokens'] or 0:.0f}, max {s['max_output_tokens_seen']} |",
@@ -191,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=HUMANEVAL_STOP)
     run = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "problems": 0,
-           "output_tokens": 0, "generation_s": 0.0, "stopped_early": False}
+           "output_tokens": 0, "generation_s": 0.0, "stopped_early": False,
+           "engine": {"max_num_seqs": args.max_num_seqs, "kv_cache_gib": args.kv_cache_gib,
+                      "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}}
     setup["runs"].append(run)
     by_id = {p["task_id"]: (i, p) for i, p in todo}
     for task_id, tokens in prompts.items():
