@@ -335,3 +335,127 @@ def test_a_target_that_cannot_be_met_yields_no_threshold(calibrated, tmp_path):
     assert "--prompts" in result["message"] and "--target-agreement" in result["message"]
     assert json.loads(cal.report_path(out).read_text())["status"] == "no_threshold"
     assert not any(r["accepted"] for r in result["thresholds"])
+
+
+# --- cost: predicted (weight-bytes bound) speed vs plain vLLM ------------------------
+
+TINY_SETTINGS = {"exit_layers": [1, 3], "policy": "per_token", "signal": "max_prob"}
+
+
+def _exit_stats(full: int = 0, exits: dict[int, int] | None = None) -> dict:
+    from vllm_early_exit.model_executor.early_exit.stats import ExitStats
+
+    per_layer = [0] * 6
+    for layer, count in (exits or {}).items():
+        per_layer[layer] = count
+    return ExitStats(6, exits_per_layer=per_layer, full_depth_tokens=full).to_dict()
+
+
+def _tiny_weights():
+    """The tiny LLaMA's parts (conftest.tiny_shape, 6 layers, vocab 512), counted by hand."""
+    from vllm_early_exit.tools.cost import WeightBytes
+
+    q = o = 128 * 4 * 32
+    kv = 2 * 128 * 2 * 32
+    return WeightBytes(num_layers=6, hidden=128, layer=q + kv + o + 3 * 128 * 256, kv_projection=q + kv,
+                       lm_head=512 * 128)
+
+
+def test_report_predicts_each_thresholds_speed_from_its_exit_counts(calibrated, tiny_llama):
+    from transformers import AutoConfig
+
+    from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio
+
+    _, report, stdout, _ = calibrated
+    weights = WeightBytes.of(AutoConfig.from_pretrained(tiny_llama))
+    assert weights == _tiny_weights()
+    rows = report["thresholds"]
+    for r in rows:
+        stats = r["exit_stats"]
+        # Each threshold's own counters (reset between thresholds): its pure-decode tokens only.
+        assert stats["decode_tokens"] == r["decode_tokens"] == 48 * (NEW - 1)
+        assert stats["mean_layers"] == pytest.approx(r["mean_layers"])
+        expected = predicted_ratio(weights, {**report["base_settings"], "threshold": r["threshold"]}, stats)
+        assert r["predicted_speed"] == pytest.approx(expected, rel=1e-12)
+    assert rows[0]["exit_stats"]["early_exit_tokens"] < rows[-1]["exit_stats"]["early_exit_tokens"]
+    assert rows[0]["predicted_speed"] != rows[-1]["predicted_speed"]
+    # The verdict: the accepted threshold predicted fastest, and whether it beats plain vLLM.
+    accepted = [r for r in rows if r["accepted"]]
+    best = max(r["predicted_speed"] for r in accepted)
+    assert report["fastest_predicted_speed"] == best
+    assert report["fastest_threshold"] in [r["threshold"] for r in accepted if r["predicted_speed"] == best]
+    chosen = next(r for r in rows if r["threshold"] == report["chosen_threshold"])
+    assert report["chosen_predicted_speed"] == chosen["predicted_speed"]
+    # On the tiny model the few exits save less than the checks read (an LM head of 0.44 layer
+    # at 2 of 6 layers): the real run is a "keep early exit off" case.
+    assert best < 1.0 and report["recommend"] == "off" and report["recommended_threshold"] is None
+    assert cal.NO_FASTER in stdout
+    assert "predicted (weight-bytes bound)" in report["predicted_speed_basis"]
+    # The printed table has the column, labelled as a bound; the chosen row shows its prediction.
+    assert "pred. speed*" in stdout and "* pred. speed: predicted (weight-bytes bound)" in stdout
+    line = next(l for l in stdout.splitlines() if l.rstrip().endswith("<- chosen"))
+    assert f"{chosen['predicted_speed']:.3f}x" in line
+    assert report["speed_message"] in stdout
+
+
+def test_no_setting_predicted_faster_than_plain_says_keep_early_exit_off(tiny_llama, tmp_path, monkeypatch, capsys):
+    """Thresholds that never exit (max_prob 1.0, and a forced 0.99999 that the counters say never
+    left): both certified (full agreement), but each token pays two checks and saves nothing."""
+    import importlib
+
+    from vllm_early_exit.tools.cost import WeightBytes
+
+    cal_cli = importlib.import_module("vllm_early_exit.tools.calibrate.cli")
+    decoded = 48 * (NEW - 1)
+
+    def never_exiting(model, prompts, settings, *, target, delta, out, thresholds, max_tokens, dtype, info):
+        runs = [cal.ThresholdRun(t, [1.0] * len(prompts), tokens=decoded, agreeing_tokens=decoded, mean_layers=6.0,
+                                 decode_tokens=decoded, exit_stats=_exit_stats(full=decoded)) for t in thresholds]
+        return cal.finish(runs, settings, target=target, delta=delta, out=out, info=info,
+                          weights=WeightBytes.from_pretrained(model))
+
+    monkeypatch.setattr(cal_cli, "calibrate", never_exiting)
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps(tiny_prompts(48, seed=101)))
+    out = tmp_path / "settings.json"
+    assert cli(["calibrate", "--model", str(tiny_llama), "--prompt-file", str(prompt_file), "--exit-layers", "1,3",
+                "--thresholds", "1.0,0.99999", "--target-agreement", str(TARGET), "--delta", str(DELTA),
+                "--max-tokens", str(NEW), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(cal.report_path(out).read_text())
+    w = _tiny_weights()
+    ratio = w.plain / (w.plain + 2 * w.lm_head)  # every layer, two checks' LM-head readouts, the LM head
+    assert ratio < 1.0
+    assert [r["predicted_speed"] for r in report["thresholds"]] == [pytest.approx(ratio)] * 2
+    assert report["status"] == "ok" and report["chosen_threshold"] == 0.99999
+    assert report["recommend"] == "off" and report["recommended_threshold"] is None
+    assert report["fastest_predicted_speed"] == pytest.approx(ratio)
+    assert cal.NO_FASTER in report["speed_message"] and cal.NO_FASTER in report["message"]
+    assert cal.NO_FASTER in printed and f"{ratio:.3f}x" in printed
+    # The settings file stays what --early-exit-config and bench --calibrated read.
+    assert EarlyExitConfig.from_cli_value(str(out))["threshold"] == 0.99999
+    assert json.loads(out.read_text()) == {**TINY_SETTINGS, "threshold": 0.99999}
+
+
+def test_a_stricter_threshold_is_recommended_only_when_clearly_faster(tmp_path):
+    weights, n = _tiny_weights(), 1000
+
+    def verdict(stricter: dict, looser: dict) -> dict:
+        runs = [cal.ThresholdRun(t, [1.0] * 60, tokens=n, agreeing_tokens=n, decode_tokens=n, exit_stats=_exit_stats(**s))
+                for t, s in ((0.99, stricter), (0.9, looser))]
+        return cal.finish(runs, TINY_SETTINGS, target=0.9, delta=0.1, out=tmp_path / "s.json", weights=weights)
+
+    # Under policy "all" a looser threshold can exit less (its batch stays together): a clear gap.
+    report = verdict({"exits": {3: n}}, {"full": n})
+    assert report["chosen_threshold"] == 0.9 and report["fastest_threshold"] == 0.99
+    assert report["recommend"] == "early_exit" and report["recommended_threshold"] == 0.99
+    assert report["fastest_predicted_speed"] > 1.0 >= report["chosen_predicted_speed"]
+    assert "recommended: threshold 0.99" in report["message"]
+    assert "<- fastest predicted" in cal.format_table(report)
+    # A gap under SPEED_MARGIN: the chosen (most permissive) threshold stays recommended.
+    report = verdict({"exits": {3: n}}, {"exits": {3: n - 1}, "full": 1})
+    assert report["fastest_threshold"] == 0.99
+    assert 1.0 < report["chosen_predicted_speed"] < report["fastest_predicted_speed"]
+    assert report["fastest_predicted_speed"] < report["chosen_predicted_speed"] * (1 + cal.SPEED_MARGIN)
+    assert report["recommend"] == "early_exit" and report["recommended_threshold"] == 0.9
+    assert cal.NO_FASTER not in report["message"]

@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+PREDICTED = "predicted (weight-bytes bound)"
+"""How every number of this model is labelled: a bound on weight bytes read, not a measured speed."""
+
 
 @dataclass(frozen=True)
 class WeightBytes:
@@ -41,6 +44,13 @@ class WeightBytes:
         kv = 2 * hidden * config.num_key_value_heads * head_dim
         layer = q + kv + config.num_attention_heads * head_dim * hidden + 3 * hidden * inter
         return cls(config.num_hidden_layers, hidden, layer, q + kv, config.vocab_size * hidden)
+
+    @classmethod
+    def from_pretrained(cls, model: str) -> "WeightBytes":
+        """From a model folder's HF config (``config.json``)."""
+        from transformers import AutoConfig
+
+        return cls.of(AutoConfig.from_pretrained(model))
 
     @property
     def plain(self) -> int:
@@ -97,3 +107,12 @@ def engine_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str
 def predicted_ratio(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any]) -> float:
     """Plain vLLM's weights read per decode token over the engine's: the weight-bound speed-up."""
     return weights.plain / engine_bytes(weights, settings, stats)
+
+
+def predicted_speed(
+    weights: WeightBytes | None, settings: dict[str, Any], stats: dict[str, Any] | None
+) -> float | None:
+    """:func:`predicted_ratio`, or None without a model's weights or any decode token counted."""
+    if weights is None or not stats or not stats.get("decode_tokens"):
+        return None
+    return predicted_ratio(weights, settings, stats)

@@ -20,6 +20,14 @@ Procedure (Angelopoulos et al., "Learn then Test", 2021; as in CALM):
    Hoeffding-Bentkus p-value (``risk.py``). Thresholds are tested in a fixed
    order, strictest first, each at level ``delta``, stopping at the first one
    not rejected; the most permissive rejected threshold is chosen.
+4. Cost: each threshold's exit counts give its predicted (weight-bytes bound)
+   speed vs plain vLLM (``tools/cost.py``: the weights a decode token reads,
+   plain over early exit; a limit where decoding is bound by reading weights,
+   not a measurement). The report names the accepted threshold predicted
+   fastest and recommends it over the chosen one only when it is predicted more
+   than ``SPEED_MARGIN`` faster (every accepted threshold holds the guarantee at
+   once, so choosing among them keeps it); when no accepted threshold is
+   predicted faster than plain vLLM, it says so and ``recommend`` is ``"off"``.
 
 What the guarantee is: with probability at least ``1 - delta`` over the draw of
 the calibration prompts, the chosen settings' expected per-prompt agreement
@@ -43,6 +51,8 @@ depth in deployment too; calibration counts them (report: ``mixed_step_tokens``)
 from vllm_early_exit.tools.calibrate.cli import EXIT_NO_THRESHOLD, add_arguments, load_prompts, main, run
 from vllm_early_exit.tools.calibrate.ltt import (
     DEFAULT_THRESHOLDS,
+    NO_FASTER,
+    SPEED_MARGIN,
     STRICTER,
     CalibrationError,
     ThresholdResult,
@@ -55,6 +65,7 @@ from vllm_early_exit.tools.calibrate.ltt import (
     finish,
     format_table,
     report_path,
+    speed_verdict,
     strict_order,
 )
 from vllm_early_exit.tools.calibrate.runs import (
@@ -67,8 +78,9 @@ from vllm_early_exit.tools.calibrate.runs import (
 )
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "EXIT_NO_THRESHOLD", "MAX_BATCH", "PREFILL_TOKENS", "STRICTER", "CalibrationError",
+    "DEFAULT_THRESHOLDS", "EXIT_NO_THRESHOLD", "MAX_BATCH", "NO_FASTER", "PREFILL_TOKENS", "SPEED_MARGIN",
+    "STRICTER", "CalibrationError",
     "ThresholdResult", "ThresholdRun", "add_arguments", "build_settings", "calibrate", "check_level",
     "check_signal", "check_thresholds", "decide", "finish", "format_table", "generate_at_thresholds",
-    "load_prompts", "main", "measure", "report_path", "run", "score_outputs", "strict_order",
+    "load_prompts", "main", "measure", "report_path", "run", "score_outputs", "speed_verdict", "strict_order",
 ]

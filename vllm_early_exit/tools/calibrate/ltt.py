@@ -2,8 +2,9 @@
 
 Which way each signal's threshold gets stricter, the default candidates, the
 checks of every calibration argument, the fixed-sequence test over measured
-:class:`ThresholdRun` rows (:func:`decide`), and the settings file and report it
-leads to (:func:`finish`). Nothing here runs an engine (see ``runs``).
+:class:`ThresholdRun` rows (:func:`decide`), the cost model's verdict on the
+accepted ones (:func:`speed_verdict`), and the settings file and report it leads
+to (:func:`finish`). Nothing here runs an engine (see ``runs``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_early_exit.config import SIGNALS, EarlyExitConfig, EarlyExitConfigError, RequestEarlyExit
+from vllm_early_exit.tools.cost import PREDICTED, WeightBytes, predicted_speed
 from vllm_early_exit.tools.risk import fixed_sequence_rejections, hoeffding_bentkus_p_value
 
 # Signal -> which way its threshold gets stricter (fewer exits). The only table
@@ -41,6 +43,23 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "entropy": (0.01, 0.03, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5),
     "saturation": (0.9999, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9),
 }
+
+
+# A stricter accepted threshold is recommended over the chosen (most permissive)
+# one only when it is predicted this much faster: smaller gaps are within what the
+# exit counts of one calibration run vary by.
+SPEED_MARGIN = 0.01
+
+NO_FASTER = (
+    "no calibrated setting is predicted to be faster than plain vLLM on this model: "
+    "keep early exit off, or train heads / a shortlist"
+)
+
+SPEED_BASIS = (
+    f"predicted_speed: {PREDICTED} speed vs plain vLLM, plain vLLM's weight bytes read per decode token "
+    "over the setting's, from its exit counts on the calibration prompts (tools/cost.py); the limit on a "
+    "machine where decoding is bound by reading weights, not a measured speed"
+)
 
 
 class CalibrationError(ValueError):
@@ -140,7 +159,8 @@ class ThresholdRun:
     """Decode tokens the engine counted (pure-decode steps)."""
     mixed_step_tokens: int = 0
     """Decode tokens that shared a step with a prefill (they ran the full depth)."""
-
+    exit_stats: dict[str, Any] | None = None
+    """The engine's exit counters over this threshold's runs (``ExitStats.to_dict()``), None when unavailable."""
 
 
 @dataclass
@@ -163,6 +183,9 @@ class ThresholdResult:
     decode_tokens: int = 0
     mixed_step_tokens: int = 0
     per_prompt_agreement: list[float] = field(default_factory=list)
+    predicted_speed: float | None = None
+    """Predicted (weight-bytes bound) speed vs plain vLLM from ``exit_stats`` (``cost.py``); None without them."""
+    exit_stats: dict[str, Any] | None = None
 
 
 def decide(runs: Sequence[ThresholdRun], target: float, delta: float) -> tuple[list[ThresholdResult], int | None]:
@@ -193,10 +216,67 @@ def decide(runs: Sequence[ThresholdRun], target: float, delta: float) -> tuple[l
             decode_tokens=run.decode_tokens,
             mixed_step_tokens=run.mixed_step_tokens,
             per_prompt_agreement=list(run.agreement),
+            exit_stats=run.exit_stats,
         )
         for i, (run, p) in enumerate(zip(runs, p_values))
     ]
     return rows, (rejected - 1 if rejected else None)
+
+
+def speed_verdict(rows: Sequence[ThresholdResult], chosen: int | None) -> dict[str, Any]:
+    """What the cost model says about the accepted thresholds ``rows[:chosen + 1]``.
+
+    Returns the report's fields ``chosen_predicted_speed``, ``fastest_threshold``
+    (the accepted threshold with the highest predicted speed; ties go to the more
+    permissive), ``fastest_predicted_speed``, ``recommend`` (``"early_exit"``,
+    ``"off"``, or None when nothing could be predicted), ``recommended_threshold``
+    and ``speed_message``.
+
+    Which threshold is recommended: the fastest accepted one when it is predicted
+    more than ``SPEED_MARGIN`` faster than the chosen one (or the chosen one is not
+    predicted faster than plain vLLM and it is), else the chosen one (the settings
+    file). Fixed-sequence testing controls the family-wise error, so every accepted
+    threshold holds its guarantee at once and picking among them by speed keeps it;
+    a stricter threshold predicted faster is then no worse on quality and better on
+    cost. Smaller gaps are noise of one run's exit counts, and the most permissive
+    threshold (the Learn-then-Test rule, and what the file holds) stays. When no
+    accepted threshold is predicted faster than plain vLLM (ratio <= 1.0: its
+    checks read more weights than its exits save), ``recommend`` is ``"off"``.
+    """
+    verdict: dict[str, Any] = {
+        "chosen_predicted_speed": None, "fastest_threshold": None, "fastest_predicted_speed": None,
+        "recommend": "off" if chosen is None else None, "recommended_threshold": None, "speed_message": None,
+    }
+    if chosen is None:
+        return verdict
+    verdict["chosen_predicted_speed"] = mine = rows[chosen].predicted_speed
+    known = [i for i in range(chosen + 1) if rows[i].predicted_speed is not None]
+    if not known:
+        verdict["speed_message"] = (f"no {PREDICTED} speed: the engine counted no decode token "
+                                    "(or the model's config could not be read)")
+        return verdict
+    fastest = max(known, key=lambda i: (rows[i].predicted_speed, i))
+    best = rows[fastest].predicted_speed
+    verdict.update(fastest_threshold=rows[fastest].threshold, fastest_predicted_speed=best)
+    if best <= 1.0:
+        verdict.update(recommend="off", speed_message=(
+            f"{NO_FASTER} (the fastest certified threshold, {rows[fastest].threshold:g}, is {PREDICTED} "
+            f"{best:.3f}x plain vLLM)"
+        ))
+        return verdict
+    switch = mine is None or mine <= 1.0 or best > mine * (1.0 + SPEED_MARGIN)
+    pick = fastest if switch else chosen
+    verdict.update(recommend="early_exit", recommended_threshold=rows[pick].threshold)
+    if pick == chosen:
+        verdict["speed_message"] = f"the chosen threshold is {PREDICTED} {rows[chosen].predicted_speed:.3f}x plain vLLM"
+    else:
+        now = "-" if mine is None else f"{mine:.3f}x"
+        verdict["speed_message"] = (
+            f"recommended: threshold {rows[pick].threshold:g}, stricter and also certified, is {PREDICTED} "
+            f"{best:.3f}x plain vLLM against {now} for the chosen {rows[chosen].threshold:g}: "
+            f"set \"threshold\": {rows[pick].threshold:g} in the settings file"
+        )
+    return verdict
 
 
 def report_path(out: Path) -> Path:
@@ -212,12 +292,20 @@ def finish(
     delta: float,
     out: str | Path,
     info: Mapping[str, Any] | None = None,
+    weights: WeightBytes | None = None,
 ) -> dict[str, Any]:
     """Decides, writes the settings file (only when a threshold is accepted) and the report.
 
     Returns the report. ``status`` is ``"ok"`` (``settings`` holds the chosen
     settings, written to ``out``) or ``"no_threshold"`` (nothing written to ``out``;
     a stale file there is removed so it cannot be mistaken for a result).
+
+    With the model's ``weights``, every row gets its predicted (weight-bytes
+    bound) speed vs plain vLLM from its ``exit_stats``, and the report the cost
+    model's verdict (:func:`speed_verdict`): ``recommend`` is ``"off"`` when no
+    accepted threshold is predicted faster than plain vLLM. The settings file
+    stays the chosen threshold's either way (it holds only ``early_exit``
+    settings, as ``--early-exit-config`` reads them); the report says what to do.
     """
     signal = settings.get("signal", "max_prob")
     order = [r.threshold for r in runs]
@@ -225,6 +313,9 @@ def finish(
         raise CalibrationError(f"thresholds {order} are not in strict order for signal {signal!r} "
                                f"(strictest first: {STRICTER[signal]} is stricter), or repeat a value.")
     rows, chosen = decide(runs, target, delta)
+    for row in rows:
+        row.predicted_speed = predicted_speed(weights, {**settings, "threshold": row.threshold}, row.exit_stats)
+    verdict = speed_verdict(rows, chosen)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -245,6 +336,8 @@ def finish(
             f"generated tokens that the full model agrees with is >= {target:g}, for prompts exchangeable with "
             "the calibration prompts, the same model, settings and max_tokens, greedy decoding"
         ),
+        "predicted_speed_basis": SPEED_BASIS,
+        **verdict,
         "thresholds": [asdict(r) for r in rows],
     }
     if chosen is not None:
@@ -265,17 +358,22 @@ def finish(
             "was not accepted. No settings were written. Try more prompts (--prompts), a lower "
             "--target-agreement, a larger --delta, stricter --thresholds, or deeper --exit-layers."
         )
+    if verdict["speed_message"]:
+        report["message"] += "\n" + verdict["speed_message"]
     report_path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-    """The report's rows as a plain-text table, strictest threshold first."""
+    """The report's rows as a plain-text table, strictest threshold first, with a legend."""
     lines = [
-        f"{'threshold':>10} {'agreement':>10} {'token agr':>10} {'mean layers':>12} {'p-value':>10}  result",
+        f"{'threshold':>10} {'agreement':>10} {'token agr':>10} {'mean layers':>12} {'pred. speed*':>12} "
+        f"{'p-value':>10}  result",
     ]
+    fastest = report.get("fastest_threshold")
     for row in report["thresholds"]:
         layers = "-" if row["mean_layers"] is None else f"{row['mean_layers']:.2f}"
+        speed = "-" if row.get("predicted_speed") is None else f"{row['predicted_speed']:.3f}x"
         if row["accepted"]:
             result = "accepted"
         elif row["tested"]:
@@ -284,9 +382,13 @@ def format_table(report: Mapping[str, Any]) -> str:
             result = "not tested"
         if row["threshold"] == report.get("chosen_threshold"):
             result += "  <- chosen"
+        if fastest is not None and row["threshold"] == fastest != report.get("chosen_threshold"):
+            result += "  <- fastest predicted"
         lines.append(
             f"{row['threshold']:>10g} {row['agreement']:>10.4f} {row['token_agreement']:>10.4f} "
-            f"{layers:>12} {row['p_value']:>10.3g}  {result}"
+            f"{layers:>12} {speed:>12} {row['p_value']:>10.3g}  {result}"
         )
+    lines.append(f"* pred. speed: {PREDICTED} speed vs plain vLLM: plain's weight bytes per decode token over\n"
+                 "  the setting's, from its exit counts; a limit where decoding is bound by reading weights, not measured")
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from vllm_early_exit.tools.calibrate.ltt import (
     finish,
     strict_order,
 )
+from vllm_early_exit.tools.cost import WeightBytes
 from vllm_early_exit.tools.engines import build_engine, generate_together, shutdown_engine
 
 # Prompt tokens that may prefill in one step (the engine's max_num_batched_tokens);
@@ -79,6 +80,7 @@ def generate_at_thresholds(
                 "decode_tokens": stats.decode_tokens,
                 "mixed_step_tokens": max(expected - stats.decode_tokens, 0),
                 "num_layers": stats.num_layers,
+                "exit_stats": stats.to_dict(),
             }
     finally:
         shutdown_engine(llm)
@@ -148,6 +150,7 @@ def measure(
             mean_layers=counters[t]["mean_layers"],
             decode_tokens=counters[t]["decode_tokens"],
             mixed_step_tokens=counters[t]["mixed_step_tokens"],
+            exit_stats=counters[t]["exit_stats"],
         ))
     return runs
 
@@ -168,7 +171,9 @@ def calibrate(
     """Calibrates the threshold of ``settings`` on token-id ``prompts`` (see the ``calibrate`` package docstring).
 
     Writes ``out`` (the settings, only if a threshold is accepted) and
-    ``<out stem>.report.json``; returns the report.
+    ``<out stem>.report.json``; returns the report, with each threshold's
+    predicted (weight-bytes bound) speed vs plain vLLM from its exit counts and
+    the model's config (``cost.py``; None where the config cannot be read).
     """
     check_level("--target-agreement", target)
     check_level("--delta", delta)
@@ -180,8 +185,12 @@ def calibrate(
     signal = settings["signal"]
     candidates = strict_order(signal, thresholds if thresholds is not None else DEFAULT_THRESHOLDS[signal])
     check_thresholds(settings, candidates)
+    try:
+        weights = WeightBytes.from_pretrained(str(model))
+    except (OSError, ValueError, AttributeError):  # no HF config.json of a LLaMA-family model
+        weights = None
     start = time.perf_counter()
     runs = measure(str(model), prompts, settings, candidates, max_tokens=max_tokens, dtype=dtype)
     details = {"model": str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
     details["seconds"] = round(time.perf_counter() - start, 1)
-    return finish(runs, settings, target=target, delta=delta, out=out, info=details)
+    return finish(runs, settings, target=target, delta=delta, out=out, info=details, weights=weights)
