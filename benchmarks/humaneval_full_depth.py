@@ -1,7 +1,13 @@
-"""HumanEval pass@1 of a model at full depth with plain vLLM (no early exit): the baseline.
+"""HumanEval pass@1 of a model at full depth with plain vLLM (the baseline), or with early exit.
 
     .venv/bin/python benchmarks/humaneval_full_depth.py                     # Qwen2.5-Coder-1.5B, all 164
     .venv/bin/python benchmarks/humaneval_full_depth.py --limit 8 --out /tmp/he8   # a throughput estimate
+    .venv/bin/python benchmarks/humaneval_full_depth.py --early-exit '{"threshold": 0.99, ...}' \
+        --out benchmarks/results/qwen2.5-coder-1.5b/early-exit-NAME      # an operating point
+
+With ``--early-exit`` the same problems run on the early-exit engine with those settings; the
+summary then lists the problems lost and gained against the full-depth run (``--baseline``,
+default the full-depth JSONL in the default results folder) and the engine's exit statistics.
 
 Greedy, one reply per problem, the quality benchmark's prompt (``tools/quality/humaneval.py``:
 the problem in one user turn of the model's chat template, the reply's first code block run
@@ -66,16 +72,30 @@ def summarize(out: Path, setup: dict, total_problems: int) -> dict:
         "generation_s": gen_s,
         "output_tokens_per_s": out_tokens / gen_s if gen_s else None,
     }
+    if setup.get("early_exit") is not None:
+        summary["against_full_depth"] = lost_and_gained(records, setup.get("baseline") and Path(setup["baseline"]))
     (out / "humaneval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "humaneval.md").write_text(markdown(summary))
     return summary
+
+
+def lost_and_gained(records: list[dict], baseline: Path | None) -> dict | None:
+    """Problems passed at full depth but not here (lost) and the other way round (gained)."""
+    if baseline is None or not baseline.exists():
+        return None
+    full = read_done(baseline)
+    lost = [r["task_id"] for r in records if r["task_id"] in full and full[r["task_id"]]["passed"] and not r["passed"]]
+    gained = [r["task_id"] for r in records if r["task_id"] in full and not full[r["task_id"]]["passed"] and r["passed"]]
+    same_code = sum(r["task_id"] in full and full[r["task_id"]]["code"] == r["code"] for r in records)
+    return {"baseline": str(baseline), "lost": lost, "gained": gained, "same_code": same_code}
 
 
 def markdown(s: dict) -> str:
     pass_at_1 = f"{s['pass_at_1']:.3f}" if s["pass_at_1"] is not None else "-"
     scope = "all" if s["complete"] else f"the first {s['problems_run']}" if s["in_order"] else f"{s['problems_run']}"
     lines = [
-        f"# HumanEval pass@1, {s['model_name']}, full depth (plain vLLM)",
+        f"# HumanEval pass@1, {s['model_name']}, "
+        + ("full depth (plain vLLM)" if s.get("early_exit") is None else f"early exit `{json.dumps(s['early_exit'])}`"),
         "",
         f"**pass@1 {pass_at_1}** ({s['passed']} of {s['problems_run']} problems passed; {scope} of "
         f"{s['problems_total']} HumanEval problems{'' if s['complete'] else ', the rest not run yet: run the command again to resume'}).",
@@ -83,7 +103,11 @@ def markdown(s: dict) -> str:
         "| setting | value |",
         "|---|---|",
         f"| model | `{s['model']}` |",
-        f"| engine | plain vLLM {s['vllm']} (`LLM`, full depth), {s['device']} |",
+        f"| engine | plain vLLM {s['vllm']} (`LLM`, full depth), {s['device']} |" if s.get("early_exit") is None
+        else f"| engine | vLLM {s['vllm']} with early exit (`LLM`), {s['device']} |",
+        *[f"| exits, run {i} | mean {r['exit_stats']['mean_layers']:.2f} of {r['exit_stats']['num_layers']} layers per decode "
+          f"token, {r['exit_stats']['early_exit_tokens']} of {r['exit_stats']['decode_tokens']} tokens left early |"
+          for i, r in enumerate(s["runs"], 1) if r.get("exit_stats")],
         f"| machine | {s['processor']}, {s['cpus']} CPUs (shared with other work), torch {s['torch']} |",
         f"| dtype | {s['dtype']} |",
         f"| decoding | greedy, max {s['max_tokens']} new tokens, stop at the code block's closing fence |",
@@ -107,6 +131,16 @@ def markdown(s: dict) -> str:
         "`timeout`: it ran past the limit. Per problem: `humaneval.jsonl` (reply, code, outcome).",
         "",
     ]
+    against = s.get("against_full_depth")
+    if against:
+        lines += [
+            "## Against full depth",
+            "",
+            f"Baseline `{against['baseline']}`. Same extracted code as full depth: {against['same_code']} of "
+            f"{s['problems_run']}. Lost (passed at full depth, failed here): {', '.join(against['lost']) or 'none'}. "
+            f"Gained: {', '.join(against['gained']) or 'none'}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -135,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (default 2)")
     parser.add_argument("--dtype", default="float32", help="engine dtype (default float32: bf16 crashes on this CPU)")
     parser.add_argument("--stop-at", help="HH:MM UTC: stop generating then (what is done is kept; resume later)")
+    parser.add_argument("--early-exit", type=json.loads, default=None,
+                        help="early-exit settings as JSON (default: none, plain vLLM at full depth)")
+    parser.add_argument("--baseline", type=Path, default=DEFAULT_OUT / JSONL,
+                        help="full-depth JSONL to list lost and gained problems against (with --early-exit)")
     args = parser.parse_args(argv)
     stop_at = parse_stop_at(args.stop_at)
 
@@ -164,13 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_path = args.out / "setup.json"
     setup = json.loads(setup_path.read_text()) if setup_path.exists() else {}
     settings = {"model": model, "max_tokens": args.max_tokens, "dtype": args.dtype, "timeout_s": args.timeout,
-                "instruction": HUMANEVAL_INSTRUCTION, "stop": HUMANEVAL_STOP}
+                "instruction": HUMANEVAL_INSTRUCTION, "stop": HUMANEVAL_STOP, "early_exit": args.early_exit}
     changed = {k: (setup[k], v) for k, v in settings.items() if k in setup and setup[k] != v}
     if done and changed:
         raise SystemExit(
             f"{jsonl} holds {len(done)} problems run with other settings ({changed}); "
             "resume with the same settings, or pass another --out"
         )
+    if args.early_exit is not None:
+        if args.out.resolve() == DEFAULT_OUT.resolve():
+            raise SystemExit("--early-exit writes next to the full-depth baseline: pass another --out")
+        setup["baseline"] = str(args.baseline)
     setup.update(settings, model_name=Path(model).name, **{k: v for k, v in machine_info().items() if k != "date"})
     setup.setdefault("runs", [])
     todo = [(i, p) for i, p in enumerate(problems[: args.limit]) if p["task_id"] not in done]
@@ -190,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.inputs import TokensPrompt
 
     llm = build_engine(model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, max_model_len=max_model_len,
-                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(2048, max_model_len))
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(2048, max_model_len),
+                       early_exit=args.early_exit)
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=HUMANEVAL_STOP)
     run = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "problems": 0,
@@ -238,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         run["generation_s"] = time.monotonic() - start - scoring_s
         run["scoring_s"] = scoring_s
+        if args.early_exit is not None:
+            from vllm_early_exit import get_exit_stats
+
+            run["exit_stats"] = get_exit_stats(llm).to_dict()
         setup_path.write_text(json.dumps(setup, indent=2) + "\n")
         shutdown_engine(llm)
     summary = summarize(args.out, setup, total)
