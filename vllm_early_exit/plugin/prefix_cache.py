@@ -145,10 +145,11 @@ class ExactPrefixGuard:
         setattr(kv_cache_manager, _MARK, self)
 
     def allocate_slots(self, request, *args, **kwargs):
-        # vLLM passes what follows ``num_new_tokens`` by keyword; binding the signature on every
-        # call (once per scheduled request and step) is kept for other call shapes only.
-        arguments = kwargs if len(args) == 1 else self._signature.bind(request, *args, **kwargs).arguments
-        num_new = args[0] if len(args) == 1 else arguments.get("num_new_tokens", 0)
+        if len(args) == 1:  # vLLM's call: ``num_new_tokens``, then keywords (no bind per call)
+            num_new, arguments = args[0], kwargs
+        else:
+            arguments = self._signature.bind(request, *args, **kwargs).arguments
+            num_new = arguments.get("num_new_tokens", 0)
         hits = arguments.get("num_new_computed_tokens", 0) or 0
         external = arguments.get("num_external_computed_tokens", 0) or 0
         request_id = request.request_id
