@@ -6,16 +6,28 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_speed_benchmark_smoke_run_writes_results(tiny_chat_llama, tmp_path):
-    out = tmp_path / "results"
+
+def _bench(model, out, *options) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_early_exit", "bench", "--smoke", "--model", str(tiny_chat_llama),
-         "--batches", "1,2", "--output-tokens", "6", "--prompt-tokens", "16", "--rounds", "1", "--out", str(out)],
+        [sys.executable, "-m", "vllm_early_exit", "bench", "--model", str(model), "--batches", "1,2",
+         "--output-tokens", "6", "--prompt-tokens", "16", "--rounds", "1", "--out", str(out), *options],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads((out / "speed.json").read_text())
+    return json.loads((out / "speed.json").read_text())
+
+
+def test_speed_benchmark_smoke_run_writes_results(tiny_chat_llama, tmp_path):
+    """A run of one engine, then the smoke run resumed from it: the engine measured first is kept."""
+    out = tmp_path / "results"
+    first = _bench(tiny_chat_llama, out, "--modes", "forced_50")
+    assert first["setup"]["complete"]
+    assert {r["engine"] for r in first["rows"]} == {"plain", "forced_50"}
+    report = _bench(tiny_chat_llama, out, "--smoke", "--resume")
+    kept = [m for m in first["raw"] if m["block"] == "forced_50"]
+    assert [m for m in report["raw"] if m["block"] == "forced_50"] == kept
     rows = {(r["engine"], r["batch"]): r for r in report["rows"]}
     assert set(rows) == {(e, b) for e in ("plain", "forced_50", "never_top_k", "per_token", "per_token_shortlist") for b in (1, 2)}
     # Forced to leave after layer 2 of 6: three layers per token, ideal speedup 2.
@@ -30,3 +42,20 @@ def test_speed_benchmark_smoke_run_writes_results(tiny_chat_llama, tmp_path):
     assert rows[("plain", 1)]["ratio_vs_plain"] == 1.0
     assert (out / "speed.png").stat().st_size > 0
     assert "| forced_50 | 2 |" in (out / "speed.md").read_text()
+
+
+def test_resume_refuses_results_of_other_settings(tiny_chat_llama, tmp_path):
+    from vllm_early_exit.tools.bench import resumed_measurements
+
+    out = tmp_path / "results"
+    out.mkdir()
+    setup = {"model": str(tiny_chat_llama), "batches": [1, 2], "output_tokens": 6, "prompt_tokens": 16,
+             "rounds": 1, "dtype": "float32", "modes": {"plain": None, "never": {"threshold": 1.0}}}
+    raw = [{"engine": e, "batch": 1, "tokens": 6, "seconds": 1.0, "mean_layers": 6.0, "stats": None, "block": "never",
+            "tokens_per_s": 6.0} for e in ("plain", "never")]
+    (out / "speed.json").write_text(json.dumps({"setup": setup, "raw": raw}))
+    assert len(resumed_measurements(out, setup)) == 2
+    # An engine whose settings changed is measured again.
+    assert resumed_measurements(out, {**setup, "modes": {"plain": None, "never": {"threshold": 0.9}}}) == []
+    with pytest.raises(SystemExit, match="batches: \\[1, 2\\] there, \\[1, 8\\] now"):
+        resumed_measurements(out, {**setup, "batches": [1, 8]})

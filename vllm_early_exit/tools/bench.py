@@ -25,6 +25,7 @@ counts the engine measured; on a weight-bound machine it is the limit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -48,15 +49,15 @@ def engine_modes(
     ``shortlist``: a shortlist file for the ``*_shortlist`` modes (None: they are left out)."""
     half, three_quarters = num_layers // 2 - 1, (3 * num_layers) // 4 - 1
     deep = list(range(max(1, (2 * num_layers) // 3), num_layers - 1, 2))
-    rule = {"signal": "max_prob", "threshold": 0.9, "exit_layers": deep}
+    rule = {"signal": "max_prob", "threshold": 0.9, "exit_layers": deep, "compile": False}
     modes: dict[str, dict | None] = {
         "plain": None,
         "plain_eager": None,
         # per_token: decode rows that share a step with a prefill leave too.
-        "forced_50": {"exit_layers": [half], "threshold": 0.0, "policy": "per_token"},
-        "forced_75": {"exit_layers": [three_quarters], "threshold": 0.0, "policy": "per_token"},
-        "never": {"threshold": 1.0, "exit_layers": deep},
-        "never_top_k": {"threshold": 1.0, "exit_layers": deep, "vocab_top_k": 256},
+        "forced_50": {"exit_layers": [half], "threshold": 0.0, "policy": "per_token", "compile": False},
+        "forced_75": {"exit_layers": [three_quarters], "threshold": 0.0, "policy": "per_token", "compile": False},
+        "never": {"threshold": 1.0, "exit_layers": deep, "compile": False},
+        "never_top_k": {"threshold": 1.0, "exit_layers": deep, "vocab_top_k": 256, "compile": False},
         "all": {**rule, "policy": "all"},
         "quorum": {**rule, "policy": "quorum", "quorum": 0.5},
         "per_token": {**rule, "policy": "per_token"},
@@ -124,6 +125,7 @@ def run_benchmark(
     only: str | None = None,
     calibrated: dict | None = None,
     shortlist: str | None = None,
+    resume: bool = False,
 ) -> dict:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
@@ -139,6 +141,27 @@ def run_benchmark(
     common = {"dtype": dtype, "max_model_len": prompt_tokens + output_tokens + 16, "kv_cache_gib": 1}
 
     modes = select_modes(engine_modes(num_layers, smoke, calibrated, shortlist), only)
+    setup = {
+        "model": model,
+        "num_layers": num_layers,
+        "batches": batches,
+        "output_tokens": output_tokens,
+        "prompt_tokens": prompt_tokens,
+        "rounds": rounds,
+        "dtype": dtype,
+        "modes": dict(modes),
+    }
+    results = resumed_measurements(out_dir, setup) if resume else []
+    finished = {m.block for m in results}
+    weights = WeightBytes.of(model_config)
+
+    def save(complete: bool) -> dict:
+        report = summarize(results, num_layers, weights, modes)
+        report["setup"] = {**setup, **machine_info(), "complete": complete}
+        report["raw"] = [asdict(m) | {"tokens_per_s": m.tokens_per_s} for m in results]
+        write_report(report, out_dir)
+        return report
+
     plain = build_engine(model, **common)
 
     def timed(llm, name: str, batch: int) -> Measurement:
@@ -154,8 +177,8 @@ def run_benchmark(
 
     # One engine besides plain vLLM at a time (memory), alternated with it run by
     # run; every engine's ratio is taken against the plain runs of its own block.
-    results: list[Measurement] = []
-    others = [name for name in modes if name != "plain"]
+    # The results are written after every engine, so a stopped run keeps what it measured.
+    others = [name for name in modes if name != "plain" and name not in finished]
     for name in tqdm(others, desc="engines"):
         kwargs = dict(common)
         if name == "plain_eager":
@@ -163,32 +186,47 @@ def run_benchmark(
         if modes[name] is not None:
             kwargs["early_exit"] = {**modes[name], "log_interval_s": 0}
         llm = build_engine(model, **kwargs)
+        block: list[Measurement] = []
         for batch in batches:
             for round_index in range(rounds + 1):
                 pair = [timed(plain, "plain", batch), timed(llm, name, batch)]
                 if round_index > 0:  # round 0 warms both engines up for this batch size
                     for m in pair:
                         m.block = name
-                    results.extend(pair)
+                    block.extend(pair)
         shutdown_engine(llm)
         del llm
         gc.collect()
+        results.extend(block)
+        if name != others[-1]:
+            save(complete=False)
+    return save(complete=True)
 
-    report = summarize(results, num_layers, WeightBytes.of(model_config), modes)
-    report["setup"] = {
-        "model": model,
-        "num_layers": num_layers,
-        "batches": batches,
-        "output_tokens": output_tokens,
-        "prompt_tokens": prompt_tokens,
-        "rounds": rounds,
-        "dtype": dtype,
-        "modes": {k: v for k, v in modes.items()},
-        **machine_info(),
-    }
-    report["raw"] = [asdict(m) | {"tokens_per_s": m.tokens_per_s} for m in results]
-    write_report(report, out_dir)
-    return report
+
+RESUME_KEYS = ("model", "batches", "output_tokens", "prompt_tokens", "rounds", "dtype")
+"""Settings a resumed run must share with the results it continues."""
+
+
+def resumed_measurements(out_dir: Path, setup: dict) -> list[Measurement]:
+    """The measurements in ``out_dir/speed.json`` of engines whose settings are unchanged.
+
+    Refuses results taken with another model, batch sizes, lengths, rounds or dtype: their
+    ratios would not be comparable. An engine whose settings changed is measured again."""
+    path = out_dir / "speed.json"
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    before = previous.get("setup", {})
+    changed = [k for k in RESUME_KEYS if before.get(k) != setup[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} there, {setup[k]!r} now" for k in changed)
+        raise SystemExit(
+            f"bench --resume: {path} was measured with other settings ({detail}); "
+            "use another --out or run without --resume."
+        )
+    fields = {f.name for f in dataclasses.fields(Measurement)}
+    kept = {name for name, settings in before.get("modes", {}).items() if setup["modes"].get(name, 0) == settings}
+    return [Measurement(**{k: v for k, v in m.items() if k in fields}) for m in previous.get("raw", []) if m["block"] in kept]
 
 
 def summarize(
@@ -245,6 +283,10 @@ def write_report(report: dict, out_dir: Path) -> None:
         "layers run, K/V projections of layers filled, checks, the LM head unless the token was "
         "sampled from its check's logits): the limit on a weight-bound machine.",
         "",
+        *(
+            [] if setup.get("complete", True) else
+            ["**Partial results**: the engines measured so far (`--resume` measures the rest).", ""]
+        ),
         "| engine | batch | tokens/s | ratio | predicted | mean layers | ideal | efficiency |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -295,6 +337,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for speed.json/.md/.png")
     parser.add_argument("--smoke", action="store_true", help="a quick run with four engines (CI)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the engines already measured in --out/speed.json (same model, batches, lengths, "
+        "rounds, dtype and engine settings) and measure only the rest",
+    )
     parser.add_argument("--modes", help="comma-separated engines to measure (default: all; see the module doc)")
     parser.add_argument(
         "--shortlist",
@@ -326,6 +373,7 @@ def run(args: argparse.Namespace) -> dict:
         only=args.modes,
         calibrated=None if args.calibrated is None else EarlyExitConfig.from_cli_value(args.calibrated, "--calibrated"),
         shortlist=args.shortlist or str(ensure_shortlist(model)),
+        resume=args.resume,
     )
     print((Path(args.out) / "speed.md").read_text())
     return report
