@@ -21,9 +21,9 @@ OUT = Path("benchmarks/results")
 DEMO = {"signal": "max_prob", "threshold": 0.99, "exit_layers": [26, 28], "policy": "per_token"}
 VARIANTS = {  # name -> early_exit settings ("eager": plain vLLM with enforce_eager)
     "plain_eager": "eager",
-    "no_checks": {"exit_layers": []},
-    "checks_never_fire": {**DEMO, "threshold": 1.0},
-    "demo": DEMO,
+    "no_checks": {"exit_layers": [], "compile": False},
+    "checks_never_fire": {**DEMO, "threshold": 1.0, "compile": False},
+    "demo": {**DEMO, "compile": False},
     "demo_compiled": {**DEMO, "compile": True},
 }
 

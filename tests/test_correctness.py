@@ -117,13 +117,17 @@ def test_tensor_parallel_two_ranks_match_one(tiny_llama, mixed_run):
     assert tp2["stats"][0] == single["stats"][0]
 
 
-def test_architecture_override_uses_default_settings(tiny_llama, reference):
+@pytest.mark.parametrize("early_exit", [None, {"compile": False}], ids=["defaults", "compile_false"])
+def test_architecture_override_uses_default_settings(tiny_llama, reference, early_exit):
     """``hf_overrides`` alone selects the early-exit model with its defaults
-    (max_prob >= 0.9, checks from half the stack), with or without enforce_eager."""
+    (max_prob >= 0.9, checks from half the stack). Without enforce_eager the layer
+    groups compile by default, as plain vLLM compiles its model; ``compile: false`` runs
+    them eagerly. Tokens and exits are the reference's either way."""
     prompts = tiny_prompts(2, seed=11)
     result = run_engine(
         tiny_llama,
         [(p, NEW_TOKENS) for p in prompts],
+        early_exit=early_exit,
         hf_overrides={"architectures": ["EarlyExitLlamaForCausalLM"]},
         enforce_eager=False,
     )
@@ -132,3 +136,10 @@ def test_architecture_override_uses_default_settings(tiny_llama, reference):
     traces = [reference.generate(p, NEW_TOKENS, exit_layers=defaults, threshold=0.9) for p in prompts]
     assert result["outputs"] == [t.tokens for t in traces]
     assert result["stats"][0]["exits_per_layer"] == exit_counts(traces, layers)
+    groups = result["layer_groups"]
+    if early_exit is None:
+        # Cut after every check layer: [0, first check + 1), then one group per layer.
+        bounds = [(0, defaults[0] + 1), *((x + 1, x + 2) for x in defaults)]
+        assert groups == [{"layers": [first, stop], "compiled": True} for first, stop in bounds]
+    else:
+        assert groups == []

@@ -129,7 +129,10 @@ FIELDS: tuple[Field, ...] = (
         lambda v: None if v is None else str(Path(v).expanduser()),
     ),
     Field("skip_layers", (), _is_layer_list, "expected a list of layer indices >= 0", _layers),
-    Field("compile", False, lambda v: isinstance(v, bool), "expected true or false"),
+    Field(
+        "compile", None, _optional(lambda v: isinstance(v, bool)),
+        "expected true, false, or null (on CPU, compile unless the engine runs with enforce_eager)",
+    ),
 )
 
 
@@ -203,6 +206,9 @@ class EarlyExitConfig:
         compile: compile the layers between decision points as groups
             (``model_executor/early_exit/groups.py``) with vLLM's torch.compile, and on
             CUDA capture them as piecewise CUDA graphs. False: the model runs eagerly.
+            None (the default): on CPU, as vLLM does, compile unless the engine runs
+            with ``enforce_eager``; on other platforms run eagerly (compiled groups are
+            not measured there yet).
     """
 
     enabled: bool = True
@@ -217,7 +223,7 @@ class EarlyExitConfig:
     heads: str | None = None
     shortlist: str | None = None
     skip_layers: tuple[int, ...] = ()
-    compile: bool = False
+    compile: bool | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "EarlyExitConfig":
@@ -267,6 +273,12 @@ class EarlyExitConfig:
             raise EarlyExitConfigError(f"{option} {value!r}: invalid JSON ({exc}).") from None
         cls.from_dict(raw)
         return raw
+
+    @property
+    def may_compile(self) -> bool:
+        """Whether the layer groups compile when the engine compiles (``compile`` not false; the
+        start-up checks run ``compile: null`` eagerly where it is not the default)."""
+        return self.enabled and self.compile is not False
 
     def exit_layers_for(self, num_layers: int) -> tuple[int, ...]:
         """The layers after which checks run, checked against the model's depth.

@@ -123,6 +123,14 @@ def _choose_model_runner(vllm_config) -> None:
     )
 
 
+def _compiles_by_default() -> bool:
+    """Whether ``compile: null`` compiles: on CPU, where compiled groups measured faster than
+    eager ones (``benchmarks/results/speed.md``); elsewhere not until measured there."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
     """Eager, or compiled layer groups with piecewise CUDA graphs (never one whole-model graph).
 
@@ -131,13 +139,22 @@ def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
     ``enforce_eager`` and ``cudagraph_mode`` after this hook runs.
     """
     model_config = vllm_config.model_config
-    if not (settings.enabled and settings.compile):
+    if not settings.enabled:
+        eager_because = "early exit is off (early_exit.enabled is false)"
+    elif settings.compile is False:
+        eager_because = "early_exit.compile is false"
+    elif settings.compile is None and not _compiles_by_default():
+        eager_because = "early_exit.compile is unset, and compiled groups are the default on CPU only"
+    else:
+        eager_because = None
+    if eager_because is not None:
         if not model_config.enforce_eager:
-            logger.info("Early exit runs the model eagerly (enforce_eager=True; set early_exit.compile to compile).")
+            logger.info("Early exit runs the model eagerly (enforce_eager=True): %s.", eager_because)
             model_config.enforce_eager = True
         return
     if model_config.enforce_eager:
-        logger.warning("early_exit.compile is set but enforce_eager=True: the layer groups run eagerly.")
+        if settings.compile:
+            logger.warning("early_exit.compile is true but enforce_eager=True: the layer groups run eagerly.")
         return
     from vllm.config import CUDAGraphMode
 
@@ -145,4 +162,7 @@ def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
     if compilation.cudagraph_mode is None or compilation.cudagraph_mode.has_full_cudagraphs():
         # On platforms without graphs vLLM turns this off again.
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
-    logger.info("Early exit compiles the layer groups between decision points (piecewise CUDA graphs on CUDA).")
+    logger.info(
+        "Early exit compiles the layer groups between decision points (piecewise CUDA graphs on CUDA; "
+        "early_exit.compile: false or enforce_eager runs them eagerly)."
+    )

@@ -174,7 +174,7 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
     longest = max(len(p) for p in prompts) + max_tokens
     llm = build_engine(
         model_dir, max_model_len=longest + 8, skip_tokenizer_init=True, enable_prefix_caching=True,
-        early_exit={"exit_layers": [], "policy": "per_token", "log_interval_s": 0},
+        early_exit={"exit_layers": [], "policy": "per_token", "log_interval_s": 0, "compile": False},
     )
     outputs = budget_outputs(llm, prompts, max_tokens, num_layers)
     shutdown_engine(llm)

@@ -65,7 +65,7 @@ class EarlyExitLlamaModel(LlamaModel):
             check_kv_fill_supported(self.layers[self.start_layer : self.end_layer])
         self.compiled_stack = (
             CompiledStack(vllm_config, self.layers, self._group_bounds(), prefix)
-            if config.enabled and config.compile and compiling(vllm_config)
+            if config.may_compile and compiling(vllm_config)
             else None
         )
         parts = (self.layers, self.start_layer, self.end_layer, self.decider, KVPropagator(self.layers), self.exit_stats)
