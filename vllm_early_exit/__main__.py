@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "demo": ("vllm_early_exit.tools.demo", "early exit vs plain vLLM on SmolLM2 and ShareGPT prompts"),
     "bench": ("vllm_early_exit.tools.bench", "speed benchmark against plain vLLM (JSON + Markdown + PNG)"),
+    "bench-serve": ("vllm_early_exit.tools.serve_bench", "`vllm bench serve` against plain and early-exit `vllm serve` (JSON + Markdown + PNG)"),
     "shortlist": ("vllm_early_exit.tools.shortlist", "the most frequent reply tokens: the cheap first stage of exit checks"),
     "train-heads": ("vllm_early_exit.tools.train_heads", "train exit heads and gates on the model's own predictions"),
     "calibrate": ("vllm_early_exit.tools.calibrate", "pick a threshold that keeps a target agreement (Learn-then-Test)"),

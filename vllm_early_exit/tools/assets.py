@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -179,6 +179,25 @@ def sharegpt_prompts(
         if len(prompts) == count:
             break
     return prompts
+
+
+def write_sharegpt_file(path: Path, count: int, keep: Callable[[str], bool] | None = None) -> int:
+    """Writes the first ``count`` complete ShareGPT records that have a human turn and a
+    reply (what ``vllm bench serve --dataset-name sharegpt`` reads) to ``path`` as a valid
+    JSON list; the packaged file is cut off mid-record, which vLLM's loader refuses.
+    ``keep``: also required of the first turn's text (for example: short enough for the
+    server's context). Returns how many records were written."""
+    records = []
+    for record in _sharegpt_records():
+        turns = record.get("conversations") or []
+        text = (turns[0].get("value") or "").strip() if turns else ""
+        if len(turns) >= 2 and turns[0].get("from") == "human" and text and (keep is None or keep(text)):
+            records.append({"id": record.get("id", str(len(records))), "conversations": turns[:2]})
+            if len(records) == count:
+                break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return len(records)
 
 
 # Disjoint ranges of usable ShareGPT prompts (index of the first, how many there
