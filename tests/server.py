@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import urllib.request
 from pathlib import Path
 
-from vllm_early_exit.tools.serving import VLLM, free_port, running_server as _running_server
+from vllm_early_exit.tools.serving import VLLM, fetch_metrics, free_port, metric_value  # noqa: F401
+from vllm_early_exit.tools.serving import running_server as _running_server
 
 
 def serve_command(model: Path, port: int, *extra: str) -> list[str]:
@@ -21,19 +21,3 @@ def running_server(model: Path, *extra: str, startup_timeout: float = 420):
     port = free_port()
     log = Path(os.environ["VLLM_CACHE_ROOT"]).parent / f"serve-{port}.log"
     return _running_server(serve_command(model, port, *extra), port, log, startup_timeout)
-
-
-def fetch_metrics(url: str) -> str:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def metric_value(text: str, name: str, **labels: str) -> float | None:
-    """Value of one sample in Prometheus text format (labels must all match)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            return float(value)
-    return None

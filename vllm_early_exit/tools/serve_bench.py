@@ -19,12 +19,11 @@ import contextlib
 import json
 import subprocess
 import tempfile
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_early_exit.tools.engines import machine_info
-from vllm_early_exit.tools.serving import VLLM, free_port, running_server
+from vllm_early_exit.tools.serving import VLLM, fetch_metrics, free_port, metric_value, running_server
 
 DEFAULT_OUT = Path("benchmarks/results")
 SERVERS = ("plain", "early_exit")
@@ -123,22 +122,16 @@ def client_command(setup: dict, url: str, dataset: Path, concurrency: int, resul
 
 def exit_counters(url: str, num_layers: int) -> dict:
     """Early exit's cumulative counters from the server's ``/metrics``."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    exits = [0] * num_layers
-    totals = {"decode_tokens": 0, "full_depth_tokens": 0}
-    names = {"vllm:early_exit_decode_tokens_total": "decode_tokens", "vllm:early_exit_full_depth_tokens_total": "full_depth_tokens"}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        head, value = line.rsplit(" ", 1)
-        name = head.split("{", 1)[0]
-        if name in names:
-            totals[names[name]] += int(float(value))
-        elif name == "vllm:early_exit_layer_exits_total":
-            layer = int(head.split('layer="', 1)[1].split('"', 1)[0])
-            exits[layer] += int(float(value))
-    return {**totals, "exits_per_layer": exits}
+    text = fetch_metrics(url)
+
+    def count(name: str, **labels: str) -> int:
+        return int(metric_value(text, f"vllm:early_exit_{name}_total", **labels) or 0)
+
+    return {
+        "decode_tokens": count("decode_tokens"),
+        "full_depth_tokens": count("full_depth_tokens"),
+        "exits_per_layer": [count("layer_exits", layer=str(layer)) for layer in range(num_layers)],
+    }
 
 
 def counters_between(before: dict, after: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Starting ``vllm serve`` as a user would (the console script) and always stopping it.
+"""Starting ``vllm serve`` as a user would (the console script) and always stopping it;
+reading its ``/metrics``.
 
 The serving benchmark (``serve_bench.py``) and the serving tests share this.
 """
@@ -65,3 +66,19 @@ def running_server(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def fetch_metrics(url: str) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """Value of one sample in Prometheus text format (labels must all match)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
