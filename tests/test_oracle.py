@@ -10,18 +10,21 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def oracle_report(tiny_chat_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("oracle")
+def _oracle(model, out, *options) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_early_exit", "oracle", "--model", str(tiny_chat_llama),
-         "--prompts", "3", "--max-tokens", "10", "--max-skip", "1", "--out", str(out)],
+        [sys.executable, "-m", "vllm_early_exit", "oracle", "--model", str(model),
+         "--prompts", "3", "--max-tokens", "10", "--max-skip", "1", "--out", str(out), *options],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("oracle.json", "oracle.md", "oracle.png"):
         assert (out / name).stat().st_size > 0
     return json.loads((out / "oracle.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def oracle_report(tiny_chat_llama, tmp_path_factory):
+    return _oracle(tiny_chat_llama, tmp_path_factory.mktemp("oracle"))
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +62,28 @@ def test_skip_sets_are_scored_as_skip_layers_decode(oracle_report, chat_referenc
         for prompt, full in zip(report["prompt_token_ids"], report["outputs_full_depth"])
     ]
     assert chosen["identical"] == pytest.approx(sum(identical) / len(identical))
+
+
+def test_resume_keeps_what_a_stopped_run_measured(oracle_report, tiny_chat_llama, tmp_path):
+    """A run stopped after two skip sets: the resumed run reuses its depth budgets and
+    scores, and scores only the rest."""
+    from vllm_early_exit.tools.oracle import resumed_report
+
+    report = oracle_report
+    layers = report["num_layers"]
+    stopped = {**report, "complete": False, "skip_path": report["skip_path"][:1]}
+    stopped["scores"] = {key: report["scores"][key] for key in ("", "0")}
+    stopped["scores"]["0"] = [1.0, 1.0]  # a score only a resumed run can carry: layer 0 must win
+    # Budget outputs only a resumed run can carry: prompt 0 already right at depth 1.
+    stopped["outputs_per_depth"] = [list(per_depth) for per_depth in report["outputs_per_depth"]]
+    stopped["outputs_per_depth"][0] = [report["outputs_full_depth"][0]] * layers
+    (tmp_path / "oracle.json").write_text(json.dumps(stopped))
+    resumed = _oracle(tiny_chat_llama, tmp_path, "--resume")
+    assert resumed["complete"]
+    assert resumed["min_depths"] == [1, *report["min_depths"][1:]]
+    assert resumed["skip_path"][1] == {"skip_layers": [0], "token_agreement": 1.0, "identical": 1.0}
+    assert resumed["scores"] == {**report["scores"], "0": [1.0, 1.0]}
+    # A run with other lengths is refused with the reason.
+    expected = {key: report[key] for key in ("model", "num_layers", "max_tokens", "prompt_token_ids")}
+    with pytest.raises(SystemExit, match="another max_tokens"):
+        resumed_report(tmp_path, {**expected, "max_tokens": 11})

@@ -18,13 +18,16 @@ prompts, with greedy decoding:
    exactly by free-running decoding iff every teacher-forced position agrees,
    so "identical" here is exact, not an approximation.
 
-Results go to JSON, Markdown and a PNG.
+Results go to JSON, Markdown and a PNG, written after the depth budgets and
+after every skip set scored, so a stopped run keeps what it measured;
+``--resume`` continues it (same model, prompts and lengths).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     parser.add_argument("--max-skip", type=int, default=4, help="largest skip set the greedy search builds (default 4)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for oracle.{json,md,png}")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out/oracle.json (same model, prompts and --max-tokens): "
+        "its depth budgets and the skip sets already scored are kept",
+    )
 
 
 @dataclass
@@ -135,42 +143,112 @@ class SkipScorer:
         return agree / total, sum(identical) / len(identical), identical
 
 
-def greedy_skip_sets(scorer: SkipScorer, num_layers: int, max_skip: int, progress=None) -> list[SkipStep]:
-    """Grows a skip set one layer at a time, keeping the layer that hurts least.
+def skip_key(skip: set[int]) -> str:
+    """The key of a skip set in the report's ``scores`` (its layers, sorted, comma-separated)."""
+    return ",".join(str(layer) for layer in sorted(skip))
 
-    The last layer is never a candidate: skipping it cannot be told apart from an exit.
+
+def greedy_skip_sets(
+    scorer: SkipScorer, num_layers: int, max_skip: int, scores: dict[str, list[float]], scored=None
+) -> Iterator[SkipStep]:
+    """Grows a skip set one layer at a time, keeping the layer that hurts least; yields each.
+
+    ``scores``: skip set key -> (token agreement, identical share), filled as sets
+    are scored; sets already in it (a resumed run) are not scored again.
+    ``scored()`` is called after each new score. The last layer is never a
+    candidate: skipping it cannot be told apart from an exit.
     """
-    path = [SkipStep([], *scorer.score(set())[:2])]
+
+    def score(skip: set[int]) -> tuple[float, float]:
+        key = skip_key(skip)
+        if key not in scores:
+            scores[key] = list(scorer.score(skip)[:2])
+            if scored is not None:
+                scored()
+        return tuple(scores[key])
+
+    yield SkipStep([], *score(set()))
     chosen: set[int] = set()
     for _ in range(max_skip):
         best = None
         for layer in range(num_layers - 1):
             if layer in chosen:
                 continue
-            agreement, identical, _ = scorer.score(chosen | {layer})
-            if progress is not None:
-                progress.update(1)
+            agreement, identical = score(chosen | {layer})
             if best is None or (agreement, identical) > best[1:]:
                 best = (layer, agreement, identical)
         chosen.add(best[0])
-        path.append(SkipStep(sorted(chosen), best[1], best[2]))
-    return path
+        yield SkipStep(sorted(chosen), best[1], best[2])
 
 
 # --- the command ---------------------------------------------------------------
 
 
-def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip: int) -> dict:
-    """Both analyses on token prompts; returns the report dict."""
-    import gc
+RESUME_KEYS = ("model", "num_layers", "max_tokens", "prompt_token_ids")
+"""What a resumed run must share with the report it continues."""
 
+
+def analyse(
+    model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip: int,
+    save=lambda report: None, previous: dict | None = None,
+) -> dict:
+    """Both analyses on token prompts; returns the report dict.
+
+    ``save(report)`` is called with the report so far after the depth budgets and
+    after every skip set scored; ``previous``: a report of the same run to continue.
+    """
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    report = {"model": model_dir, "num_layers": num_layers, "prompts": len(prompts), "max_tokens": max_tokens,
+              "prompt_token_ids": prompts, "complete": False}
+    if previous is not None:
+        outputs = previous["outputs_per_depth"]
+        scores = dict(previous.get("scores", {}))
+    else:
+        outputs = _budget_runs(model_dir, prompts, max_tokens, num_layers)
+        scores = {}
+    depths = min_depths(outputs)
+    full = [per_depth[-1] for per_depth in outputs]
+    report.update({
+        "min_depths": depths,
+        "mean_min_depth": sum(depths) / len(depths),
+        "mean_min_depth_fraction": sum(depths) / len(depths) / num_layers,
+        "outputs_full_depth": full,
+        "outputs_per_depth": outputs,
+        "skip_path": [],
+        "largest_identical_skip_set": [],
+        "scores": scores,
+    })
+    save(report)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # LLaMA or Qwen2
+    scorer = SkipScorer(model, prompts, full)
+    candidates = 1 + sum(num_layers - 1 - k for k in range(max_skip))
+    with tqdm(total=candidates, initial=min(len(scores), candidates), desc="skip sets") as progress:
+
+        def scored():
+            progress.update(1)
+            save(report)
+
+        for step in greedy_skip_sets(scorer, num_layers, max_skip, scores, scored):
+            report["skip_path"].append(asdict(step))
+            if step.identical == 1.0:
+                report["largest_identical_skip_set"] = step.skip_layers
+            save(report)
+    report["complete"] = True
+    save(report)
+    return report
+
+
+def _budget_runs(model_dir: str, prompts: list[list[int]], max_tokens: int, num_layers: int):
+    """Every prompt decoded at every depth budget by the real engine (``budget_outputs``)."""
+    import gc
 
     # Budgets hold under per_token also for decode rows of steps that prefill other
     # requests, so the requests may reach the engine in any order and mix (no
     # ``generate_together`` needed).
-    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     longest = max(len(p) for p in prompts) + max_tokens
     llm = build_engine(
         model_dir, max_model_len=longest + 8, skip_tokenizer_init=True, enable_prefix_caching=True,
@@ -180,27 +258,24 @@ def analyse(model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip:
     shutdown_engine(llm)
     del llm
     gc.collect()
-    depths = min_depths(outputs)
-    full = [per_depth[-1] for per_depth in outputs]
+    return outputs
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # LLaMA or Qwen2
-    scorer = SkipScorer(model, prompts, full)
-    candidates = sum(num_layers - 1 - k for k in range(max_skip))
-    with tqdm(total=candidates, desc="skip sets") as progress:
-        path = greedy_skip_sets(scorer, num_layers, max_skip, progress)
-    identical_sets = [step for step in path if step.identical == 1.0]
-    return {
-        "num_layers": num_layers,
-        "prompts": len(prompts),
-        "max_tokens": max_tokens,
-        "min_depths": depths,
-        "mean_min_depth": sum(depths) / len(depths),
-        "mean_min_depth_fraction": sum(depths) / len(depths) / num_layers,
-        "skip_path": [asdict(step) for step in path],
-        "largest_identical_skip_set": identical_sets[-1].skip_layers,
-        "prompt_token_ids": prompts,
-        "outputs_full_depth": full,
-    }
+
+def resumed_report(out_dir: Path, expected: dict) -> dict | None:
+    """The report in ``out_dir`` to continue, or None when there is none; refuses another run's."""
+    path = out_dir / "oracle.json"
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    if "outputs_per_depth" not in previous:
+        raise SystemExit(f"oracle --resume: {path} was written by an older version (no outputs_per_depth); run without --resume.")
+    differs = [key for key in RESUME_KEYS if previous.get(key) != expected[key]]
+    if differs:
+        raise SystemExit(
+            f"oracle --resume: {path} was measured with another {', '.join(differs)}; "
+            "use another --out or run without --resume."
+        )
+    return previous
 
 
 def write_report(report: dict, out_dir: Path) -> None:
@@ -217,6 +292,10 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"**{report['mean_min_depth']:.2f} of {layers} layers ({100 * report['mean_min_depth_fraction']:.1f}%)**.",
         f"- Largest static skip set that keeps every output identical: {report['largest_identical_skip_set']}.",
         "",
+        *(() if report.get("complete", True) else (
+            f"**Partial results**: {len(report['scores'])} skip sets scored so far "
+            "(`--resume` continues the run).", "",
+        )),
         "| skip set (greedy) | decode tokens right (teacher-forced) | outputs identical |",
         "|---|---|---|",
     ]
@@ -245,7 +324,7 @@ def write_report(report: dict, out_dir: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from vllm_early_exit.tools.assets import chat_prompt, sharegpt_split, smollm2_checkpoint
 
@@ -257,8 +336,9 @@ def run(args: argparse.Namespace) -> dict:
         tokenizer.encode(chat_prompt(tokenizer, text), add_special_tokens=False)
         for text in sharegpt_split("evaluation", args.prompts)
     ]
-    report = analyse(model, prompts, args.max_tokens, args.max_skip)
-    report["model"] = model
-    write_report(report, args.out)
+    num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
+    expected = {"model": model, "num_layers": num_layers, "max_tokens": args.max_tokens, "prompt_token_ids": prompts}
+    previous = resumed_report(args.out, expected) if args.resume else None
+    report = analyse(model, prompts, args.max_tokens, args.max_skip, lambda r: write_report(r, args.out), previous)
     print((args.out / "oracle.md").read_text())
     return report
