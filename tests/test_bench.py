@@ -59,3 +59,32 @@ def test_resume_refuses_results_of_other_settings(tiny_chat_llama, tmp_path):
     assert resumed_measurements(out, {**setup, "modes": {"plain": None, "never": {"threshold": 0.9}}}) == []
     with pytest.raises(SystemExit, match="batches: \\[1, 2\\] there, \\[1, 8\\] now"):
         resumed_measurements(out, {**setup, "batches": [1, 8]})
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_qwen2_tied"])
+def test_weight_size_is_the_checkpoints_parameters(fixture, request):
+    from transformers import AutoModelForCausalLM
+
+    from vllm_early_exit.tools.engines import weight_gib
+
+    model = request.getfixturevalue(fixture)
+    hf = AutoModelForCausalLM.from_pretrained(model)
+    parameters = sum(p.numel() for p in hf.parameters())  # tied weights counted once
+    # Norm weights and q/k/v biases are left out: a fraction of a percent even at this size.
+    assert weight_gib(model, "float32") == pytest.approx(parameters * 4 / 2**30, rel=0.02)
+    assert weight_gib(model, "bfloat16") == pytest.approx(weight_gib(model, "float32") / 2)
+
+
+def test_two_engines_that_would_not_fit_are_refused_at_start_up(tiny_llama, monkeypatch):
+    import psutil
+
+    from vllm_early_exit.tools.engines import check_engines_fit, weight_gib
+
+    class Memory:
+        available = 2 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    check_engines_fit(tiny_llama, "float32", 2, 0.5, "bench")  # 2 x (2 x the weights + 0.5 GiB) fit
+    assert weight_gib(tiny_llama, "float32") < 0.1
+    with pytest.raises(SystemExit, match=r"bench: 2 engines .* in float32 .* but 2\.0 GiB is free\. Use --dtype bfloat16"):
+        check_engines_fit(tiny_llama, "float32", 2, 1.0, "bench")

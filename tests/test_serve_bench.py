@@ -4,6 +4,7 @@ vLLM's own client (`vllm bench serve`) against each, at two concurrencies."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,15 +20,17 @@ def test_sharegpt_file_holds_complete_records_vllm_can_load(tmp_path):
 
 
 def test_bench_serve_smoke_run(tiny_chat_llama, tmp_path):
-    out = tmp_path / "results"
+    out, temp = tmp_path / "results", tmp_path / "temp"
+    temp.mkdir()
     settings = {"exit_layers": [2, 3], "threshold": 0.5, "policy": "per_token", "compile": False}
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_early_exit", "bench-serve", "--model", str(tiny_chat_llama),
          "--concurrency", "1,2", "--prompts-per-concurrency", "1", "--output-len", "4", "--max-model-len", "512",
          "--early-exit-config", json.dumps(settings), "--serve-args=--enforce-eager", "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": str(temp)},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not list(temp.glob("serve-bench-*"))  # its work folder (data set, logs, client results) is gone
     report = json.loads((out / "serve_bench.json").read_text())
     assert report["setup"]["complete"]
     runs = {(r["server"], r["concurrency"]): r for r in report["runs"]}

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio
-from vllm_early_exit.tools.engines import build_engine, machine_info, shutdown_engine
+from vllm_early_exit.tools.engines import build_engine, check_engines_fit, machine_info, shutdown_engine
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -139,6 +139,7 @@ def run_benchmark(
     prompts = _prompts(tokenizer, max(batches), prompt_tokens)
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
     common = {"dtype": dtype, "max_model_len": prompt_tokens + output_tokens + 16, "kv_cache_gib": 1}
+    check_engines_fit(model, dtype, 2, common["kv_cache_gib"], "bench")  # plain vLLM and one other engine
 
     modes = select_modes(engine_modes(num_layers, smoke, calibrated, shortlist), only)
     setup = {

@@ -7,6 +7,8 @@
   prefill in one engine step, so that every later step is pure decode.
 * :func:`shutdown_engine` and :func:`machine_info`: stopping an engine, and the
   machine and versions a result was measured on.
+* :func:`check_engines_fit`: the start-up check of tools that keep two engines
+  alive at once (bench, bench-serve) against the machine's free memory.
 """
 
 from __future__ import annotations
@@ -57,6 +59,52 @@ def build_engine(
     if early_exit is not None:
         kwargs["additional_config"] = {"early_exit": dict(early_exit)}
     return LLM(str(model), **kwargs)
+
+
+CPU_ENGINE_RESIDENT_FACTOR = 2.0
+"""Resident memory of one vLLM CPU engine per byte of its model's weights: its worker held
+10.6 GiB for the 6.6 GiB of Qwen2.5-Coder-1.5B's float32 weights while warming up (1.6x) and
+6.4 GiB for its 3.3 GiB in bfloat16 (1.9x); its engine-core process and the caller's front
+end come on top."""
+
+
+def weight_gib(model: str | Path, dtype: str) -> float:
+    """GiB of ``model``'s weights in ``dtype`` (``auto``: the checkpoint's own dtype)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    name = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+    element = torch.empty(0, dtype=getattr(torch, name.removeprefix("torch."))).element_size()
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    layers = config.num_hidden_layers * (attention + 3 * hidden * inter)
+    embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return (layers + embeddings) * element / 2**30
+
+
+def check_engines_fit(model: str | Path, dtype: str, engines: int, kv_cache_gib: float, tool: str) -> None:
+    """Refuses, before any engine starts, ``engines`` CPU engines of ``model`` alive at once
+    that would not fit the free memory (on CPU the weights and the KV cache are host memory;
+    past it the machine swaps or freezes instead of failing). Other platforms: no check."""
+    import psutil
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    weights = weight_gib(model, dtype)
+    need = engines * (CPU_ENGINE_RESIDENT_FACTOR * weights + kv_cache_gib)
+    free = psutil.virtual_memory().available / 2**30
+    if need > free:
+        raise SystemExit(
+            f"{tool}: {engines} engines of {model} in {dtype} are alive at once and need about "
+            f"{need:.1f} GiB ({weights:.1f} GiB of weights each, about {CPU_ENGINE_RESIDENT_FACTOR}x that "
+            f"resident, plus {kv_cache_gib:g} GiB of KV cache), but {free:.1f} GiB is free. "
+            "Use --dtype bfloat16 (half the weights), a smaller model, or free memory."
+        )
 
 
 def shutdown_engine(llm) -> None:

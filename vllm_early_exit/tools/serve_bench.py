@@ -22,11 +22,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_early_exit.tools.engines import machine_info
+from vllm_early_exit.tools.engines import check_engines_fit, machine_info
 from vllm_early_exit.tools.serving import VLLM, fetch_metrics, free_port, metric_value, running_server
 
 DEFAULT_OUT = Path("benchmarks/results")
 SERVERS = ("plain", "early_exit")
+KV_CACHE_GIB = 1
+"""Each server's CPU KV cache (``VLLM_CPU_KVCACHE_SPACE``)."""
 METRICS = ("output_throughput", "median_tpot_ms", "median_ttft_ms", "median_itl_ms")
 """What is kept of each ``vllm bench serve`` result (besides the request and token counts)."""
 CHAT_TEMPLATE_TOKENS = 64
@@ -99,6 +101,17 @@ def num_prompts(setup: dict, concurrency: int) -> int:
     return max(8, setup["prompts_per_concurrency"] * concurrency)
 
 
+def serve_dtype(setup: dict) -> str:
+    """The servers' dtype: float32, unless ``--serve-args`` names another (the last one wins)."""
+    dtype, args = "float32", setup["serve_args"]
+    for index, arg in enumerate(args):
+        if arg == "--dtype" and index + 1 < len(args):
+            dtype = args[index + 1]
+        elif arg.startswith("--dtype="):
+            dtype = arg.split("=", 1)[1]
+    return dtype
+
+
 def serve_command(setup: dict, port: int, early_exit: bool) -> list[str]:
     command = [
         str(VLLM), "serve", setup["model"], "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
@@ -161,7 +174,7 @@ def _comparable(setup: dict) -> dict:
 def run_benchmark(setup: dict, out_dir: Path, resume: bool = False) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_early_exit.tools.assets import cache_dir, write_sharegpt_file
+    from vllm_early_exit.tools.assets import write_sharegpt_file
     from vllm_early_exit.tools.cost import WeightBytes
 
     num_layers = AutoConfig.from_pretrained(setup["model"]).num_hidden_layers
@@ -169,38 +182,42 @@ def run_benchmark(setup: dict, out_dir: Path, resume: bool = False) -> dict:
     path = out_dir / "serve_bench.json"
     runs = resumed_runs(path, setup) if resume else []
     done = {(r.server, r.concurrency, r.round) for r in runs}
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=cache_dir()))
-    dataset = work / "sharegpt.json"
-    # vLLM's loader shuffles and drops prompts over 1,024 tokens: leave it plenty to choose
-    # from, each short enough for the servers' context with the chat template and the reply.
-    tokenizer = AutoTokenizer.from_pretrained(setup["model"])
-    room = setup["max_model_len"] - setup["output_len"] - CHAT_TEMPLATE_TOKENS
-    write_sharegpt_file(
-        dataset, max(200, 4 * max(num_prompts(setup, c) for c in setup["concurrency"])),
-        keep=lambda text: len(tokenizer(text).input_ids) <= room,
-    )
-    todo = [
-        (round_index, c, server)
-        for round_index in range(setup["rounds"]) for c in setup["concurrency"] for server in SERVERS
-        if (server, c, round_index) not in done
-    ]
-
-    def save(complete: bool) -> dict:
-        report = {
-            "setup": {"settings": _comparable(setup), **machine_info(), "complete": complete},
-            "rows": summarize(runs, weights, setup["early_exit"]),
-            "runs": [asdict(r) for r in runs],
-        }
-        write_report(report, out_dir)
-        return report
-
     with contextlib.ExitStack() as stack:
+        # The ShareGPT file, the servers' logs and the client's results; removed on exit (a server
+        # that fails to start raises with its log's tail).
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-bench-")))
+        dataset = work / "sharegpt.json"
+        # vLLM's loader shuffles and drops prompts over 1,024 tokens: leave it plenty to choose
+        # from, each short enough for the servers' context with the chat template and the reply.
+        tokenizer = AutoTokenizer.from_pretrained(setup["model"])
+        room = setup["max_model_len"] - setup["output_len"] - CHAT_TEMPLATE_TOKENS
+        write_sharegpt_file(
+            dataset, max(200, 4 * max(num_prompts(setup, c) for c in setup["concurrency"])),
+            keep=lambda text: len(tokenizer(text).input_ids) <= room,
+        )
+        todo = [
+            (round_index, c, server)
+            for round_index in range(setup["rounds"]) for c in setup["concurrency"] for server in SERVERS
+            if (server, c, round_index) not in done
+        ]
+
+        def save(complete: bool) -> dict:
+            report = {
+                "setup": {"settings": _comparable(setup), **machine_info(), "complete": complete},
+                "rows": summarize(runs, weights, setup["early_exit"]),
+                "runs": [asdict(r) for r in runs],
+            }
+            write_report(report, out_dir)
+            return report
+
+        if todo:  # both servers stay up for the whole run
+            check_engines_fit(setup["model"], serve_dtype(setup), len(SERVERS), KV_CACHE_GIB, "bench-serve")
         urls = {}
         for server in SERVERS if todo else ():
             port = free_port()
             urls[server] = stack.enter_context(
                 running_server(serve_command(setup, port, server == "early_exit"), port, work / f"{server}.log",
-                               env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+                               env={"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)})
             )
         from tqdm import tqdm
 
