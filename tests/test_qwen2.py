@@ -16,7 +16,9 @@ in that process (``python test_qwen2.py SPEC.json OUT.json`` is the runner):
   (leaves at layer 1 every step) and one with early exit off;
 * ``compiled``: ``compile: true`` with ``skip_layers: [2]`` and a forced exit at
   layer 4, on ``tiny_qwen2_tied``;
-* ``tp2``: ``main`` with tensor parallelism 2 (two worker processes).
+* ``tp2``: ``main`` with tensor parallelism 2 (two worker processes);
+* ``heads``: random exit heads and gates (``test_heads.random_heads``) read at layers
+  1 and 3 with the ``gate`` signal.
 
 ``vllm serve --enable-early-exit`` runs in its own processes.
 """
@@ -37,6 +39,10 @@ THRESHOLD = 0.3  # on tiny_qwen2 with these prompts: exits at layers 1 and 3, an
 MAIN = {"exit_layers": [1, 3], "threshold": THRESHOLD, "policy": "per_token", "log_interval_s": 0}
 FORCED_1 = {"early_exit": {"threshold": 0.0}}
 OFF = {"early_exit": {"enabled": False}}
+HEAD_LAYERS = (1, 3)
+HEAD_THRESHOLD = 0.5
+HEADS = {"signal": "gate", "exit_layers": list(HEAD_LAYERS), "threshold": HEAD_THRESHOLD, "policy": "per_token",
+         "log_interval_s": 0}
 COMPILED = {
     "skip_layers": [2], "exit_layers": [4], "threshold": 0.0, "policy": "per_token", "compile": True,
     "log_interval_s": 0,
@@ -160,7 +166,26 @@ def compiled_prompts() -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_qwen2, tiny_qwen2_tied, prompts, compiled_prompts, tmp_path_factory) -> dict:
+def heads(tmp_path_factory):
+    """Random heads and gates for ``tiny_qwen2``, saved in the product's heads format."""
+    from .test_heads import random_heads
+
+    return random_heads(128, 512, layers=HEAD_LAYERS, seed=6).save(tmp_path_factory.mktemp("qwen2_heads"))
+
+
+@pytest.fixture(scope="module")
+def head_traces(reference, heads, prompts):
+    from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
+
+    weights = ExitHeads.load(heads).weights
+    traces = [reference.generate(p, NEW, exit_layers=HEAD_LAYERS, threshold=HEAD_THRESHOLD, heads=weights)
+              for p in prompts[:3]]
+    assert min(abs(c - HEAD_THRESHOLD) for t in traces for step in t.confidences for c in step.values()) > 1e-3
+    return traces
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_qwen2, tiny_qwen2_tied, prompts, compiled_prompts, heads, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("qwen2_runs")
     full = [[p, NEW, None] for p in prompts]
     spec = {
@@ -175,6 +200,10 @@ def runs(tiny_qwen2, tiny_qwen2_tied, prompts, compiled_prompts, tmp_path_factor
             "tp2": {
                 "model": str(tiny_qwen2), "engine": _engine(tensor_parallel_size=2),
                 "requests": main_requests(prompts), "early_exit": MAIN, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+            },
+            "heads": {
+                "model": str(tiny_qwen2), "engine": _engine(), "requests": [[p, NEW, None] for p in prompts[:3]],
+                "early_exit": {**HEADS, "heads": str(heads)},
             },
         }
     }
@@ -389,3 +418,15 @@ def test_vllm_serve_enable_early_exit(served_qwen2, reference, traces, prompts):
     assert metric("vllm:early_exit_decode_tokens_total") == 3 * (NEW - 1)
     assert metric("vllm:early_exit_early_tokens_total") == sum(exits)
     assert [metric("vllm:early_exit_layer_exits_total", layer=str(layer)) for layer in range(6)] == exits
+
+
+def test_exit_heads_and_gates_match_reference(runs, reference, head_traces, prompts):
+    """Check layers read through trained-format heads, decide on their gates and emit the heads' tokens."""
+    result = runs["heads"]
+    assert result["outputs"] == [t.tokens for t in head_traces]
+    layers = [e for t in head_traces for e in t.exit_layers]
+    assert layers.count(1) and layers.count(3), "the heads should let rows leave at both check layers"
+    assert result["stats"]["exits_per_layer"] == exit_counts(layers, 6)
+    plain_rule = [reference.generate(p, NEW, exit_layers=HEAD_LAYERS, threshold=HEAD_THRESHOLD).tokens
+                  for p in prompts[:3]]
+    assert plain_rule != result["outputs"], "without the heads the same rule should decode differently"
