@@ -361,6 +361,19 @@ def _tiny_weights():
                        lm_head=512 * 128)
 
 
+def test_head_checks_are_priced_without_reading_the_heads_folder(tmp_path):
+    """``head``/``gate`` settings need a heads folder to validate; the cost model prices them
+    from the layout alone: each check a token reaches also reads the head's hidden x hidden matrix."""
+    from vllm_early_exit.tools.cost import engine_bytes
+
+    w = _tiny_weights()
+    stats = _exit_stats(full=6, exits={1: 4})  # 4 tokens reach the check at 1, 6 reach both
+    plain_readout = engine_bytes(w, TINY_SETTINGS, stats)
+    for signal in ("head", "gate"):
+        heads = {**TINY_SETTINGS, "signal": signal, "heads": str(tmp_path / "not-here")}
+        assert engine_bytes(w, heads, stats) - plain_readout == pytest.approx((4 * 1 + 6 * 2) * 128 * 128 / 10)
+
+
 def test_report_predicts_each_thresholds_speed_from_its_exit_counts(calibrated, tiny_llama):
     from transformers import AutoConfig
 

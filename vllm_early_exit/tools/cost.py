@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+LAYOUT_KEYS = ("exit_layers", "min_layer", "skip_layers")
+"""The settings that decide which layers run and which check (``EarlyExitConfig.check_layers_for``)."""
+
 PREDICTED = "predicted (weight-bytes bound)"
 """How every number of this model is labelled: a bound on weight bytes read, not a measured speed."""
 
@@ -81,7 +84,9 @@ def engine_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str
     """Mean weights read per decode token by an engine with ``settings`` that counted ``stats``."""
     from vllm_early_exit.config import EarlyExitConfig
 
-    config = EarlyExitConfig.from_dict({k: v for k, v in settings.items() if k != "heads"})
+    # Only the layer layout matters here; the other settings (a heads folder, a shortlist)
+    # are priced by ``_check_cost`` and need not exist on this machine.
+    config = EarlyExitConfig.from_dict({k: settings[k] for k in LAYOUT_KEYS if k in settings})
     checks = sorted(config.check_layers_for(weights.num_layers))
     skipped = set(config.skip_layers)
     tokens = stats["decode_tokens"]
