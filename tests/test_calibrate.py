@@ -243,6 +243,13 @@ with open(result_path, "w") as f:
 """
 
 
+def _calibrate_argv(tiny_llama, prompt_file, out, max_tokens: int = NEW) -> list[str]:
+    return ["--model", str(tiny_llama), "--prompt-file", str(prompt_file), "--prompts", "48",
+            "--exit-layers", "1,3", "--policy", "per_token", "--thresholds", ",".join(map(str, CANDIDATES)),
+            "--target-agreement", str(TARGET), "--delta", str(DELTA), "--max-tokens", str(max_tokens),
+            "--out", str(out)]
+
+
 @pytest.fixture(scope="module")
 def calibrated(tiny_llama, tmp_path_factory):
     """The real command (``python -m vllm_early_exit calibrate``) on 48 token prompts of the tiny model (one early-exit, one plain
@@ -251,12 +258,9 @@ def calibrated(tiny_llama, tmp_path_factory):
     prompt_file = work / "prompts.json"
     prompt_file.write_text(json.dumps(tiny_prompts(48, seed=101)))
     out = work / "settings.json"
-    argv = ["--model", str(tiny_llama), "--prompt-file", str(prompt_file), "--prompts", "48",
-            "--exit-layers", "1,3", "--policy", "per_token", "--thresholds", ",".join(map(str, CANDIDATES)),
-            "--target-agreement", str(TARGET), "--delta", str(DELTA), "--max-tokens", str(NEW), "--out", str(out)]
-    spec = [argv, str(tiny_llama), HELD_OUT, NEW, str(work / "result.json")]
+    spec = [_calibrate_argv(tiny_llama, prompt_file, out), str(tiny_llama), HELD_OUT, NEW, str(work / "result.json")]
     proc = subprocess.run([sys.executable, "-c", CALIBRATE_THEN_SERVE, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads((work / "result.json").read_text())
     assert result["code"] == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -317,6 +321,35 @@ def test_calibrated_settings_keep_the_target_on_held_out_prompts(calibrated, tin
     assert served["held_out_stats"]["early_exit_tokens"] > 0
     shares = _full_model_agreement(tiny_llama, HELD_OUT, served["held_out_outputs"])
     assert sum(shares) / len(shares) >= TARGET
+
+
+def test_resume_reuses_the_measurements_of_the_same_run_only(calibrated, tiny_llama, tmp_path, capsys):
+    """The run wrote its outputs and scores as it went; --resume decides from them without an engine
+    (the same report), and refuses them for another run."""
+    import shutil
+
+    from vllm_early_exit.tools.calibrate.runs import measurements_path
+
+    out, report, _, _ = calibrated
+    saved = json.loads(measurements_path(out).read_text())
+    assert [len(outputs) for outputs, _ in saved["generated"]] == [48] * len(CANDIDATES)
+    assert [len(scores) for scores in saved["scores"]] == [48] * len(CANDIDATES)
+    assert saved["key"]["thresholds"] == list(CANDIDATES) and saved["key"]["max_tokens"] == NEW
+
+    again = tmp_path / "settings.json"
+    shutil.copy(measurements_path(out), measurements_path(again))
+    prompt_file = out.parent / "prompts.json"
+    assert cli(["calibrate", *_calibrate_argv(tiny_llama, prompt_file, again), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "--resume: the early-exit outputs come from" in printed and "--resume: the full model's scores" in printed
+    resumed = json.loads(cal.report_path(again).read_text())
+    fields = ("threshold", "agreement", "p_value", "accepted", "exit_stats", "predicted_speed")
+    assert [{k: r[k] for k in fields} for r in resumed["thresholds"]] == [
+        {k: r[k] for k in fields} for r in report["thresholds"]]
+    assert json.loads(again.read_text()) == json.loads(out.read_text())
+
+    with pytest.raises(SystemExit, match="measured with another max_tokens"):
+        cli(["calibrate", *_calibrate_argv(tiny_llama, prompt_file, again, max_tokens=NEW + 1), "--resume"])
 
 
 def test_a_target_that_cannot_be_met_yields_no_threshold(calibrated, tmp_path):

@@ -89,7 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         + "; ".join(f"{s}: {','.join(f'{t:g}' for t in g)}" for s, g in DEFAULT_THRESHOLDS.items()) + ")")
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     parser.add_argument("--out", required=True, help="settings file to write, e.g. settings.json "
-                        "(the report goes next to it as <stem>.report.json)")
+                        "(the report goes next to it as <stem>.report.json, the measurements as they are "
+                        "taken as <stem>.runs.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the measurements in <stem>.runs.json of a stopped run with the same model, "
+                        "prompts, settings, thresholds, --max-tokens and --dtype (another run's are refused)")
 
 
 def _base_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,10 +157,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"calibrate: {exc}") from None
     print(f"Calibrating {settings['signal']} on {len(prompts)} prompts ({source}) x {len(candidates)} thresholds, "
           f"{args.max_tokens} new tokens, target agreement {args.target_agreement:g}, delta {args.delta:g}", flush=True)
-    report = calibrate(
-        model, prompts, settings, target=args.target_agreement, delta=args.delta, out=args.out,
-        thresholds=candidates, max_tokens=args.max_tokens, dtype=args.dtype, info={"prompt_source": source},
-    )
+    try:
+        report = calibrate(
+            model, prompts, settings, target=args.target_agreement, delta=args.delta, out=args.out,
+            thresholds=candidates, max_tokens=args.max_tokens, dtype=args.dtype, info={"prompt_source": source},
+            resume=args.resume,
+        )
+    except CalibrationError as exc:
+        raise SystemExit(f"calibrate: {exc}") from None
     print()
     print(format_table(report))
     print()

@@ -10,6 +10,7 @@ hands the measurements to the Learn-then-Test core (``ltt.finish``).
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -123,6 +124,43 @@ def score_outputs(
     return {t: [unique[(i, tuple(out))] for i, out in enumerate(result)] for t, result in outputs.items()}
 
 
+def measurements_path(out: Path) -> Path:
+    """``settings.json`` -> ``settings.runs.json``: the measured outputs, counters and scores."""
+    return out.with_name(out.stem + ".runs.json")
+
+
+class Measurements:
+    """What a calibration run has measured so far, kept in a file next to its output.
+
+    The file is written after the early-exit engine's outputs and after their
+    scores, so a stopped or crashed run loses neither; with ``resume`` a run with
+    the same ``key`` (model, prompts, settings, thresholds, lengths, dtype) reads
+    them back instead of measuring again, and a file of another run is refused.
+    """
+
+    def __init__(self, path: Path, key: dict[str, Any], resume: bool):
+        self.path, self.key = path, json.loads(json.dumps(key))  # as the file holds it (lists, not tuples)
+        key = self.key
+        self.data: dict[str, Any] = {}
+        if resume and path.exists():
+            saved = json.loads(path.read_text())
+            differs = [k for k in key if saved.get("key", {}).get(k) != key[k]]
+            if differs:
+                raise CalibrationError(
+                    f"--resume: {path} was measured with another {', '.join(differs)}; "
+                    "use another --out or run without --resume."
+                )
+            self.data = saved
+
+    def get(self, name: str) -> Any:
+        return self.data.get(name)
+
+    def put(self, name: str, value: Any) -> None:
+        self.data[name] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**self.data, "key": self.key}) + "\n")
+
+
 def measure(
     model: str,
     prompts: Sequence[Sequence[int]],
@@ -131,14 +169,31 @@ def measure(
     *,
     max_tokens: int,
     dtype: str = "float32",
+    saved: Measurements | None = None,
 ) -> list[ThresholdRun]:
     """Decodes the prompts at every threshold and scores them against the full model.
 
     ``thresholds`` must already be in strict order; the runs come back in it.
+    ``saved`` keeps each phase's results and supplies those of a resumed run.
     """
-    outputs, counters = generate_at_thresholds(model, prompts, settings, thresholds, max_tokens=max_tokens, dtype=dtype)
-    gc.collect()  # the early-exit engine's memory, before the plain engine starts
-    choices = score_outputs(model, prompts, outputs, dtype=dtype)
+    generated = saved.get("generated") if saved else None
+    if generated is None:
+        outputs, counters = generate_at_thresholds(model, prompts, settings, thresholds, max_tokens=max_tokens, dtype=dtype)
+        gc.collect()  # the early-exit engine's memory, before the plain engine starts
+        if saved:
+            saved.put("generated", [[outputs[t], counters[t]] for t in thresholds])
+    else:
+        print(f"--resume: the early-exit outputs come from {saved.path}", flush=True)
+        outputs = {t: out for t, (out, _) in zip(thresholds, generated)}
+        counters = {t: counter for t, (_, counter) in zip(thresholds, generated)}
+    scored = saved.get("scores") if saved else None
+    if scored is None:
+        choices = score_outputs(model, prompts, outputs, dtype=dtype)
+        if saved:
+            saved.put("scores", [choices[t] for t in thresholds])
+    else:
+        print(f"--resume: the full model's scores come from {saved.path}", flush=True)
+        choices = dict(zip(thresholds, scored))
     runs = []
     for t in thresholds:
         per_prompt = choices[t]
@@ -167,11 +222,13 @@ def calibrate(
     max_tokens: int = 64,
     dtype: str = "float32",
     info: Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Calibrates the threshold of ``settings`` on token-id ``prompts`` (see the ``calibrate`` package docstring).
 
-    Writes ``out`` (the settings, only if a threshold is accepted) and
-    ``<out stem>.report.json``; returns the report, with each threshold's
+    Writes ``out`` (the settings, only if a threshold is accepted),
+    ``<out stem>.report.json`` and, as it measures, ``<out stem>.runs.json``
+    (:class:`Measurements`; ``resume`` continues from it); returns the report, with each threshold's
     predicted (weight-bytes bound) speed vs plain vLLM from its exit counts and
     the model's config (``cost.py``; None where the config cannot be read).
     """
@@ -190,7 +247,10 @@ def calibrate(
     except (OSError, ValueError, AttributeError):  # no HF config.json of a LLaMA-family model
         weights = None
     start = time.perf_counter()
-    runs = measure(str(model), prompts, settings, candidates, max_tokens=max_tokens, dtype=dtype)
+    key = {"model": str(model), "prompt_token_ids": [list(p) for p in prompts], "settings": dict(settings),
+           "thresholds": list(candidates), "max_tokens": max_tokens, "dtype": dtype}
+    saved = Measurements(measurements_path(Path(out)), key, resume)
+    runs = measure(str(model), prompts, settings, candidates, max_tokens=max_tokens, dtype=dtype, saved=saved)
     details = {"model": str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
     details["seconds"] = round(time.perf_counter() - start, 1)
     return finish(runs, settings, target=target, delta=delta, out=out, info=details, weights=weights)
