@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +34,10 @@ from vllm_early_exit.tools.engines import build_engine, generate_together, shutd
 # a threshold's prompts beyond that run in several waves (``generate_together``).
 PREFILL_TOKENS = 16384
 MAX_BATCH = 256
+STEP_TIMEOUT_S = 3600
+"""vLLM's limit on one model step (``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS``, default 300 s), raised
+for calibration unless set: a wave of ``PREFILL_TOKENS`` prompt tokens prefills in one step,
+which takes Qwen2.5-Coder-1.5B in float32 on two CPU cores longer than 300 s."""
 
 
 def generate_at_thresholds(
@@ -56,6 +61,7 @@ def generate_at_thresholds(
 
     longest = max(len(p) for p in prompts)
     budget = max(PREFILL_TOKENS, longest)
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(STEP_TIMEOUT_S))  # read by the engine's workers
     engine_settings = {**settings, "threshold": thresholds[0], "log_interval_s": 0}
     llm = build_engine(
         model, enforce_eager=True, max_model_len=longest + max_tokens + 1, dtype=dtype, early_exit=engine_settings,
