@@ -454,7 +454,7 @@ def test_no_setting_predicted_faster_than_plain_says_keep_early_exit_off(tiny_ll
     cal_cli = importlib.import_module("vllm_early_exit.tools.calibrate.cli")
     decoded = 48 * (NEW - 1)
 
-    def never_exiting(model, prompts, settings, *, target, delta, out, thresholds, max_tokens, dtype, info):
+    def never_exiting(model, prompts, settings, *, target, delta, out, thresholds, max_tokens, dtype, info, resume):
         runs = [cal.ThresholdRun(t, [1.0] * len(prompts), tokens=decoded, agreeing_tokens=decoded, mean_layers=6.0,
                                  decode_tokens=decoded, exit_stats=_exit_stats(full=decoded)) for t in thresholds]
         return cal.finish(runs, settings, target=target, delta=delta, out=out, info=info,
