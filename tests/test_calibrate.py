@@ -352,6 +352,24 @@ def test_resume_reuses_the_measurements_of_the_same_run_only(calibrated, tiny_ll
         cli(["calibrate", *_calibrate_argv(tiny_llama, prompt_file, again, max_tokens=NEW + 1), "--resume"])
 
 
+def test_resume_key_follows_the_contents_of_the_heads_and_shortlist_files(tmp_path):
+    """Heads retrained into the same folder (or a rewritten shortlist) make another run for --resume."""
+    from vllm_early_exit.tools.calibrate.runs import settings_files_digest
+
+    heads, shortlist = tmp_path / "heads", tmp_path / "shortlist.json"
+    heads.mkdir()
+    (heads / "heads.json").write_text("{}")
+    shortlist.write_text("[1, 2]")
+    settings = {"signal": "head", "heads": str(heads), "shortlist": str(shortlist)}
+    first = settings_files_digest(settings)
+    assert settings_files_digest(dict(settings)) == first
+    (heads / "heads.safetensors").write_bytes(b"retrained")
+    second = settings_files_digest(settings)
+    shortlist.write_text("[1, 3]")
+    assert len({first, second, settings_files_digest(settings)}) == 3
+    assert settings_files_digest({"signal": "max_prob"}) == settings_files_digest({})
+
+
 def test_a_target_that_cannot_be_met_yields_no_threshold(calibrated, tmp_path):
     """The same measurements against a target that 48 prompts cannot certify (at most
     0.99^48 = 0.62 > delta even with no loss at all): no settings, an explicit result."""

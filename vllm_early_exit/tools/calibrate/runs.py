@@ -130,6 +130,20 @@ def score_outputs(
     return {t: [unique[(i, tuple(out))] for i, out in enumerate(result)] for t, result in outputs.items()}
 
 
+def settings_files_digest(settings: Mapping[str, Any]) -> str:
+    """sha256 over the files the settings name (the heads folder's files, the shortlist): a resumed
+    run must not reuse outputs decoded with heads or a shortlist that have since been replaced."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in ("heads", "shortlist"):
+        if settings.get(key):
+            root = Path(settings[key])
+            for file in sorted(root.iterdir()) if root.is_dir() else [root]:
+                digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
 def measurements_path(out: Path) -> Path:
     """``settings.json`` -> ``settings.runs.json``: the measured outputs, counters and scores."""
     return out.with_name(out.stem + ".runs.json")
@@ -146,11 +160,10 @@ class Measurements:
 
     def __init__(self, path: Path, key: dict[str, Any], resume: bool):
         self.path, self.key = path, json.loads(json.dumps(key))  # as the file holds it (lists, not tuples)
-        key = self.key
         self.data: dict[str, Any] = {}
         if resume and path.exists():
             saved = json.loads(path.read_text())
-            differs = [k for k in key if saved.get("key", {}).get(k) != key[k]]
+            differs = [k for k in self.key if saved.get("key", {}).get(k) != self.key[k]]
             if differs:
                 raise CalibrationError(
                     f"--resume: {path} was measured with another {', '.join(differs)}; "
@@ -254,7 +267,8 @@ def calibrate(
         weights = None
     start = time.perf_counter()
     key = {"model": str(model), "prompt_token_ids": [list(p) for p in prompts], "settings": dict(settings),
-           "thresholds": list(candidates), "max_tokens": max_tokens, "dtype": dtype}
+           "files": settings_files_digest(settings), "thresholds": list(candidates), "max_tokens": max_tokens,
+           "dtype": dtype}
     saved = Measurements(measurements_path(Path(out)), key, resume)
     runs = measure(str(model), prompts, settings, candidates, max_tokens=max_tokens, dtype=dtype, saved=saved)
     details = {"model": str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
