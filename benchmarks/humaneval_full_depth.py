@@ -29,6 +29,8 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from vllm_early_exit.tools.resume import write_json
+
 DEFAULT_OUT = Path("benchmarks/results/qwen2.5-coder-1.5b")
 JSONL = "humaneval.jsonl"
 
@@ -74,7 +76,7 @@ def summarize(out: Path, setup: dict, total_problems: int) -> dict:
     }
     if setup.get("early_exit") is not None:
         summary["against_full_depth"] = lost_and_gained(records, setup.get("baseline") and Path(setup["baseline"]))
-    (out / "humaneval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "humaneval.json", summary)
     (out / "humaneval.md").write_text(markdown(summary))
     return summary
 
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     run["problems"] += 1
                     run["output_tokens"] += len(reply.token_ids)
                     run["generation_s"] = time.monotonic() - start - scoring_s
-                    setup_path.write_text(json.dumps(setup, indent=2) + "\n")
+                    write_json(setup_path, setup)
                     summary = summarize(args.out, setup, total)
                     bar.set_postfix_str(f"pass@1 {summary['pass_at_1']:.3f}, {summary['output_tokens_per_s'] or 0:.1f} tok/s")
                     bar.update(1)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             from vllm_early_exit import get_exit_stats
 
             run["exit_stats"] = get_exit_stats(llm).to_dict()
-        setup_path.write_text(json.dumps(setup, indent=2) + "\n")
+        write_json(setup_path, setup)
         shutdown_engine(llm)
     summary = summarize(args.out, setup, total)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))

@@ -57,7 +57,7 @@ def test_resume_refuses_results_of_other_settings(tiny_chat_llama, tmp_path):
     assert len(resumed_measurements(out, setup)) == 2
     # An engine whose settings changed is measured again.
     assert resumed_measurements(out, {**setup, "modes": {"plain": None, "never": {"threshold": 0.9}}}) == []
-    with pytest.raises(SystemExit, match="batches: \\[1, 2\\] there, \\[1, 8\\] now"):
+    with pytest.raises(SystemExit, match=r"another batches \(batches: \[1, 2\] there, \[1, 8\] now\)"):
         resumed_measurements(out, {**setup, "batches": [1, 8]})
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio
 from vllm_early_exit.tools.engines import build_engine, check_engines_fit, machine_info, shutdown_engine
+from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -213,20 +214,15 @@ def resumed_measurements(out_dir: Path, setup: dict) -> list[Measurement]:
 
     Refuses results taken with another model, batch sizes, lengths, rounds or dtype: their
     ratios would not be comparable. An engine whose settings changed is measured again."""
-    path = out_dir / "speed.json"
-    if not path.exists():
+    previous = saved_results(
+        out_dir / "speed.json", {k: setup[k] for k in RESUME_KEYS}, command="bench",
+        settings_of=lambda saved: saved.get("setup"),
+    )
+    if previous is None:
         return []
-    previous = json.loads(path.read_text())
-    before = previous.get("setup", {})
-    changed = [k for k in RESUME_KEYS if before.get(k) != setup[k]]
-    if changed:
-        detail = ", ".join(f"{k}: {before.get(k)!r} there, {setup[k]!r} now" for k in changed)
-        raise SystemExit(
-            f"bench --resume: {path} was measured with other settings ({detail}); "
-            "use another --out or run without --resume."
-        )
     fields = {f.name for f in dataclasses.fields(Measurement)}
-    kept = {name for name, settings in before.get("modes", {}).items() if setup["modes"].get(name, 0) == settings}
+    before = previous["setup"].get("modes", {})
+    kept = {name for name, settings in before.items() if as_saved(setup["modes"].get(name, 0)) == settings}
     return [Measurement(**{k: v for k, v in m.items() if k in fields}) for m in previous.get("raw", []) if m["block"] in kept]
 
 
@@ -267,7 +263,7 @@ def summarize(
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "speed.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "speed.json", report)
     setup = report["setup"]
     lines = [
         "# Speed: early exit vs plain vLLM",

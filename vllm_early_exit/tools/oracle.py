@@ -26,7 +26,6 @@ after every skip set scored, so a stopped run keeps what it measured;
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from vllm_early_exit.tools.engines import build_engine, shutdown_engine
+from vllm_early_exit.tools.resume import saved_results, write_json
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -264,23 +264,15 @@ def _budget_runs(model_dir: str, prompts: list[list[int]], max_tokens: int, num_
 def resumed_report(out_dir: Path, expected: dict) -> dict | None:
     """The report in ``out_dir`` to continue, or None when there is none; refuses another run's."""
     path = out_dir / "oracle.json"
-    if not path.exists():
-        return None
-    previous = json.loads(path.read_text())
-    if "outputs_per_depth" not in previous:
+    previous = saved_results(path, {key: expected[key] for key in RESUME_KEYS}, command="oracle")
+    if previous is not None and "outputs_per_depth" not in previous:
         raise SystemExit(f"oracle --resume: {path} was written by an older version (no outputs_per_depth); run without --resume.")
-    differs = [key for key in RESUME_KEYS if previous.get(key) != expected[key]]
-    if differs:
-        raise SystemExit(
-            f"oracle --resume: {path} was measured with another {', '.join(differs)}; "
-            "use another --out or run without --resume."
-        )
     return previous
 
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "oracle.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "oracle.json", report)
     layers = report["num_layers"]
     lines = [
         "# Oracle depth",

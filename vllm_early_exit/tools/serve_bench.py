@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_early_exit.tools.engines import check_engines_fit, machine_info
+from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
 from vllm_early_exit.tools.serving import VLLM, fetch_metrics, free_port, metric_value, running_server
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -157,18 +158,11 @@ def counters_between(before: dict, after: dict) -> dict:
 
 
 def resumed_runs(path: Path, setup: dict) -> list[ServeRun]:
-    if not path.exists():
-        return []
-    previous = json.loads(path.read_text())
-    if previous.get("setup", {}).get("settings") != _comparable(setup):
-        raise SystemExit(
-            f"bench-serve --resume: {path} was measured with other settings; use another --out or run without --resume."
-        )
-    return [ServeRun(**r) for r in previous.get("runs", [])]
-
-
-def _comparable(setup: dict) -> dict:
-    return json.loads(json.dumps(setup))
+    """The runs saved at ``path`` by a run with the same settings (another's are refused)."""
+    previous = saved_results(
+        path, setup, command="bench-serve", settings_of=lambda saved: saved.get("setup", {}).get("settings"),
+    )
+    return [] if previous is None else [ServeRun(**r) for r in previous.get("runs", [])]
 
 
 def run_benchmark(setup: dict, out_dir: Path, resume: bool = False) -> dict:
@@ -203,7 +197,7 @@ def run_benchmark(setup: dict, out_dir: Path, resume: bool = False) -> dict:
 
         def save(complete: bool) -> dict:
             report = {
-                "setup": {"settings": _comparable(setup), **machine_info(), "complete": complete},
+                "setup": {"settings": as_saved(setup), **machine_info(), "complete": complete},
                 "rows": summarize(runs, weights, setup["early_exit"]),
                 "runs": [asdict(r) for r in runs],
             }
@@ -274,7 +268,7 @@ def summarize(runs: list[ServeRun], weights, settings: dict) -> list[dict]:
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serve_bench.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "serve_bench.json", report)
     setup = report["setup"]
     settings = setup["settings"]
     lines = [

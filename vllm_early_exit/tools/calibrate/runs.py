@@ -10,7 +10,6 @@ hands the measurements to the Learn-then-Test core (``ltt.finish``).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from vllm_early_exit.tools.calibrate.ltt import (
 )
 from vllm_early_exit.tools.cost import WeightBytes
 from vllm_early_exit.tools.engines import build_engine, generate_together, shutdown_engine
+from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
 
 # Prompt tokens that may prefill in one step (the engine's max_num_batched_tokens);
 # a threshold's prompts beyond that run in several waves (``generate_together``).
@@ -159,25 +159,16 @@ class Measurements:
     """
 
     def __init__(self, path: Path, key: dict[str, Any], resume: bool):
-        self.path, self.key = path, json.loads(json.dumps(key))  # as the file holds it (lists, not tuples)
-        self.data: dict[str, Any] = {}
-        if resume and path.exists():
-            saved = json.loads(path.read_text())
-            differs = [k for k in self.key if saved.get("key", {}).get(k) != self.key[k]]
-            if differs:
-                raise CalibrationError(
-                    f"--resume: {path} was measured with another {', '.join(differs)}; "
-                    "use another --out or run without --resume."
-                )
-            self.data = saved
+        self.path, self.key = path, as_saved(key)
+        saved = saved_results(path, key, command="calibrate", settings_of=lambda s: s.get("key")) if resume else None
+        self.data: dict[str, Any] = saved or {}
 
     def get(self, name: str) -> Any:
         return self.data.get(name)
 
     def put(self, name: str, value: Any) -> None:
         self.data[name] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({**self.data, "key": self.key}) + "\n")
+        write_json(self.path, {**self.data, "key": self.key}, indent=None)
 
 
 def measure(
