@@ -2,7 +2,9 @@
 
 With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the scheduler and its KV cache manager can be
 inspected and patched from the runner, and ``LLM.generate`` queues every request before the
-first step. The runner is the test file run as a script: ``python FILE OUT.json MODEL``.
+first step. vLLM's CPU platform then keeps the worker in that process too (the ``uni``
+executor), so an engine starts in seconds. The runner is the test file run as a script:
+``python FILE OUT.json MODEL``.
 """
 
 from __future__ import annotations

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 
+from .conftest import one_process_env
+
 
 def _bench(model, out, *options) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_early_exit", "bench", "--model", str(model), "--batches", "1,2",
          "--output-tokens", "6", "--prompt-tokens", "16", "--rounds", "1", "--out", str(out), *options],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=one_process_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "speed.json").read_text())

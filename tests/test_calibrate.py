@@ -24,7 +24,7 @@ from vllm_early_exit.tools import risk
 from vllm_early_exit.__main__ import main as cli
 from vllm_early_exit.config import SIGNALS, EarlyExitConfig
 
-from .conftest import tiny_prompts
+from .conftest import one_process_env, tiny_prompts
 
 # --- risk.py ----------------------------------------------------------------------
 
@@ -260,7 +260,7 @@ def calibrated(tiny_llama, tmp_path_factory):
     out = work / "settings.json"
     spec = [_calibrate_argv(tiny_llama, prompt_file, out), str(tiny_llama), HELD_OUT, NEW, str(work / "result.json")]
     proc = subprocess.run([sys.executable, "-c", CALIBRATE_THEN_SERVE, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=one_process_env())
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads((work / "result.json").read_text())
     assert result["code"] == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

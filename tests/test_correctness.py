@@ -65,9 +65,10 @@ def test_forced_exit_matches_reference(tiny_llama, reference, layer):
 
 @pytest.fixture(scope="module")
 def mixed_run(tiny_llama, mixed_traces):
-    """The engine on the mixed case: (prompts, reference traces, engine result)."""
+    """The engine on the mixed case: (prompts, reference traces, engine result), in vLLM's
+    default processes (engine core and worker apart), as served."""
     prompts, traces = mixed_traces
-    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=MIXED)
+    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=MIXED, one_process=False)
     return prompts, traces, result
 
 

@@ -9,12 +9,14 @@ import sys
 import pytest
 import torch
 
+from .conftest import one_process_env
+
 
 def _oracle(model, out, *options) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_early_exit", "oracle", "--model", str(model),
          "--prompts", "3", "--max-tokens", "10", "--max-skip", "1", "--out", str(out), *options],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=one_process_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("oracle.json", "oracle.md", "oracle.png"):

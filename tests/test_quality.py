@@ -21,6 +21,8 @@ from vllm_early_exit.tools.quality import (
     skip_sets_from_influence,
 )
 
+from .conftest import one_process_env
+
 
 def test_rouge_l_on_token_ids():
     assert lcs_length([1, 2, 3, 4], [2, 4, 3]) == 2
@@ -84,7 +86,7 @@ def test_quality_benchmark_smoke_run(tiny_chat_llama, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_early_exit", "quality", "--smoke", "--model", str(tiny_chat_llama),
          "--heads", str(tmp_path / "no-heads"), "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=one_process_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_smoke_results(out)
