@@ -18,10 +18,10 @@ ENGINE_DEFAULTS = {"dtype": "float32", "max_model_len": 512, "enforce_eager": Tr
 
 
 def one_process_env() -> dict:
-    """The environment for a tool run as a command in a test: its engines' cores, and with one
-    rank their workers too (vLLM's CPU platform keeps those in-process then), run in the
-    command's process. An engine starts in half the time of vLLM's default processes, with the
-    same model, scheduler and hooks; the layout ``vllm serve`` runs is tested by the server tests."""
+    """The environment for a process that runs vLLM engines in a test: each engine's core, and
+    with one rank its worker too (vLLM's CPU platform keeps the ``uni`` executor then), runs in
+    that process. A tiny engine starts in 17 s instead of 38 s, with the same model, scheduler
+    and hooks; the layout ``vllm serve`` runs is kept where a test asks for it."""
     return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
@@ -168,11 +168,9 @@ def run_engine(
     """Starts a real vLLM engine in a fresh process and greedily decodes ``requests``:
     ``(prompt token ids, max new tokens)`` or ``(..., SamplingParams.extra_args)``.
 
-    ``one_process`` (the default) runs the engine core in that process too
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; vLLM's CPU platform then keeps a single worker
-    there as well, tensor parallelism keeps its worker processes): the same model, scheduler
-    and hooks, started in 17 s instead of 38 s. ``False`` starts vLLM's default processes,
-    the layout ``vllm serve`` runs.
+    ``one_process`` (the default): that process gets ``one_process_env()``. ``False`` starts
+    vLLM's default processes, the layout ``vllm serve`` runs (batched runs keep their core
+    in-process either way, see ``engine_runner.py``).
 
     Returns ``{"outputs": [token ids per request], "stats": [per rank] (early exit only)}``.
     """
@@ -185,7 +183,6 @@ def run_engine(
         "requests": [[list(r[0]), r[1], r[2] if len(r) > 2 else None] for r in requests],
         "batched": batched,
         "stats": early_exit is not None or "hf_overrides" in engine,
-        "one_process": one_process,
     }
     work = Path(os.environ["VLLM_CACHE_ROOT"]).parent
     spec_path = work / f"spec_{os.getpid()}_{id(spec)}.json"
@@ -196,7 +193,7 @@ def run_engine(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**(one_process_env() if one_process else os.environ), **(env or {})},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")

@@ -4,9 +4,7 @@ Usage: python engine_runner.py SPEC.json RESULT.json
 
 SPEC: {"model": dir, "engine": {LLM kwargs},
        "requests": [[prompt_token_ids, max_tokens, extra_args or null], ...],
-       "batched": false, "stats": true, "one_process": true}
-"one_process": the engine core and (without tensor parallelism) its worker run in this
-process, which starts in a third of the time of vLLM's default processes.
+       "batched": false, "stats": true}
 Requests run one at a time unless "batched" is true, so each is decoded alone
 and its schedule is deterministic; "batched": "both" runs them one at a time,
 then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[token ids]], "stats": [per rank], "layer_groups": [compiled groups of rank 0]}.
@@ -20,13 +18,12 @@ import sys
 def main(spec_path: str, result_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    if spec.get("batched") or spec.get("one_process"):
-        # The engine core in this process. Batched: LLM.generate then queues every request
-        # before the first step, so all prompts prefill together and every later step is pure
+    if spec.get("batched"):
+        # The engine core in this process: LLM.generate then queues every request before
+        # the first step, so all prompts prefill together and every later step is pure
         # decode. With a separate core process, requests arrive one by one and a decode
         # token may share a step with another request's prefill (that step runs full depth).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        # vLLM's CPU platform then keeps a single worker in this process (the uni executor).
     if os.environ.get("EARLY_EXIT_TEST_IN_PLACE_NORM"):  # see in_place_norm.py (needs the core in this process)
         sys.path.insert(0, os.path.dirname(__file__))
         import in_place_norm

@@ -186,6 +186,8 @@ def head_traces(reference, heads, prompts):
 
 @pytest.fixture(scope="module")
 def runs(tiny_qwen2, tiny_qwen2_tied, prompts, compiled_prompts, heads, tmp_path_factory) -> dict:
+    from .conftest import one_process_env
+
     work = tmp_path_factory.mktemp("qwen2_runs")
     full = [[p, NEW, None] for p in prompts]
     spec = {
@@ -211,7 +213,7 @@ def runs(tiny_qwen2, tiny_qwen2_tied, prompts, compiled_prompts, heads, tmp_path
     proc = subprocess.run(
         [sys.executable, __file__, str(work / "spec.json"), str(work / "out.json")],
         capture_output=True, text=True, timeout=900, check=False,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        env=one_process_env(),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
