@@ -63,8 +63,7 @@ class LogitReadout:
 
     def shortlisted(self, stream: torch.Tensor, shortlist: Shortlist) -> torch.Tensor:
         """Logits of the shortlist's tokens, the same for every row: ``[rows, len(shortlist)]``."""
-        weight = shortlist.weight(self.lm_head)
-        return torch.nn.functional.linear(self.norm(stream).to(weight.dtype), weight) * self.logits_processor.scale
+        return shortlist.logits(self.norm(stream), self.lm_head) * self.logits_processor.scale
 
 
 class ExitDecider:

@@ -17,12 +17,14 @@ The file: ``{"format": "vllm-early-exit-shortlist", "version": 1,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vllm_early_exit.errors import EarlyExitConfigError
+from vllm_early_exit.model_executor.early_exit.gemm import platform_linear
 
 FORMAT = "vllm-early-exit-shortlist"
 VERSION = 1
@@ -67,15 +69,18 @@ def check_shortlist(data: dict[str, Any], vocab_size: int, where: str) -> None:
 
 
 class Shortlist:
-    """The shortlist's rows of the LM head, gathered once (after the weights are loaded)."""
+    """The shortlist's rows of the LM head, gathered once (after the weights are loaded) and
+    multiplied through the platform's GEMM for linear layers (``gemm.py``)."""
 
     def __init__(self, path: str) -> None:
         self.tokens = torch.tensor(read_shortlist(path)["tokens"], dtype=torch.long)
-        self._weight: torch.Tensor | None = None
+        self._dtype: torch.dtype | None = None
+        self._linear: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def weight(self, lm_head: torch.nn.Module) -> torch.Tensor:
-        """``[len(tokens), hidden]``: a contiguous copy of the LM head's rows for these tokens."""
-        if self._weight is None:
+    def logits(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+        """``[rows, len(tokens)]``: the logits of these tokens (without the logits scale)."""
+        if self._linear is None:
             full = lm_head.weight
-            self._weight = full[self.tokens.to(full.device)].contiguous()
-        return self._weight
+            self._dtype = full.dtype
+            self._linear = platform_linear(full[self.tokens.to(full.device)].contiguous())
+        return self._linear(hidden.to(self._dtype))
