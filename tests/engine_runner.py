@@ -7,7 +7,8 @@ SPEC: {"model": dir, "engine": {LLM kwargs},
        "batched": false, "stats": true}
 Requests run one at a time unless "batched" is true, so each is decoded alone
 and its schedule is deterministic; "batched": "both" runs them one at a time,
-then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[token ids]], "stats": [per rank], "layer_groups": [compiled groups of rank 0]}.
+then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[token ids]], "stats": [per rank], "layer_groups": [compiled groups of rank 0],
+"kv_projections": [per rank, the layers with a K/V-only fill projection]}.
 """
 
 import json
@@ -58,6 +59,7 @@ def main(spec_path: str, result_path: str) -> None:
 
         result["stats"] = [s.to_dict() for s in get_exit_stats(llm, all_ranks=True)]
         result["layer_groups"] = llm.collective_rpc("early_exit_layer_groups")[0]
+        result["kv_projections"] = llm.collective_rpc("early_exit_kv_projections")
     with open(result_path, "w") as f:
         json.dump(result, f)
 

@@ -408,7 +408,7 @@ def _tiny_weights():
 
     q = o = 128 * 4 * 32
     kv = 2 * 128 * 2 * 32
-    return WeightBytes(num_layers=6, hidden=128, layer=q + kv + o + 3 * 128 * 256, kv_projection=q + kv,
+    return WeightBytes(num_layers=6, hidden=128, layer=q + kv + o + 3 * 128 * 256, kv_projection=kv,
                        lm_head=512 * 128)
 
 

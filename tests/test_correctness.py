@@ -61,6 +61,8 @@ def test_forced_exit_matches_reference(tiny_llama, reference, layer):
     assert stats["decode_tokens"] == decode_tokens
     assert stats["full_depth_tokens"] == 0
     assert stats["mean_layers"] == pytest.approx(layer + 1)
+    # The deeper layers' K/V came from the K/V-only projections built at load time.
+    assert result["kv_projections"] == [list(range(reference.num_layers))]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,8 @@ def test_tensor_parallel_two_ranks_match_one(tiny_llama, mixed_run):
     assert len(tp2["stats"]) == 2
     assert tp2["stats"][0] == tp2["stats"][1], "both ranks must take the same decisions"
     assert tp2["stats"][0] == single["stats"][0]
+    # Each rank fills from the k/v rows of its own qkv_proj shard.
+    assert tp2["kv_projections"] == [list(range(6))] * 2
 
 
 @pytest.mark.parametrize("early_exit", [None, {"compile": False}], ids=["defaults", "compile_false"])

@@ -88,6 +88,7 @@ def run_all(spec: dict) -> dict:
             per_rank = [s.to_dict() for s in get_exit_stats(llm, all_ranks=True)]
             result["stats"], result["stats_per_rank"] = per_rank[0], per_rank
             result["layer_groups"] = llm.collective_rpc("early_exit_layer_groups")[0]
+            result["kv_projections"] = llm.collective_rpc("early_exit_kv_projections")
         results[name] = result
         shutdown_engine(llm)
         del llm
@@ -321,6 +322,9 @@ def test_compiled_groups_with_skip_layers_on_tied_embeddings(runs, tied_referenc
     assert expected != [tied_reference.generate(p, NEW).tokens for p in compiled_prompts]
     stats = compiled["stats"]
     assert stats["exits_per_layer"][4] == stats["decode_tokens"] == len(compiled_prompts) * (NEW - 1)
+    # The skipped layer's and the deeper layers' K/V (with their k/v biases) came from the
+    # K/V-only projections built at load time.
+    assert compiled["kv_projections"] == [list(range(6))]
 
 
 def test_tensor_parallel_two_ranks_match_one(runs):

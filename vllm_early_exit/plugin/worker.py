@@ -43,6 +43,10 @@ class EarlyExitWorkerExtension:
             for (first, stop), group in stack.groups.items()
         ]
 
+    def early_exit_kv_projections(self) -> list[int]:
+        """The layers whose propagated K/V comes from a K/V-only projection (the rest use ``qkv_proj``)."""
+        return sorted(self._early_exit_model().kv_propagator.kv_projections)
+
 
 def get_exit_stats(llm, all_ranks: bool = False) -> ExitStats | list[ExitStats]:
     """Early-exit counters of an ``LLM`` (or ``LLMEngine``) since start or the last reset.

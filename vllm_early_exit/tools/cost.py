@@ -5,8 +5,8 @@ per token is the speed-up a setting can reach at best on such a machine. Per dec
 token, plain vLLM reads every layer and the LM head. An early-exit engine reads:
 
 * the layers the token runs (up to its exit layer, less the skipped layers);
-* the K/V projection (``qkv_proj``: the fill computes and drops q) of every layer
-  it does not run;
+* the K/V projection of every layer it does not run (the k and v rows of
+  ``qkv_proj``: the fill reads no q rows, ``kv_fill.kv_projection``);
 * at each check layer it reaches, the check's readout: the full LM head, the
   shortlist's rows of it (plus the full head to confirm, counted for the tokens
   that leave there), the pruned rows of ``vocab_top_k`` after the first check, and
@@ -46,7 +46,7 @@ class WeightBytes:
         q = hidden * config.num_attention_heads * head_dim
         kv = 2 * hidden * config.num_key_value_heads * head_dim
         layer = q + kv + config.num_attention_heads * head_dim * hidden + 3 * hidden * inter
-        return cls(config.num_hidden_layers, hidden, layer, q + kv, config.vocab_size * hidden)
+        return cls(config.num_hidden_layers, hidden, layer, kv, config.vocab_size * hidden)
 
     @classmethod
     def from_pretrained(cls, model: str) -> "WeightBytes":

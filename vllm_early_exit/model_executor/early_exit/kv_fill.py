@@ -7,9 +7,12 @@ entering the skipped layer): layer ``l`` stores ``k, v = kv_proj(norm_l(s))``
 with rotary on ``k``. This module is the only place that arranges it; each way
 below writes exactly that rule:
 
-* ``KVPropagator.fill``: the stream through each layer's input norm, the k/v
-  part of its ``qkv_proj`` and rotary, written by vLLM's own cache-update op (a
-  pure-decode step whose rows all left, or a skipped layer in a pure-decode step);
+* ``KVPropagator.fill``: the stream through each layer's input norm, its K/V
+  projection and rotary, written by vLLM's own cache-update op (a pure-decode
+  step whose rows all left, or a skipped layer in a pure-decode step). The K/V
+  projection is built once from the loaded weights (the k and v rows of
+  ``qkv_proj``, ``build_kv_projections``), so a fill reads no q rows: 40% of
+  ``qkv_proj``'s bytes for SmolLM2 and Qwen2.5-Coder-1.5B;
 * ``freeze_rows``: rows that left while others go on get hidden state 0 and
   residual ``s``, so every deeper layer's fused add+norm sees ``s`` and its own
   attention writes their K/V from it (eager walk);
@@ -27,11 +30,14 @@ FlashInfer) keeps working, since the cache is written by vLLM's op or attention.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+from vllm_early_exit.model_executor.early_exit.gemm import platform_linear
 
 
 def check_kv_fill_supported(layers: Sequence[nn.Module]) -> None:
@@ -50,28 +56,64 @@ def check_kv_fill_supported(layers: Sequence[nn.Module]) -> None:
 
 
 def _project_kv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k and v of ``x`` through the layer's own ``qkv_proj``.
-
-    The q rows are computed and dropped: slicing the weight would save them, but
-    platforms repack or quantize linear weights after loading (vLLM's CPU build
-    does), so only the layer's own forward is safe on every backend.
-    """
+    """k and v of ``x`` through the layer's own ``qkv_proj`` (the q rows are computed and dropped)."""
     kv = attn.qkv_proj(x)[0][:, attn.q_size :]
     k, v = kv.split([attn.kv_size, attn.kv_size], dim=-1)
     return k, v
 
 
+def kv_projection(attn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> [k | v]`` from the k and v rows of a loaded ``qkv_proj`` (this rank's shard), or
+    None when its weight is not a plain matrix (quantized layers keep ``_project_kv``).
+
+    Called after the checkpoint is loaded and before vLLM post-processes the weights
+    (which on CPU repacks them and drops the plain matrix), so it copies the rows it needs.
+    """
+    qkv = attn.qkv_proj
+    weight = getattr(qkv, "weight", None)
+    rows = slice(attn.q_size, attn.q_size + 2 * attn.kv_size)
+    if (
+        not isinstance(getattr(qkv, "quant_method", None), UnquantizedLinearMethod)
+        or weight is None
+        or weight.dim() != 2
+        or weight.shape[0] != rows.stop
+    ):
+        return None
+    bias = getattr(qkv, "bias", None)
+    return platform_linear(
+        weight.detach()[rows].clone(), None if bias is None else bias.detach()[rows].clone()
+    )
+
+
 class KVPropagator:
     """Fills the paged K/V of layers a step does not run from a residual stream."""
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
-        self.layers = layers
+    def __init__(self, layers: Sequence[nn.Module], start: int, end: int) -> None:
+        self.layers, self.start, self.end = layers, start, end
+        self.kv_projections: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        """Layer -> its K/V-only projection (``build_kv_projections``); layers without one
+        project through ``qkv_proj``."""
+
+    def build_kv_projections(self) -> None:
+        """K/V-only projections of this rank's layers, from the weights just loaded."""
+        for index in range(self.start, self.end):
+            projection = kv_projection(self.layers[index].self_attn)
+            if projection is not None:
+                self.kv_projections[index] = projection
+
+    def _project(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        projection = self.kv_projections.get(index)
+        if projection is None:
+            return _project_kv(self.layers[index].self_attn, x)
+        kv_size = self.layers[index].self_attn.kv_size
+        k, v = projection(x).split([kv_size, kv_size], dim=-1)
+        return k, v
 
     def fill(self, positions: torch.Tensor, stream: torch.Tensor, skipped: Iterable[int]) -> None:
         for index in skipped:
             layer = self.layers[index]
             attn = layer.self_attn
-            k, v = _project_kv(attn, layer.input_layernorm(stream))
+            k, v = self._project(index, layer.input_layernorm(stream))
             k, _ = attn.rotary_emb(positions, k.contiguous())  # rotary of k alone (no q)
             unified_kv_cache_update(
                 k.view(-1, attn.num_kv_heads, attn.head_dim),

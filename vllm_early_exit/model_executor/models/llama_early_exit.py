@@ -68,7 +68,8 @@ class EarlyExitLlamaModel(LlamaModel):
             if config.may_compile and compiling(vllm_config)
             else None
         )
-        parts = (self.layers, self.start_layer, self.end_layer, self.decider, KVPropagator(self.layers), self.exit_stats)
+        self.kv_propagator = KVPropagator(self.layers, self.start_layer, self.end_layer)
+        parts = (self.layers, self.start_layer, self.end_layer, self.decider, self.kv_propagator, self.exit_stats)
         self.eager_walker = EagerWalker(*parts)
         self.grouped_walker = (
             GroupedWalker(*parts, stack=self.compiled_stack) if self.compiled_stack is not None else None
@@ -180,6 +181,14 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         self.model.decider.bind_readout(
             LogitReadout(self.model.norm, self.lm_head, self.logits_processor)
         )
+
+    def load_weights(self, weights):
+        """vLLM's loading, then the K/V-only projections state propagation fills with
+        (built before vLLM post-processes the weights, while ``qkv_proj`` holds a plain matrix)."""
+        loaded = super().load_weights(weights)
+        if self.model.exit_config.enabled:
+            self.model.kv_propagator.build_kv_projections()
+        return loaded
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """vLLM's logits, but rows that left through a full-vocabulary check keep that check's logits."""
