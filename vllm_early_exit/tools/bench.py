@@ -309,19 +309,20 @@ def plot(report: dict, path: Path) -> None:
     engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "plain"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for engine in engines:
-        pts = sorted((r["batch"], r["ratio_vs_plain"], r["ideal_speedup"]) for r in rows if r["engine"] == engine)
+        pts = sorted((r["batch"], r["ratio_vs_plain"], r.get("predicted")) for r in rows if r["engine"] == engine)
         line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{engine} (measured)")[0]
-        if engine.startswith("forced"):
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color(), label=f"{engine} (ideal)")
+        limits = [(p[0], p[2]) for p in pts if p[2] is not None]
+        if limits:  # the weight-bytes limit, beside the measured ratio
+            ax.plot(*zip(*limits), ls="--", color=line.get_color(), label=f"{engine} (weight-bytes limit)")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("output tokens/s relative to plain vLLM")
     setup = report["setup"]
     ax.set_title(f"{Path(setup['model']).name} on {setup['device']}, vLLM {setup['vllm']}")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
