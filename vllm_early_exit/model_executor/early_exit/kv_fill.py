@@ -12,7 +12,7 @@ below writes exactly that rule:
   step whose rows all left, or a skipped layer in a pure-decode step). The K/V
   projection is built once from the loaded weights (the k and v rows of
   ``qkv_proj``, ``build_kv_projections``), so a fill reads no q rows: 40% of
-  ``qkv_proj``'s bytes for SmolLM2 and Qwen2.5-Coder-1.5B;
+  ``qkv_proj``'s bytes on SmolLM2, 25% on Qwen2.5-Coder-1.5B;
 * ``freeze_rows``: rows that left while others go on get hidden state 0 and
   residual ``s``, so every deeper layer's fused add+norm sees ``s`` and its own
   attention writes their K/V from it (eager walk);
