@@ -30,12 +30,15 @@ def platform_linear(
         try:
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
+            # A stand-in for a linear layer: the dispatch packs ``weight`` and, for kernels
+            # that want it, converts ``bias`` in place, as for vLLM's own layers.
             holder = torch.nn.Module()
             holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+            holder.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
             dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
             # Empty when the dispatch packed its own copy; the weight itself on its fallback path.
-            kept, cpu_linear = holder.weight, holder.cpu_linear
-            return lambda x: cpu_linear(x, kept, bias)
+            kept, kept_bias, cpu_linear = holder.weight, holder.bias, holder.cpu_linear
+            return lambda x: cpu_linear(x, kept, kept_bias)
         except (ImportError, AttributeError, RuntimeError):
             pass
     return lambda x: torch.nn.functional.linear(x, weight, bias)
