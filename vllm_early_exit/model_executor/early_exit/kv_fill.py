@@ -55,11 +55,9 @@ def check_kv_fill_supported(layers: Sequence[nn.Module]) -> None:
             raise NotImplementedError("early exit does not support cross-layer KV sharing.")
 
 
-def _project_kv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k and v of ``x`` through the layer's own ``qkv_proj`` (the q rows are computed and dropped)."""
-    kv = attn.qkv_proj(x)[0][:, attn.q_size :]
-    k, v = kv.split([attn.kv_size, attn.kv_size], dim=-1)
-    return k, v
+def _project_kv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[k | v]`` of ``x`` through the layer's own ``qkv_proj`` (the q rows are computed and dropped)."""
+    return attn.qkv_proj(x)[0][:, attn.q_size :]
 
 
 def kv_projection(attn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -101,19 +99,14 @@ class KVPropagator:
             if projection is not None:
                 self.kv_projections[index] = projection
 
-    def _project(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        projection = self.kv_projections.get(index)
-        if projection is None:
-            return _project_kv(self.layers[index].self_attn, x)
-        kv_size = self.layers[index].self_attn.kv_size
-        k, v = projection(x).split([kv_size, kv_size], dim=-1)
-        return k, v
-
     def fill(self, positions: torch.Tensor, stream: torch.Tensor, skipped: Iterable[int]) -> None:
         for index in skipped:
             layer = self.layers[index]
             attn = layer.self_attn
-            k, v = self._project(index, layer.input_layernorm(stream))
+            x = layer.input_layernorm(stream)
+            projection = self.kv_projections.get(index)
+            kv = _project_kv(attn, x) if projection is None else projection(x)
+            k, v = kv.split([attn.kv_size, attn.kv_size], dim=-1)
             k, _ = attn.rotary_emb(positions, k.contiguous())  # rotary of k alone (no q)
             unified_kv_cache_update(
                 k.view(-1, attn.num_kv_heads, attn.head_dim),
