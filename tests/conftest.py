@@ -41,18 +41,27 @@ def tiny_shape(layers: int, vocab_size: int) -> dict:
     }
 
 
-def make_tiny_llama(path: Path, *, seed: int = 0, layers: int = 6, vocab_size: int = 512) -> Path:
+def make_tiny_llama(
+    path: Path, *, seed: int = 0, layers: int = 6, vocab_size: int = 512, random_norms: bool = False
+) -> Path:
     """A random LLaMA: 4 heads of 32 (2 KV heads) so tensor parallelism 2 divides it.
 
     Weights are drawn with a large scale so logits are peaked: greedy choices are
     then far from ties and exact comparisons between implementations are fair.
+    HF initialises every norm weight to 1; ``random_norms`` draws the layers' input-norm
+    weights from [0.25, 1.75], so a path that drops or mixes them up decodes differently.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**tiny_shape(layers, vocab_size), tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    if random_norms:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.input_layernorm.weight.uniform_(0.25, 1.75)
+    model.save_pretrained(path)
     return path
 
 

@@ -6,7 +6,7 @@ token, plain vLLM reads every layer and the LM head. An early-exit engine reads:
 
 * the layers the token runs (up to its exit layer, less the skipped layers);
 * the K/V projection of every layer it does not run (the k and v rows of
-  ``qkv_proj``: the fill reads no q rows, ``kv_fill.kv_projection``);
+  ``qkv_proj``: the fill reads no q rows, ``kv_fill.FoldedKV``);
 * at each check layer it reaches, the check's readout: the full LM head, the
   shortlist's rows of it (plus the full head to confirm, counted for the tokens
   that leave there), the pruned rows of ``vocab_top_k`` after the first check, and

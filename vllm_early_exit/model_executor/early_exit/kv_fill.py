@@ -9,10 +9,12 @@ below writes exactly that rule:
 
 * ``KVPropagator.fill``: the stream through each layer's input norm, its K/V
   projection and rotary, written by vLLM's own cache-update op (a pure-decode
-  step whose rows all left, or a skipped layer in a pure-decode step). The K/V
-  projection is built once from the loaded weights (the k and v rows of
-  ``qkv_proj``, ``build_kv_projections``), so a fill reads no q rows: 40% of
-  ``qkv_proj``'s bytes on SmolLM2, 25% on Qwen2.5-Coder-1.5B;
+  step whose rows all left, or a skipped layer in a pure-decode step). The
+  projections are built once from the loaded weights (``build_kv_projections``):
+  the k and v rows of every layer's ``qkv_proj`` with the layer's input-norm
+  weight folded in, stacked (``FoldedKV``), so a fill reads no q rows (40% of
+  ``qkv_proj``'s bytes on SmolLM2, 25% on Qwen2.5-Coder-1.5B) and all its layers
+  take one product, one rotary call and one cache write each;
 * ``freeze_rows``: rows that left while others go on get hidden state 0 and
   residual ``s``, so every deeper layer's fused add+norm sees ``s`` and its own
   attention writes their K/V from it (eager walk);
@@ -35,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from vllm_early_exit.model_executor.early_exit.gemm import platform_linear
@@ -60,59 +63,162 @@ def _project_kv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return attn.qkv_proj(x)[0][:, attn.q_size :]
 
 
-def kv_projection(attn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``x -> [k | v]`` from the k and v rows of a loaded ``qkv_proj`` (this rank's shard), or
-    None when its weight is not a plain matrix (quantized layers keep ``_project_kv``).
+def _write_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes ``[rows, kv_heads, head_dim]`` K/V into the layer's paged cache with vLLM's op."""
+    unified_kv_cache_update(k, v, attn.attn.layer_name)
 
-    Called after the checkpoint is loaded and before vLLM post-processes the weights
-    (which on CPU repacks them and drops the plain matrix), so it copies the rows it needs.
-    """
+
+def _kv_rows(attn: nn.Module) -> torch.Tensor | None:
+    """The k and v rows of a loaded, unquantized ``qkv_proj`` weight (this rank's shard), or None."""
     qkv = attn.qkv_proj
     weight = getattr(qkv, "weight", None)
-    rows = slice(attn.q_size, attn.q_size + 2 * attn.kv_size)
     if (
         not isinstance(getattr(qkv, "quant_method", None), UnquantizedLinearMethod)
         or weight is None
         or weight.dim() != 2
-        or weight.shape[0] != rows.stop
+        or weight.shape[0] != attn.q_size + 2 * attn.kv_size
     ):
         return None
-    bias = getattr(qkv, "bias", None)
-    return platform_linear(
-        weight.detach()[rows].clone(), None if bias is None else bias.detach()[rows].clone()
-    )
+    return weight.detach()[attn.q_size :]
+
+
+class FoldedKV:
+    """The K/V-only projections of a rank's layers as one matrix: each layer's k and v rows of
+    ``qkv_proj`` with the layer's input-norm weight folded in, stacked in layer order.
+
+    Every layer's input norm is ``g_l * s / rms(s)``, so for one stream ``s`` the K/V of
+    layers ``a..b`` are one product ``(s / rms(s)) @ [W_a diag(g_a); ...; W_b diag(g_b)].T``
+    (plus the q/k/v bias), and their rotary one call over ``b - a + 1`` times the heads
+    (every layer shares one rotary embedding). A fill of ``n`` layers costs a handful of
+    operations instead of a dozen per layer. Fills that reach the last layer from a check
+    layer multiply a matrix packed for the platform's GEMM (``gemm.py``; on CPU a packed copy of
+    the suffix, built once); other ranges multiply a slice of the stack.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        start: int,
+        end: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        eps: float,
+        packed_starts: Iterable[int],
+    ) -> None:
+        self.layers, self.start, self.end = layers, start, end
+        attn = layers[start].self_attn
+        self.rotary = attn.rotary_emb
+        self.kv_size, self.num_kv_heads, self.head_dim = attn.kv_size, attn.num_kv_heads, attn.head_dim
+        self.weight, self.bias, self.eps = weight, bias, eps
+        self._packed = {first: self._pack(first) for first in set(packed_starts) if start <= first < end}
+
+    @classmethod
+    def build(
+        cls, layers: Sequence[nn.Module], start: int, end: int, packed_starts: Iterable[int]
+    ) -> "FoldedKV | None":
+        """The folded stack of layers ``start..end - 1`` from their loaded weights, or None when
+        some layer does not fit the rule (a quantized ``qkv_proj``, another norm, its own rotary)."""
+        first_attn = layers[start].self_attn
+        rows, biases, eps = [], [], None
+        for index in range(start, end):
+            layer = layers[index]
+            attn, norm = layer.self_attn, layer.input_layernorm
+            kv = _kv_rows(attn)
+            if (
+                kv is None
+                or type(norm) is not RMSNorm
+                or not norm.has_weight
+                or norm.variance_size_override is not None
+                or attn.rotary_emb is not first_attn.rotary_emb
+                or (eps is not None and norm.variance_epsilon != eps)
+            ):
+                return None
+            eps = norm.variance_epsilon
+            rows.append((kv.float() * norm.weight.detach().float()).to(kv.dtype))
+            bias = getattr(attn.qkv_proj, "bias", None)
+            biases.append(None if bias is None else bias.detach()[attn.q_size :])
+        has_bias = biases[0] is not None
+        if any((b is not None) != has_bias for b in biases):
+            return None
+        bias = torch.cat(biases) if has_bias else None
+        return cls(layers, start, end, torch.cat(rows), bias, eps, packed_starts)
+
+    def _slice(self, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stack's rows (and bias) of layers ``first..stop - 1``."""
+        size = 2 * self.kv_size
+        rows = slice((first - self.start) * size, (stop - self.start) * size)
+        return self.weight[rows], None if self.bias is None else self.bias[rows]
+
+    def _pack(self, first: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        weight, bias = self._slice(first, self.end)
+        # The platform may convert the bias it is given; the stack keeps its own.
+        return platform_linear(weight, None if bias is None else bias.clone())
+
+    def _project(self, x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        if stop == self.end and first in self._packed:
+            return self._packed[first](x)
+        return torch.nn.functional.linear(x, *self._slice(first, stop))
+
+    def project(
+        self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (with rotary) and V of layers ``first..stop - 1`` from ``stream``:
+        ``[rows, stop - first, kv_heads, head_dim]`` each."""
+        rows, count = stream.shape[0], stop - first
+        s = stream.float()
+        normed = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.weight.dtype)
+        kv = self._project(normed, first, stop).view(rows, count, 2, self.kv_size)
+        # Rotary of every layer's k at once: the layers' heads side by side, one position per row.
+        k, _ = self.rotary(positions, kv[:, :, 0].reshape(rows, count * self.kv_size))
+        heads = (self.num_kv_heads, self.head_dim)
+        return k.view(rows, count, *heads), kv[:, :, 1].unflatten(-1, heads)
+
+    def fill(self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int) -> None:
+        k, v = self.project(positions, stream, first, stop)
+        for offset, index in enumerate(range(first, stop)):
+            _write_kv(self.layers[index].self_attn, k[:, offset], v[:, offset])
+
+    @property
+    def packed_starts(self) -> list[int]:
+        """The first layers of the fills that multiply a packed matrix."""
+        return sorted(self._packed)
 
 
 class KVPropagator:
     """Fills the paged K/V of layers a step does not run from a residual stream."""
 
-    def __init__(self, layers: Sequence[nn.Module], start: int, end: int) -> None:
+    def __init__(self, layers: Sequence[nn.Module], start: int, end: int, check_layers: Iterable[int] = ()) -> None:
         self.layers, self.start, self.end = layers, start, end
-        self.kv_projections: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
-        """Layer -> its K/V-only projection (``build_kv_projections``); layers without one
-        project through ``qkv_proj``."""
+        self.check_layers = frozenset(check_layers)
+        self.folded: FoldedKV | None = None
+        """The folded K/V-only projections (``build_kv_projections``); None: every fill
+        projects through each layer's ``qkv_proj``."""
+
+    @property
+    def kv_projections(self) -> list[int]:
+        """The layers whose fills use the folded K/V-only projections."""
+        return [] if self.folded is None else list(range(self.start, self.end))
 
     def build_kv_projections(self) -> None:
-        """K/V-only projections of this rank's layers, from the weights just loaded."""
-        for index in range(self.start, self.end):
-            projection = kv_projection(self.layers[index].self_attn)
-            if projection is not None:
-                self.kv_projections[index] = projection
+        """Folds this rank's K/V-only projections from the weights just loaded (before vLLM
+        post-processes them, which on CPU repacks them and drops the plain matrices). The
+        fills a step takes when every row leaves at a check layer get packed matrices."""
+        starts = [layer + 1 for layer in self.check_layers]
+        self.folded = FoldedKV.build(self.layers, self.start, self.end, starts)
 
-    def fill(self, positions: torch.Tensor, stream: torch.Tensor, skipped: Iterable[int]) -> None:
-        for index in skipped:
+    def fill(self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int) -> None:
+        """Writes the K/V of layers ``first..stop - 1`` from ``stream`` (every row's)."""
+        if first >= stop:
+            return
+        if self.folded is not None:
+            self.folded.fill(positions, stream, first, stop)
+            return
+        for index in range(first, stop):
             layer = self.layers[index]
             attn = layer.self_attn
-            x = layer.input_layernorm(stream)
-            projection = self.kv_projections.get(index)
-            kv = _project_kv(attn, x) if projection is None else projection(x)
-            k, v = kv.split([attn.kv_size, attn.kv_size], dim=-1)
+            k, v = _project_kv(attn, layer.input_layernorm(stream)).split([attn.kv_size, attn.kv_size], dim=-1)
             k, _ = attn.rotary_emb(positions, k.contiguous())  # rotary of k alone (no q)
-            unified_kv_cache_update(
-                k.view(-1, attn.num_kv_heads, attn.head_dim),
-                v.view(-1, attn.num_kv_heads, attn.head_dim),
-                attn.attn.layer_name,
-            )
+            _write_kv(attn, k.view(-1, attn.num_kv_heads, attn.head_dim), v.view(-1, attn.num_kv_heads, attn.head_dim))
 
 
 def freeze_rows(

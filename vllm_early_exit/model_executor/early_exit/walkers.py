@@ -90,7 +90,7 @@ class Walker(ABC):
 
     def leave_all(self, state: StepState, exit: Exit, layer: int) -> tuple[torch.Tensor, None]:
         """Every logits row left after ``layer``: fill the deeper layers' K/V and stop."""
-        self.kv.fill(state.positions, exit.stream, range(layer + 1, self.end))
+        self.kv.fill(state.positions, exit.stream, layer + 1, self.end)
         return state.final_stream(exit.stream), None
 
     def finish(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ class EagerWalker(Walker):
                     layer, state.positions, state.hidden_states, state.residual, running
                 )
             elif state.batch.pure:
-                self.kv.fill(state.positions, state.stream(), (index,))
+                self.kv.fill(state.positions, state.stream(), index, index + 1)
             else:  # decode rows of a mixed step pass the layer at their stream
                 state.hidden_states, state.residual = kv_fill.skip_layer(
                     layer, state.positions, state.hidden_states, state.residual,
@@ -144,7 +144,7 @@ class GroupedWalker(Walker):
             self.remember_previous(state, index)
             skipped = first in self.decider.skip_layers  # skipped layers are groups of their own
             if skipped and state.batch.pure:
-                self.kv.fill(state.positions, state.stream(), (first,))
+                self.kv.fill(state.positions, state.stream(), first, first + 1)
             else:
                 rows_in = kv_fill.holding(keep, state.remaining) if skipped else keep
                 state.hidden_states, state.residual = self.stack.run(

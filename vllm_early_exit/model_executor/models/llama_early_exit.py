@@ -68,7 +68,7 @@ class EarlyExitLlamaModel(LlamaModel):
             if config.may_compile and compiling(vllm_config)
             else None
         )
-        self.kv_propagator = KVPropagator(self.layers, self.start_layer, self.end_layer)
+        self.kv_propagator = KVPropagator(self.layers, self.start_layer, self.end_layer, self.decider.check_layers)
         parts = (self.layers, self.start_layer, self.end_layer, self.decider, self.kv_propagator, self.exit_stats)
         self.eager_walker = EagerWalker(*parts)
         self.grouped_walker = (
