@@ -68,6 +68,30 @@ def test_two_stage_check_matches_reference(tiny_llama, reference, even_shortlist
     assert result["stats"][0]["sampled_from_checks"] == sum(counts)
 
 
+@pytest.mark.parametrize("policy", [{"policy": "all"}, {"policy": "quorum", "quorum": 0.5}], ids=["all", "quorum"])
+def test_step_policies_confirm_only_steps_that_can_leave(tiny_llama, tmp_path, policy):
+    """all / quorum with a shortlist of every token (its first stage is the full check): the
+    step's decisions are those of full scoring, but the full readout runs only where the
+    first stage lets the whole step leave, so every confirmation is a step that left."""
+    every = write_shortlist(tmp_path / "every.json", list(range(512)), 512, {"test": True})
+    prompts = tiny_prompts(3, seed=7)
+    settings = {"exit_layers": [1, 3], "threshold": 0.2, **policy}
+    requests = [(p, NEW_TOKENS) for p in prompts]
+    full = run_engine(tiny_llama, requests, early_exit=settings, batched=True)
+    gated = run_engine(tiny_llama, requests, early_exit={**settings, "shortlist": str(every)}, batched=True)
+    assert gated["outputs"] == full["outputs"]
+    stats, full_stats = gated["stats"][0], full["stats"][0]
+    assert stats["exits_per_layer"] == full_stats["exits_per_layer"]
+    assert stats["early_exit_tokens"] > 0
+    # The three requests decode in lockstep: a step that leaves takes three tokens along.
+    assert stats["full_readouts"] * len(prompts) == stats["early_exit_tokens"]
+    assert full_stats["full_readouts"] > stats["full_readouts"]
+    if policy["policy"] == "all":
+        assert stats["sampled_from_checks"] == stats["early_exit_tokens"]
+    else:  # rows that leave with the quorum without being confident were not read: vLLM's head samples them
+        assert 0 < stats["sampled_from_checks"] < stats["early_exit_tokens"]
+
+
 def test_shortlist_is_checked_at_start(tiny_llama, tmp_path, even_shortlist):
     with pytest.raises(EarlyExitConfigError, match="early_exit.shortlist=.*cannot be read.*shortlist --model"):
         _start(tiny_llama, additional_config={"early_exit": {"shortlist": str(tmp_path / "missing.json")}})

@@ -14,7 +14,10 @@ full check. The signal then reads a distribution over the K kept tokens.
 With ``shortlist`` (``shortlist.py``), a check is two stages: the signal over the
 logits of a static token shortlist, then, for the rows that pass, over the full
 vocabulary; a row is confident only when both say so. A check whose rows all say
-"stay" at the first stage costs a few percent of an LM head.
+"stay" at the first stage costs a few percent of an LM head. The full readout runs
+only for rows the policy could let leave: under ``all`` or ``quorum`` a step whose
+first stage already keeps it in the stack takes no confirmation
+(``ExitStats.full_readouts`` counts the readouts taken).
 
 The full-vocabulary logits of rows that leave are kept (``exit_logits.py``): vLLM
 samples from them instead of running the LM head again.
@@ -31,6 +34,7 @@ from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 from vllm_early_exit.model_executor.early_exit.policies import make_policy
 from vllm_early_exit.model_executor.early_exit.shortlist import Shortlist
 from vllm_early_exit.model_executor.early_exit.signals import LayerReading, make_signal
+from vllm_early_exit.model_executor.early_exit.stats import ExitStats
 
 
 class LogitReadout:
@@ -69,8 +73,10 @@ class LogitReadout:
 class ExitDecider:
     """Decides, at a check layer, which rows of a pure-decode step leave there."""
 
-    def __init__(self, config: EarlyExitConfig, num_layers: int) -> None:
+    def __init__(self, config: EarlyExitConfig, num_layers: int, stats: ExitStats) -> None:
         self.enabled = config.enabled
+        self.stats = stats
+        """Counts the full-vocabulary readouts."""
         self.skip_layers = frozenset(config.skip_layers)
         self.check_layers = config.check_layers_for(num_layers)
         self.threshold = config.threshold
@@ -111,8 +117,10 @@ class ExitDecider:
     def _logits(self, stream: torch.Tensor, rows: torch.Tensor, step_rows: int) -> tuple[torch.Tensor, bool]:
         """The rows' logits, and whether they cover the full vocabulary."""
         if self.vocab_top_k is None:
+            self.stats.full_readouts += 1
             return self.readout(stream), True
         if self._top_tokens is None:
+            self.stats.full_readouts += 1
             # First check of the step: score the full vocabulary and keep each row's top-K.
             logits = self.readout(stream)
             self._top_tokens = torch.zeros(step_rows, self.vocab_top_k, dtype=torch.long, device=stream.device)
@@ -150,7 +158,7 @@ class ExitDecider:
             confident = torch.ones(rows.shape[0], dtype=torch.bool, device=stream.device)
         else:
             threshold = self.threshold if thresholds is None else thresholds
-            confident, read = self._confident(layer, stream, rows, step_rows, previous, threshold)
+            confident, read = self._confident(layer, stream, rows, step_rows, previous, threshold, allowed, forced)
             if confident is None:  # every row stays
                 if forced is None:
                     return None
@@ -168,13 +176,18 @@ class ExitDecider:
                 self.exit_logits.keep(rows[read_rows], logits, leave[read_rows])
         return leave
 
-    def _confident(self, layer, stream, rows, step_rows, previous, threshold):
+    def _confident(self, layer, stream, rows, step_rows, previous, threshold, allowed=None, forced=None):
         """The signal's verdict per row (None: every row stays, known on the host), and the
         full logits it read (which rows, the logits)."""
         exit_stream = self.exit_stream(layer, stream) if self.signal.reads_logits else stream
         if self.shortlist is not None:
             first = LayerReading(layer, stream, previous, lambda: self.readout.shortlisted(exit_stream, self.shortlist))
             confident = self.signal.confident(first, threshold)
+            # The confirmation can only take rows away, so the rows the policy would let leave
+            # were every first-stage pass confirmed bound what it can decide: only they are read.
+            may_leave = confident if allowed is None else confident & allowed
+            may_leave = self.policy.rows_to_exit(may_leave if forced is None else may_leave | forced)
+            confident = confident & may_leave
             if not bool(confident.any()):  # every row stays: the full readout is spared
                 return None, None
             picked = confident.nonzero().squeeze(1)

@@ -31,6 +31,9 @@ class ExitStats:
     """Tokens sampled from the logits their exit check computed (no second LM-head product)."""
     replayed_tokens: int = 0
     """Generated tokens whose exits were replayed when vLLM recomputed a preempted request."""
+    full_readouts: int = 0
+    """Full-vocabulary readouts the checks took: each reads the whole LM head once, for
+    however many rows (with a shortlist: the confirmations)."""
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
@@ -42,6 +45,7 @@ class ExitStats:
         self.full_depth_tokens = 0
         self.sampled_from_checks = 0
         self.replayed_tokens = 0
+        self.full_readouts = 0
 
     def record(self, exit_layer: int | None, tokens: int) -> None:
         """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
@@ -90,6 +94,7 @@ class ExitStats:
             "skip_layers": list(self.skip_layers),
             "sampled_from_checks": self.sampled_from_checks,
             "replayed_tokens": self.replayed_tokens,
+            "full_readouts": self.full_readouts,
         }
 
     @classmethod
@@ -101,6 +106,7 @@ class ExitStats:
             skip_layers=tuple(data.get("skip_layers", ())),
             sampled_from_checks=data.get("sampled_from_checks", 0),
             replayed_tokens=data.get("replayed_tokens", 0),
+            full_readouts=data.get("full_readouts", 0),
         )
 
     def summary(self) -> str:

@@ -47,8 +47,8 @@ class EarlyExitLlamaModel(LlamaModel):
         config = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
         num_layers = self.config.num_hidden_layers
         self.exit_config = config
-        self.decider = ExitDecider(config, num_layers)
         self.exit_stats = ExitStats(num_layers, skip_layers=config.skip_layers)
+        self.decider = ExitDecider(config, num_layers, self.exit_stats)
         first_rank = get_tensor_model_parallel_rank() == 0
         self.stats_logger = PeriodicStatsLogger(config.log_interval_s, enabled=config.enabled and first_rank)
         served = vllm_config.model_config.served_model_name
