@@ -39,11 +39,37 @@ def test_speed_benchmark_smoke_run_writes_results(tiny_chat_llama, tmp_path):
     # The cost model: leaving at half depth reads fewer weights, checks that never fire read more.
     assert 1.0 < rows[("forced_50", 2)]["predicted"] < 2.0
     assert rows[("never_top_k", 1)]["predicted"] < 1.0
+    # Plain vLLM's prefill was timed in every block; the limit keeps its share as it is.
+    forced = rows[("forced_50", 2)]
+    assert 0.0 < forced["prefill_share"] < 1.0
+    assert 1.0 < forced["limit"] < forced["predicted"]
+    assert forced["limit"] == pytest.approx(1 / (forced["prefill_share"] + (1 - forced["prefill_share"]) / forced["predicted"]))
+    assert {m["engine"] for m in report["raw"] if m["block"] == "per_token"} == {"plain", "plain_prefill", "per_token"}
     assert report["setup"]["modes"]["per_token_shortlist"]["shortlist"]
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows[("plain", 1)]["ratio_vs_plain"] == 1.0
     assert (out / "speed.png").stat().st_size > 0
     assert "| forced_50 | 2 |" in (out / "speed.md").read_text()
+
+
+def test_limit_keeps_the_prefill_share():
+    """Amdahl's law on the decode steps' weight-bytes limit: prefill 40% of plain's time and decode
+    steps at most 2x faster give at most 1 / (0.4 + 0.6 / 2) = 1.43x."""
+    from vllm_early_exit.tools.bench import PREFILL, Measurement, step_limit, summarize
+
+    runs = [
+        Measurement("plain", 4, 40, 10.0, 6.0, block="fast"),
+        Measurement("fast", 4, 40, 8.0, 3.0, block="fast"),
+        Measurement(PREFILL, 4, 4, 4.0, 6.0, block="fast"),
+    ]
+    rows = {r["engine"]: r for r in summarize(runs, 6)["rows"]}
+    assert set(rows) == {"plain", "fast"}
+    assert rows["fast"]["prefill_share"] == pytest.approx(0.4)
+    assert rows["fast"]["ratio_vs_plain"] == pytest.approx(1.25)
+    assert rows["fast"]["limit"] is None  # no cost model without weights and settings
+    assert step_limit(2.0, 0.4) == pytest.approx(1 / 0.7)
+    assert step_limit(2.0, 0.0) == pytest.approx(2.0)
+    assert step_limit(None, 0.4) is None
 
 
 def test_resume_refuses_results_of_other_settings(tiny_chat_llama, tmp_path):

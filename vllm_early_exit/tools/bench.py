@@ -19,7 +19,10 @@ Modes (each an early-exit engine):
 
 Beside each ratio stands the cost model's prediction (``cost.py``): the ratio of
 weight bytes read per decode token, plain vLLM over the engine, given the exit
-counts the engine measured; on a weight-bound machine it is the limit.
+counts the engine measured; on a weight-bound machine it bounds the decode steps.
+Early exit leaves prompt tokens alone, so every round also times plain vLLM's
+prefill (the same prompts with one output token), and ``limit`` is that bound
+with the prefill's share of plain vLLM's time kept as it is (Amdahl's law).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
 
 DEFAULT_OUT = Path("benchmarks/results")
 
+
+PREFILL = "plain_prefill"
+"""Plain vLLM's runs with one output token: the time the prompts' prefill takes."""
 
 COMPILED = ("forced_50", "never_top_k", "never_shortlist", "per_token", "per_token_shortlist")
 """Modes also measured with compiled layer groups (``<mode>_compiled``)."""
@@ -139,6 +145,7 @@ def run_benchmark(
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = _prompts(tokenizer, max(batches), prompt_tokens)
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    prefill = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)  # the prompts' prefill alone
     common = {"dtype": dtype, "max_model_len": prompt_tokens + output_tokens + 16, "kv_cache_gib": 1}
     check_engines_fit(model, dtype, 2, common["kv_cache_gib"], "bench")  # plain vLLM and one other engine
 
@@ -166,14 +173,14 @@ def run_benchmark(
 
     plain = build_engine(model, **common)
 
-    def timed(llm, name: str, batch: int) -> Measurement:
-        if modes[name] is not None:
+    def timed(llm, name: str, batch: int, sampling=params) -> Measurement:
+        if modes.get(name) is not None:
             reset_exit_stats(llm)
         start = time.perf_counter()
-        outs = llm.generate(prompts[:batch], params, use_tqdm=False)
+        outs = llm.generate(prompts[:batch], sampling, use_tqdm=False)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        stats = get_exit_stats(llm) if modes[name] is not None else None
+        stats = get_exit_stats(llm) if modes.get(name) is not None else None
         depth = stats.mean_layers if stats is not None else float(num_layers)
         return Measurement(name, batch, tokens, seconds, depth, None if stats is None else stats.to_dict())
 
@@ -191,7 +198,7 @@ def run_benchmark(
         block: list[Measurement] = []
         for batch in batches:
             for round_index in range(rounds + 1):
-                pair = [timed(plain, "plain", batch), timed(llm, name, batch)]
+                pair = [timed(plain, "plain", batch), timed(llm, name, batch), timed(plain, PREFILL, batch, prefill)]
                 if round_index > 0:  # round 0 warms both engines up for this batch size
                     for m in pair:
                         m.block = name
@@ -236,29 +243,52 @@ def summarize(
     def tokens_per_s(ms: list[Measurement]) -> float:
         return sum(m.tokens for m in ms) / sum(m.seconds for m in ms)
 
+    def seconds(ms: list[Measurement]) -> float:
+        return sum(m.seconds for m in ms)
+
     rows = []
     for batch in sorted({m.batch for m in results}):
         at_batch = [m for m in results if m.batch == batch]
         plain_all = [m for m in at_batch if m.engine == "plain"]
+        prefill_all = [m for m in at_batch if m.engine == PREFILL]
         rows.append({
             "engine": "plain", "batch": batch, "tokens_per_s": tokens_per_s(plain_all),
             "ratio_vs_plain": 1.0, "mean_layers": float(num_layers), "ideal_speedup": 1.0, "efficiency": 1.0,
-            "predicted": 1.0,
+            "predicted": 1.0, "prefill_share": prefill_share(seconds(prefill_all), seconds(plain_all), len(prefill_all)),
+            "limit": 1.0,
         })
-        for engine in dict.fromkeys(m.engine for m in at_batch if m.engine != "plain"):
+        for engine in dict.fromkeys(m.engine for m in at_batch if m.engine not in ("plain", PREFILL)):
             ms = [m for m in at_batch if m.engine == engine]
             plain = [m for m in plain_all if m.block == engine]
+            prefills = [m for m in prefill_all if m.block == engine]
             depth = sum(m.mean_layers for m in ms) / len(ms)
             ratio = tokens_per_s(ms) / tokens_per_s(plain)
             ideal = num_layers / depth
             predicted = None
             if weights is not None and modes is not None and modes.get(engine) is not None and ms[-1].stats:
                 predicted = predicted_ratio(weights, modes[engine], ms[-1].stats)
+            share = prefill_share(seconds(prefills), seconds(plain), len(prefills))
             rows.append({
                 "engine": engine, "batch": batch, "tokens_per_s": tokens_per_s(ms), "ratio_vs_plain": ratio,
                 "mean_layers": depth, "ideal_speedup": ideal, "efficiency": ratio / ideal, "predicted": predicted,
+                "prefill_share": share, "limit": step_limit(predicted, share),
             })
     return {"rows": rows}
+
+
+def prefill_share(prefill_seconds: float, plain_seconds: float, runs: int) -> float | None:
+    """The share of plain vLLM's run time its prefill took (None without prefill runs)."""
+    if not runs or plain_seconds <= 0:
+        return None
+    return min(prefill_seconds / plain_seconds, 1.0)
+
+
+def step_limit(predicted: float | None, share: float | None) -> float | None:
+    """The ratio an engine can reach when its decode steps run at the weight-bytes limit
+    ``predicted`` and the prefill (``share`` of plain vLLM's time) takes as long as plain's."""
+    if predicted is None or share is None:
+        return None
+    return 1.0 / (share + (1.0 - share) / predicted)
 
 
 def write_report(report: dict, out_dir: Path) -> None:
@@ -278,20 +308,30 @@ def write_report(report: dict, out_dir: Path) -> None:
         "`ideal` = layers / mean depth; `efficiency` = ratio / ideal; `predicted`: the cost model's "
         "ratio of weight bytes read per decode token (plain over engine, from the measured exits; "
         "layers run, K/V projections of layers filled, checks, the LM head unless the token was "
-        "sampled from its check's logits): the limit on a weight-bound machine.",
+        "sampled from its check's logits): the limit of the decode steps on a weight-bound machine; "
+        "`prefill` is the share of plain vLLM's time spent prefilling the prompts (timed in the same "
+        "run with one output token), which early exit does not shorten; `limit` = 1 / (prefill + "
+        "(1 - prefill) / predicted), the ratio an engine reaches when its decode steps run at the "
+        "predicted limit; `of limit` = ratio / limit.",
         "",
         *(
             [] if setup.get("complete", True) else
             ["**Partial results**: the engines measured so far (`--resume` measures the rest).", ""]
         ),
-        "| engine | batch | tokens/s | ratio | predicted | mean layers | ideal | efficiency |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | batch | tokens/s | ratio | predicted | prefill | limit | of limit | mean layers | ideal | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def number(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for r in report["rows"]:
-        predicted = "-" if r.get("predicted") is None else f"{r['predicted']:.3f}"
+        limit = r.get("limit")
+        of_limit = None if limit is None else r["ratio_vs_plain"] / limit
         lines.append(
-            f"| {r['engine']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.3f} | {predicted} | "
-            f"{r['mean_layers']:.2f} | {r['ideal_speedup']:.2f} | {r['efficiency']:.3f} |"
+            f"| {r['engine']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.3f} | "
+            f"{number(r.get('predicted'))} | {number(r.get('prefill_share'), 2)} | {number(limit)} | "
+            f"{number(of_limit, 2)} | {r['mean_layers']:.2f} | {r['ideal_speedup']:.2f} | {r['efficiency']:.3f} |"
         )
     lines += ["", "Settings per engine:", ""]
     lines += [f"- `{k}`: {json.dumps(v) if v is not None else 'plain vLLM'}" for k, v in setup["modes"].items()]
@@ -309,11 +349,13 @@ def plot(report: dict, path: Path) -> None:
     engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "plain"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for engine in engines:
-        pts = sorted((r["batch"], r["ratio_vs_plain"], r.get("predicted")) for r in rows if r["engine"] == engine)
+        pts = sorted(
+            (r["batch"], r["ratio_vs_plain"], r.get("limit") or r.get("predicted")) for r in rows if r["engine"] == engine
+        )
         line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{engine} (measured)")[0]
         limits = [(p[0], p[2]) for p in pts if p[2] is not None]
-        if limits:  # the weight-bytes limit, beside the measured ratio
-            ax.plot(*zip(*limits), ls="--", color=line.get_color(), label=f"{engine} (weight-bytes limit)")
+        if limits:  # the weight-bytes limit (with plain vLLM's prefill where timed), beside the measured ratio
+            ax.plot(*zip(*limits), ls="--", color=line.get_color(), label=f"{engine} (limit)")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
