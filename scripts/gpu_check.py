@@ -76,8 +76,14 @@ def deep_layers(num_layers: int) -> list[int]:
 
 
 def never_top_k_settings(num_layers: int) -> dict:
-    """``never_top_k``: max-prob checks that never fire, pruned to 256 tokens (the cheapest check)."""
+    """``never_top_k``: max-prob checks that never fire, pruned to 256 tokens."""
     return {"signal": "max_prob", "threshold": 1.0, "exit_layers": deep_layers(num_layers), "vocab_top_k": 256}
+
+
+def never_shortlist_settings(num_layers: int, shortlist: str) -> dict:
+    """``never_shortlist``: max-prob checks that never fire, scored first over a token shortlist
+    (the cheapest check: a full readout only for rows the shortlist lets through, here none)."""
+    return {"signal": "max_prob", "threshold": 1.0, "exit_layers": deep_layers(num_layers), "shortlist": shortlist}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +153,7 @@ def _engine_kwargs(spec: dict, engine: dict) -> dict:
 def _start(spec: dict, engine: dict):
     from vllm import LLM
 
+    os.environ.update(engine.get("env", {}))  # e.g. the V1 runner for a plain engine compared like with like
     start = time.perf_counter()
     llm = LLM(spec["model"], **_engine_kwargs(spec, engine))
     info = {"start_s": time.perf_counter() - start}
@@ -240,6 +247,119 @@ def worker_speed(spec: dict, results: Path) -> None:
         _release(llm)
 
 
+# Where a step's host time goes: (module, class or None, attribute) -> range name. Wrapped in
+# the profile worker only, so the product itself carries no profiler ranges.
+PROFILED = (
+    ("vllm.model_executor.models.llama", "LlamaForCausalLM", "forward", "model.forward"),
+    ("vllm.model_executor.models.llama", "LlamaForCausalLM", "compute_logits", "model.compute_logits"),
+    ("vllm_early_exit.model_executor.models.llama_early_exit", "EarlyExitLlamaModel", "_decode_batch", "ee.decode_batch"),
+    ("vllm_early_exit.model_executor.models.llama_early_exit", "EarlyExitLlamaModel", "_row_settings", "ee.row_settings"),
+    ("vllm_early_exit.model_executor.models.llama_early_exit", "EarlyExitLlamaModel", "_publish", "ee.publish"),
+    ("vllm_early_exit.model_executor.models.llama_early_exit", None, "note_step", "ee.note_step"),
+    ("vllm_early_exit.model_executor.early_exit.walkers", "Walker", "decide", "ee.decide"),
+    ("vllm_early_exit.model_executor.early_exit.groups", "CompiledStack", "run", "ee.group"),
+    ("vllm_early_exit.model_executor.early_exit.kv_fill", "KVPropagator", "fill", "ee.kv_fill"),
+    ("vllm_early_exit.model_executor.early_exit.kv_fill", None, "run_layer", "ee.eager_layer"),
+)
+# Runtime calls counted per step: graph replays, kernel launches, and what waits for the device.
+RUNTIME_CALLS = {
+    "graph_launches": ("cudaGraphLaunch",),
+    "kernel_launches": ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"),
+    "syncs": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
+    "memcpy": ("cudaMemcpyAsync", "cudaMemcpy"),
+}
+
+
+def _wrap_in_ranges() -> None:
+    import functools
+    import importlib
+
+    from torch.profiler import record_function
+
+    for module_name, class_name, attr, label in PROFILED:
+        owner = importlib.import_module(module_name)
+        if class_name is not None:
+            owner = getattr(owner, class_name)
+        fn = getattr(owner, attr)
+
+        def wrapped(*args, __fn=fn, __label=label, **kwargs):
+            with record_function(__label):
+                return __fn(*args, **kwargs)
+
+        setattr(owner, attr, functools.wraps(fn)(wrapped))
+
+
+def _python_profile(run, steps: int, top: int = 40) -> list[dict]:
+    """cProfile of ``run()``: the functions with the most own time (ms per step), to find host
+    work that torch.profiler's ranges do not name."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(file).name}:{line}:{name}", "calls_per_step": round(nc / steps, 2),
+             "own_ms_per_step": round(1000 * tt / steps, 4), "cumulative_ms_per_step": round(1000 * ct / steps, 4)}
+            for (file, line, name), (_, nc, tt, ct, _) in rows]
+
+
+def worker_profile(spec: dict, results: Path) -> None:
+    """Each engine in turn, in this process: a few decode steps under torch.profiler per batch
+    size; one record per (engine, batch) with host time per range and runtime calls per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import SamplingParams
+
+    _wrap_in_ranges()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    rng = random.Random(0)
+    steps = spec["output_tokens"]
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    with profile(activities=activities):  # the profiler's own first-use set-up, outside any measurement
+        torch.ones(8).sum()
+    for engine in spec["engines"]:
+        try:
+            llm, info = _start(spec, engine)
+        except Exception as exc:
+            _emit(results, {"engine": engine["name"], "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()[-4000:]})
+            continue
+        _emit(results, {"engine": engine["name"], "started": True, **info})
+        for batch in spec["batches"]:
+            record = {"engine": engine["name"], "batch": batch, "steps": steps}
+            try:
+                prompts = [{"prompt_token_ids": [rng.randrange(10, spec["max_token_id"])
+                                                 for _ in range(spec["prompt_tokens"])]} for _ in range(batch)]
+                llm.generate(prompts, params, use_tqdm=False)  # warm-up at this batch size
+                with profile(activities=activities) as prof:
+                    start = time.perf_counter()
+                    llm.generate(prompts, params, use_tqdm=False)
+                    record["ms_per_step"] = 1000 * (time.perf_counter() - start) / steps
+                events = prof.key_averages()
+                by_key = {e.key: e for e in events}
+                record["host_ms_per_step"] = {
+                    label: by_key[label].cpu_time_total / 1000 / steps
+                    for *_, label in PROFILED if label in by_key}
+                record["calls_per_step"] = {
+                    label: by_key[label].count / steps for *_, label in PROFILED if label in by_key}
+                record["runtime_per_step"] = {
+                    kind: sum(by_key[n].count for n in names if n in by_key) / steps
+                    for kind, names in RUNTIME_CALLS.items()}
+                record["device_ms_per_step"] = sum(
+                    getattr(e, "self_device_time_total", 0) for e in events
+                    if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)) / 1000 / steps
+                record["aten_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+                if batch == spec["batches"][0]:
+                    record["python_top"] = _python_profile(lambda: llm.generate(prompts, params, use_tqdm=False), steps)
+            except Exception as exc:
+                record["error"] = f"{type(exc).__name__}: {exc}"
+            _emit(results, record)
+        _release(llm)
+
+
 # ---------------------------------------------------------------------------------------------
 # Comparisons and verdicts
 
@@ -295,7 +415,8 @@ def exit_counts(traces, num_layers: int) -> list[int]:
 class Report:
     def __init__(self, out: Path, setup: dict) -> None:
         self.out = out
-        self.data = {"setup": setup, "correctness": [], "groups": [], "speed": {"rows": [], "engines": {}, "errors": []}}
+        self.data = {"setup": setup, "correctness": [], "groups": [], "speed": {"rows": [], "engines": {}, "errors": []},
+                     "profile": {"rows": [], "errors": []}}
         out.mkdir(parents=True, exist_ok=True)
 
     def check(self, record: dict) -> None:
@@ -309,6 +430,9 @@ class Report:
         self.data["setup"]["updated"] = _now()
         (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2))
         (self.out / "gpu_check.md").write_text(self.markdown())
+
+    def profile_markdown(self) -> list[str]:
+        return _profile_lines(self.data["profile"])
 
     def markdown(self) -> str:
         s = self.data["setup"]
@@ -374,9 +498,40 @@ class Report:
             lines.append(f"- error: {_one_line(err, 300)}")
         if sp.get("status"):
             lines += ["", f"Speed: {sp['status']}"]
+        lines += self.profile_markdown()
         failed = self.failed()
         lines += ["", f"**{len(failed)} correctness check(s) failed.**" if failed else "All correctness checks that ran passed."]
         return "\n".join(lines) + "\n"
+
+
+def _profile_lines(pr: dict) -> list[str]:
+    if not pr.get("rows") and not pr.get("status"):
+        return []
+    labels = [label for *_, label in PROFILED]
+    shown = [label for label in labels if any(label in r.get("host_ms_per_step", {}) for r in pr["rows"])]
+    lines = ["", "## Profile (per output token, its prompt's prefill included; torch.profiler running; "
+             "host ms spent inside each range)", ""]
+    if pr["rows"]:
+        lines += ["| engine | batch | ms/step | device ms | graph launches | kernel launches | syncs | memcpy | "
+                  + " | ".join(shown) + " |", "|---" * (8 + len(shown)) + "|"]
+        for r in pr["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['engine']} | {r['batch']} | error: {_one_line(r['error'], 200)} |")
+                continue
+            rt, host = r["runtime_per_step"], r["host_ms_per_step"]
+            lines.append(
+                f"| {r['engine']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['device_ms_per_step']:.2f} | "
+                f"{rt['graph_launches']:.1f} | {rt['kernel_launches']:.1f} | {rt['syncs']:.1f} | {rt['memcpy']:.1f} | "
+                + " | ".join(f"{host[label]:.2f}" if label in host else "-" for label in shown) + " |")
+    for r in pr.get("rows", []):
+        if r.get("python_top"):
+            top = ", ".join(f"`{x['function']}` {x['own_ms_per_step']:.3f}" for x in r["python_top"][:8])
+            lines.append(f"- {r['engine']}, batch {r['batch']}, most own host time (cProfile, ms per step): {top}")
+    for err in pr.get("errors", []):
+        lines.append(f"- error: {_one_line(err, 300)}")
+    if pr.get("status"):
+        lines += ["", f"Profile: {pr['status']}"]
+    return lines
 
 
 def _one_line(text, limit: int) -> str:
@@ -479,6 +634,12 @@ def correctness_groups(args) -> list[dict]:
         for runner, env in (("default", {}), ("v1", {"VLLM_USE_V2_MODEL_RUNNER": "0"})):
             out.append({**g, "runner": runner, "env": env, "name": f"{g['model']}-{runner}",
                         "weight": {"tiny-default": 2.0, "tiny-v1": 1.0}.get(f"{g['model']}-{runner}", 1.5)})
+    if args.groups:
+        wanted = args.groups.split(",")
+        unknown = sorted(set(wanted) - {g["name"] for g in out})
+        if unknown:
+            raise ValueError(f"--groups: unknown group(s) {unknown}; known: {[g['name'] for g in out]}")
+        out = [g for g in out if g["name"] in wanted]
     return out
 
 
@@ -544,16 +705,25 @@ class GroupChecks:
         self.runner = self.runner_version = None
         self._ref: dict[str, list] = case.setdefault("traces", {})  # shared by the model's groups
 
+    def _rule_kwargs(self, rule: str) -> dict:
+        c = self.case
+        return {
+            "full": {},
+            "forced": {"exit_layers": tuple(c["forced"]["exit_layers"]), "threshold": 0.0},
+            "rule": {"exit_layers": tuple(c["rule"]["exit_layers"]), "threshold": c["rule"]["threshold"]},
+        }[rule]
+
     def reference(self, rule: str):
+        """The reference's free-running traces of every prompt under ``rule``."""
         if rule not in self._ref:
             c, ref = self.case, self.case["reference"]
-            kwargs = {
-                "full": {},
-                "forced": {"exit_layers": tuple(c["forced"]["exit_layers"]), "threshold": 0.0},
-                "rule": {"exit_layers": tuple(c["rule"]["exit_layers"]), "threshold": c["rule"]["threshold"]},
-            }[rule]
-            self._ref[rule] = [ref.generate(p, c["max_tokens"], **kwargs) for p in c["prompts"]]
+            self._ref[rule] = [ref.generate(p, c["max_tokens"], **self._rule_kwargs(rule)) for p in c["prompts"]]
         return self._ref[rule]
+
+    def teacher_forced(self, rule: str, rows, tokens: list[list[int]]):
+        """The reference's picks under ``rule`` after each prefix of ``tokens`` (one list per row)."""
+        c, ref = self.case, self.case["reference"]
+        return [ref.generate(c["prompts"][i], len(t), teacher=t, **self._rule_kwargs(rule)) for i, t in zip(rows, tokens)]
 
     def __call__(self, records: list[dict]) -> None:
         by = {r["engine"]: r for r in records}
@@ -618,17 +788,25 @@ class GroupChecks:
                     f"decode tokens counted {off['stats']['decode_tokens']}", stats=off["stats"])
 
     def _against_reference(self, name, plain, engine, rule, rows) -> None:
+        """float32: the free-running reference, token for token. bf16: teacher-forced (the
+        reference picks after the engine's own prefix), so one flipped near-tie counts once
+        instead of changing every later token; the noise is plain vLLM against the full-depth
+        reference, teacher-forced the same way."""
         c = self.case
-        traces = [self.reference(rule)[i] for i in rows]
-        want = [t.tokens for t in traces]
+        rows = list(rows)
         got = [engine["outputs"][0][i] for i in rows]
+        baseline = None
+        if self.exact:
+            traces = [self.reference(rule)[i] for i in rows]
+        else:
+            traces = self.teacher_forced(rule, rows, got)
+            plain_rows = [plain["outputs"][0][i] for i in rows]
+            full = self.teacher_forced("full", rows, plain_rows)
+            baseline = compare(plain_rows, [t.tokens for t in full])["share"]
+        want = [t.tokens for t in traces]
         expected = exit_counts(traces, c["num_layers"])
         counts = engine["stats"]["exits_per_layer"]
         same_counts = counts == expected
-        baseline = None
-        if not self.exact:
-            full = [self.reference("full")[i].tokens for i in rows]
-            baseline = compare([plain["outputs"][0][i] for i in rows], full)["share"]
         margins = [abs(v - c["rule"]["threshold"]) for t in traces for step in t.confidences for v in step.values()]
         detail = (f"exit counts {'equal' if same_counts else 'differ'}: engine {counts}, reference {expected}"
                   + (f"; min |confidence - threshold| {min(margins):.2e}" if rule == "rule" and margins else ""))
@@ -637,7 +815,8 @@ class GroupChecks:
             detail += "; no exits: nothing early was compared"
         # Forced exits do not depend on numerics; threshold decisions may flip in bf16.
         counts_ok = same_counts or (rule == "rule" and not self.exact)
-        self.judged(name, got, want, baseline, "plain vs reference at full depth", detail,
+        noise_from = "plain vs reference at full depth" + ("" if self.exact else ", teacher-forced")
+        self.judged(name, got, want, baseline, noise_from, detail,
                     ok=counts_ok and has_exits, stats=engine["stats"], reference_exits=expected)
 
     def forced(self, plain, forced, by) -> None:
@@ -748,12 +927,72 @@ def speed_spec(args) -> dict:
         {"name": "plain", "early_exit": None, "engine": eager},
         {"name": "forced_50" + ("_compiled" if compiled else ""), "early_exit": {**forced_settings(num_layers), **extra},
          "engine": eager},
-        {"name": "never_top_k" + ("_compiled" if compiled else ""),
-         "early_exit": {**never_top_k_settings(num_layers), **extra}, "engine": eager},
     ]
+    if args.shortlist:
+        engines.append({"name": "never_shortlist" + ("_compiled" if compiled else ""),
+                        "early_exit": {**never_shortlist_settings(num_layers, str(Path(args.shortlist).resolve())),
+                                       **extra}, "engine": eager})
+    else:
+        engines.append({"name": "never_top_k" + ("_compiled" if compiled else ""),
+                        "early_exit": {**never_top_k_settings(num_layers), **extra}, "engine": eager})
+    if args.device == "cuda":
+        engines.append(PLAIN_LIKE_EARLY_EXIT)
     return {"name": "speed", "model": str(model), "common": common, "engines": engines, "batches": batches,
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "rounds": rounds,
             "max_token_id": max_token_id, "num_layers": num_layers}
+
+
+PLAIN_LIKE_EARLY_EXIT = {
+    "name": "plain_v1_piecewise", "early_exit": None, "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"},
+    "engine": {"compilation_config": {"cudagraph_mode": "PIECEWISE"}},
+}
+"""Plain vLLM on the runner and CUDA-graph mode early exit runs on (V1, piecewise graphs): the
+share of a ratio that is the platform's, not the layers' or the checks'."""
+
+
+def profile_spec(args) -> dict:
+    """The speed run's model and engines (shorter prompts, a few steps), for ``worker_profile``."""
+    spec = speed_spec(args)
+    spec.update(name="profile", prompt_tokens=16, output_tokens=8 if args.smoke else 24,
+                batches=spec["batches"][:2])
+    spec["common"] = {**spec["common"], "max_model_len": 64 if args.smoke else 128}
+    return spec
+
+
+def _budget_or_skip(section: dict, clock: Clock, report: Report) -> float | None:
+    """The seconds left for a section, or None (recorded as skipped) when under 30."""
+    budget = clock.left()
+    if budget >= 30:
+        return budget
+    section["status"] = f"skipped: out of time budget ({budget:.0f} s left)"
+    report.write()
+    return None
+
+
+def run_profile(args, report: Report, clock: Clock, work: Path) -> None:
+    """Host time per step by range, graph replays, kernel launches and device waits."""
+    pr = report.data["profile"]
+    budget = _budget_or_skip(pr, clock, report)
+    if budget is None:
+        return
+    try:
+        spec = profile_spec(args)
+        pr["status"] = f"running (budget {budget:.0f} s)"
+        report.write()
+
+        def on_record(records):
+            pr["rows"] = [r for r in records if "batch" in r]
+            pr["errors"] = [f"{r['engine']}: {r['error']}" for r in records if "error" in r]
+            pr["engines"] = {r["engine"]: {k: v for k, v in r.items() if k not in ("engine", "traceback")}
+                             for r in records if "batch" not in r}
+            report.write()
+
+        pr["status"] = run_worker("profile", spec, work, budget - 5, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                                  on_record)
+    except Exception as exc:
+        pr["status"] = "error"
+        pr["errors"].append(f"{type(exc).__name__}: {exc}")
+    report.write()
 
 
 def speed_rows(records: list[dict], num_layers: int) -> tuple[list[dict], list[str]]:
@@ -785,10 +1024,8 @@ def speed_rows(records: list[dict], num_layers: int) -> tuple[list[dict], list[s
 
 def run_speed(args, report: Report, clock: Clock, work: Path) -> None:
     sp = report.data["speed"]
-    budget = clock.left()
-    if budget < 30:
-        sp["status"] = f"skipped: out of time budget ({budget:.0f} s left)"
-        report.write()
+    budget = _budget_or_skip(sp, clock, report)
+    if budget is None:
         return
     try:
         spec = speed_spec(args)
@@ -850,7 +1087,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="default: $OUT or ./gpu_check_out")
     p.add_argument("--smoke", action="store_true", help="tiny model only, few tokens; speed on the tiny model, 1 batch size")
-    p.add_argument("--only", choices=("correctness", "speed"))
+    p.add_argument("--only", choices=("correctness", "speed", "profile"),
+                   help="one part (default: correctness, then speed; profile runs only when asked)")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 470)),
                    help="wall-clock budget of the whole run, shared out over the checks (default 470)")
     p.add_argument("--dtype", default=None, help="correctness dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -859,6 +1097,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-batch-invariant", action="store_true", help="do not set VLLM_BATCH_INVARIANT=1 in bf16")
     p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "gpu_check_scratch"),
                    help="tiny model and vLLM cache (kept out of --out, whose files travel back)")
+    p.add_argument("--groups", default=None,
+                   help="correctness groups to run, comma-separated (default all: tiny-default,tiny-v1,"
+                        "smollm2-default,smollm2-v1)")
+    p.add_argument("--shortlist", default=None,
+                   help="a shortlist file (`python -m vllm_early_exit shortlist`): adds never_shortlist to the speed run")
     p.add_argument("--smollm2", default=SMOLLM2)
     p.add_argument("--llama8b", default=LLAMA8B)
     args = p.parse_args(argv)
@@ -875,7 +1118,7 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, spec_path, results = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
         spec = json.loads(spec_path.read_text())
-        (worker_correctness if kind == "correctness" else worker_speed)(spec, results)
+        {"correctness": worker_correctness, "speed": worker_speed, "profile": worker_profile}[kind](spec, results)
         return 0
     args = parse_args(argv)
     clock = Clock(args.budget_s)
@@ -894,6 +1137,8 @@ def main(argv=None) -> int:
         run_correctness(args, report, clock, work, weights_after=speed_weight)
     if args.only in (None, "speed"):
         run_speed(args, report, clock, work)
+    if args.only == "profile":
+        run_profile(args, report, clock, work)
     report.write()
     print(report.markdown())
     if report.failed():

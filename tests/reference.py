@@ -144,20 +144,27 @@ class ReferenceDecoder:
         skip_layers: tuple[int, ...] = (),
         signal: str = "max_prob",
         shortlist: list[int] | None = None,
+        teacher: list[int] | None = None,
     ) -> Trace:
         """Greedy decoding with the max-prob rule at ``exit_layers`` for decode tokens.
 
         ``threshold=0`` forces every decode token out at the first check layer.
         ``heads`` and ``skip_layers`` apply to decode tokens as in ``_step``.
+        ``teacher``: tokens fed back instead of the reference's own picks (teacher forcing),
+        so that ``tokens[i]`` is what the reference picks after ``teacher[:i]``; a
+        difference then costs one position, not every later one.
         """
         empty = torch.empty(self.num_kv_heads, 0, self.head_dim)
         cache = [(empty, empty, torch.empty(0, dtype=torch.long)) for _ in range(self.num_layers)]
         token, _, _ = self._step(torch.tensor(prompt), torch.arange(len(prompt)), cache, (), 0.0, True)
         trace = Trace([token], [], [])
+        if teacher is not None:
+            max_new_tokens = len(teacher)
         while len(trace.tokens) < max_new_tokens:
             position = torch.tensor([len(prompt) + len(trace.tokens) - 1])
+            fed = token if teacher is None else teacher[len(trace.tokens) - 1]
             token, exit_layer, confidences = self._step(
-                torch.tensor([token]), position, cache, exit_layers, threshold, propagate,
+                torch.tensor([fed]), position, cache, exit_layers, threshold, propagate,
                 vocab_top_k, heads, skip_layers, signal, shortlist,
             )
             trace.tokens.append(token)

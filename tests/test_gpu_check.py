@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import tempfile
+import types
 import sys
 from pathlib import Path
 
@@ -39,10 +41,13 @@ def test_verdicts_need_compared_and_equal_tokens():
 
 
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
+    from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
+
     out = tmp_path / "out"
+    shortlist = write_shortlist(tmp_path / "shortlist.json", list(range(10, 74)), 512, {"made by": "this test"})
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out), "--budget-s", "540",
-         "--scratch", str(tmp_path / "scratch")],
+         "--scratch", str(tmp_path / "scratch"), "--shortlist", str(shortlist)],
         cwd=ROOT, capture_output=True, text=True, timeout=660,
     )
     report_md = out / "gpu_check.md"
@@ -73,13 +78,85 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     assert groups["tiny-v1"]["status"] == "skipped"
     assert "V2 unavailable on this platform" in groups["tiny-v1"]["note"]
 
-    # The speed section has numbers for the three engines, with the depth each ran.
+    # The speed section has numbers for the three engines (never-firing checks through the
+    # shortlist given; vocab_top_k ones only without one), with the depth each ran.
     rows = {r["engine"]: r for r in report["speed"]["rows"]}
-    assert set(rows) == {"plain", "forced_50", "never_top_k"}, report["speed"]
+    assert set(rows) == {"plain", "forced_50", "never_shortlist"}, report["speed"]
     assert all(r["tokens_per_s"] > 0 and r["ratio"] > 0 for r in rows.values())
-    assert rows["forced_50"]["mean_layers"] == 3.0 and rows["never_top_k"]["mean_layers"] == 6.0
+    assert rows["forced_50"]["mean_layers"] == 3.0 and rows["never_shortlist"]["mean_layers"] == 6.0
+    assert report["speed"]["engines"]["never_shortlist"]["early_exit"]["shortlist"] == str(shortlist.resolve())
     assert not report["speed"]["errors"]
 
     md = report_md.read_text()
     assert "## Correctness" in md and "## Speed" in md
     assert all(name in md for name in CHECKS) and "| 4 | forced_50 |" in md
+
+
+def test_bf16_reference_checks_are_teacher_forced(tiny_llama):
+    """In bf16 one flipped token must cost one position, not every later one: the reference
+    scores the engine's own prefix. float32 keeps the free-running, token-for-token rule."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_prompts
+    from tests.reference import ReferenceDecoder
+
+    gc = _script()
+    ref = ReferenceDecoder(LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    prompts = tiny_prompts(2, seed=3)
+    case = {"num_layers": 6, "prompts": prompts, "max_tokens": 12, "forced": gc.forced_settings(6),
+            "rule": {"exit_layers": [1, 3], "threshold": 0.5}, "reference": ref}
+    free = [ref.generate(p, 12, exit_layers=(2,), threshold=0.0).tokens for p in prompts]
+    plain = [ref.generate(p, 12).tokens for p in prompts]
+    # An engine that picks one token "wrong" (position 4) and decodes on from its own prefix.
+    forced = {"exit_layers": (2,), "threshold": 0.0}
+    flipped = [free[0][:4] + [(free[0][4] + 1) % 512], list(free[1])]
+    while len(flipped[0]) < 12:
+        flipped[0].append(ref.generate(prompts[0], 0, teacher=flipped[0] + [0], **forced).tokens[len(flipped[0])])
+    assert flipped[0][5:] != free[0][5:]  # free-running, the one flip would count many times
+    engine = {"outputs": [flipped], "stats": {"exits_per_layer": [0, 0, 2 * 11, 0, 0, 0]}}
+
+    def judge(dtype):
+        report = gc.Report(Path(tempfile.mkdtemp()), {"date": "", "device_name": "", "python": "", "dtype": dtype,
+                                                       "batch_invariant": False, "batch_invariant_known": False,
+                                                       "budget_s": 0, "smoke": True})
+        args = types.SimpleNamespace(dtype=dtype, bf16_tolerance=0.05)
+        checks = gc.GroupChecks({"name": "g"}, case, report, args)
+        checks._against_reference("forced_eq_reference", {"outputs": [plain]}, engine, "forced", range(2))
+        return report.data["correctness"][-1]
+
+    bf16 = judge("bfloat16")
+    assert bf16["compare"]["differing"] == 1 and bf16["compare"]["first_divergence"] == [4, None], bf16["compare"]
+    assert bf16["noise"] == 0.0  # plain == the full-depth reference here, teacher-forced or not
+    assert bf16["status"] == "pass" and "exit counts equal" in bf16["detail"], bf16  # 1/24 within 0 + 0.05
+    fp32 = judge("float32")
+    assert fp32["status"] == "fail" and fp32["compare"]["differing"] >= 1, fp32  # identical tokens required
+    # Teacher forcing with the reference's own tokens reproduces its free-running trace.
+    again = ref.generate(prompts[1], 12, exit_layers=(2,), threshold=0.0, teacher=free[1])
+    assert again.tokens == free[1] and again.exit_layers == [2] * 11
+
+
+def test_gpu_check_profile_smoke_run_on_cpu(tmp_path):
+    """``--only profile``: every engine profiled at its batch size; the early-exit ranges show
+    up for the early-exit engines only (the wrappers reach the model's own methods)."""
+    from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
+
+    out = tmp_path / "out"
+    shortlist = write_shortlist(tmp_path / "shortlist.json", list(range(10, 74)), 512, {"made by": "this test"})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--only", "profile", "--out", str(out),
+         "--budget-s", "400", "--scratch", str(tmp_path / "scratch"), "--shortlist", str(shortlist)],
+        cwd=ROOT, capture_output=True, text=True, timeout=500,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    rows = {r["engine"]: r for r in report["profile"]["rows"]}
+    assert set(rows) == {"plain", "forced_50", "never_shortlist"}, report["profile"]
+    for name, row in rows.items():
+        assert "error" not in row and row["ms_per_step"] > 0, row
+        host = row["host_ms_per_step"]
+        assert host["model.forward"] > 0 and host["model.compute_logits"] > 0, row
+        assert ("ee.decide" in host) == (name != "plain"), (name, host)
+    assert rows["forced_50"]["calls_per_step"]["ee.kv_fill"] > 0  # every decode step fills the deeper layers
+    assert "ee.kv_fill" not in rows["never_shortlist"]["calls_per_step"]  # nothing leaves
+    assert "## Profile" in (out / "gpu_check.md").read_text()
