@@ -76,6 +76,22 @@ def test_threshold_exits_read_folded_fills(norm_llama, norm_reference):
     assert result["kv_projections"] == [list(range(norm_reference.num_layers))]
 
 
+def test_loaders_that_skip_load_weights_still_fill(norm_llama):
+    """``load_format="dummy"`` never calls the model's ``load_weights``: the projections are
+    built on the first forward instead; on CPU vLLM has repacked ``qkv_proj`` by then, so
+    nothing folds and the fills go through each layer's own ``qkv_proj``: every decode token
+    still leaves and decoding goes on. (On CUDA the weights stay plain and the stack folds.)"""
+    from .conftest import run_engine, tiny_prompts
+
+    prompts = [(p, 8) for p in tiny_prompts(2, seed=29)]
+    forced = {"exit_layers": [2], "threshold": 0.0, "policy": "per_token", "log_interval_s": 0}
+    result = run_engine(norm_llama, prompts, early_exit=forced, load_format="dummy")
+    assert result["kv_projections"] == [[]]  # nothing folded from repacked weights
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"][2] == stats["decode_tokens"] == 2 * 7
+    assert all(len(o) == 8 for o in result["outputs"])
+
+
 def _projection_errors(worker) -> dict:
     """On the worker: each range's folded K/V against the layers' own modules, relative max error."""
     import torch

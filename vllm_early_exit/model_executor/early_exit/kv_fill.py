@@ -193,6 +193,7 @@ class KVPropagator:
         self.folded: FoldedKV | None = None
         """The folded K/V-only projections (``build_kv_projections``); None: every fill
         projects through each layer's ``qkv_proj``."""
+        self._built = False
 
     @property
     def kv_projections(self) -> list[int]:
@@ -205,6 +206,16 @@ class KVPropagator:
         fills a step takes when every row leaves at a check layer get packed matrices."""
         starts = [layer + 1 for layer in self.check_layers]
         self.folded = FoldedKV.build(self.layers, self.start, self.end, starts)
+        self._built = True
+
+    def ensure_kv_projections(self) -> None:
+        """Builds the folded projections once if loading did not: loaders that never call the
+        model's ``load_weights`` (``load_format="dummy"``) leave them unbuilt. Called on the
+        first forward (vLLM's memory-profiling run, so the stack is counted before the K/V cache
+        is sized). Where post-processing has already repacked the weights (the CPU platform)
+        nothing fits and fills keep projecting through each layer's ``qkv_proj``."""
+        if not self._built:
+            self.build_kv_projections()
 
     def fill(self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int) -> None:
         """Writes the K/V of layers ``first..stop - 1`` from ``stream`` (every row's)."""

@@ -91,6 +91,8 @@ class EarlyExitLlamaModel(LlamaModel):
         **kwargs,
     ):
         self.decider.begin_step()
+        if self.decider.enabled:
+            self.kv_propagator.ensure_kv_projections()
         batch = self._decode_batch(positions.device) if self.decider.enabled else None
         if batch is None:
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
