@@ -65,7 +65,10 @@ class ExitSignal(ABC):
 
     def confident(self, reading: LayerReading, threshold: float | torch.Tensor) -> torch.Tensor:
         """Boolean tensor ``[rows]``: True where the row may leave at this layer."""
-        score = self.score(reading)
+        return self.passes(self.score(reading), threshold)
+
+    def passes(self, score: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+        """Boolean tensor ``[rows]``: True where ``score`` reaches ``threshold``."""
         return score >= threshold if self.higher_is_confident else score <= threshold
 
 
