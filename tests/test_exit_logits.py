@@ -68,28 +68,6 @@ def test_two_stage_check_matches_reference(tiny_llama, reference, even_shortlist
     assert result["stats"][0]["sampled_from_checks"] == sum(counts)
 
 
-def test_compiled_groups_score_the_first_stage(tiny_llama, reference, even_shortlist):
-    """Compiled, the shortlist stage is scored inside the groups that end at a check layer
-    (one more output of the compiled code): the same tokens and exits as the reference's
-    two-stage rule, alone and batched (rows that left stay frozen in later groups)."""
-    prompts = tiny_prompts(3, seed=7)
-    traces = [reference.generate(p, NEW_TOKENS, **TWO_STAGE, shortlist=EVEN_TOKENS) for p in prompts]
-    settings = {"exit_layers": [1, 3], "threshold": 0.2, "policy": "per_token", "shortlist": str(even_shortlist),
-                "compile": True}
-    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched="both",
-                        enforce_eager=False)
-    assert result["layer_groups"] == [
-        {"layers": [0, 2], "compiled": True, "scored": True},
-        {"layers": [2, 4], "compiled": True, "scored": True},
-        {"layers": [4, 6], "compiled": True},
-    ]
-    expected = [t.tokens for t in traces]
-    assert result["outputs"] == expected and result["outputs_batched"] == expected
-    counts = exit_counts(traces, reference.num_layers)
-    assert 0 < sum(counts)
-    assert result["stats"][0]["exits_per_layer"] == [2 * n for n in counts]
-
-
 @pytest.mark.parametrize("policy", [{"policy": "all"}, {"policy": "quorum", "quorum": 0.5}], ids=["all", "quorum"])
 def test_step_policies_confirm_only_steps_that_can_leave(tiny_llama, tmp_path, policy):
     """all / quorum with a shortlist of every token (its first stage is the full check): the

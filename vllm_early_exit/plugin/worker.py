@@ -34,14 +34,12 @@ class EarlyExitWorkerExtension:
         self._early_exit_model().exit_stats.reset()
 
     def early_exit_layer_groups(self) -> list[dict[str, Any]]:
-        """The compiled layer groups (``compile``), whether each has been compiled, and
-        ``scored: true`` for those that score a check's first stage; [] when eager."""
+        """The compiled layer groups (``compile``) and whether each has been compiled; [] when eager."""
         stack = self._early_exit_model().compiled_stack
         if stack is None:
             return []
         return [
             {"layers": [first, stop], "compiled": bool(getattr(group, "compiled", False))}
-            | ({"scored": True} if group.scorer is not None else {})
             for (first, stop), group in stack.groups.items()
         ]
 

@@ -19,10 +19,6 @@ only for rows the policy could let leave: under ``all`` or ``quorum`` a step who
 first stage already keeps it in the stack takes no confirmation
 (``ExitStats.full_readouts`` counts the readouts taken).
 
-With compiled groups the first stage runs inside the group that ends at the check
-layer (``first_stage_scorer``): its score comes out of the compiled code (a CUDA
-graph on GPU) with the layers' outputs, and the host only reads whether any row passed.
-
 The full-vocabulary logits of rows that leave are kept (``exit_logits.py``): vLLM
 samples from them instead of running the LM head again.
 """
@@ -109,25 +105,6 @@ class ExitDecider:
         self._top_tokens = None
         self.exit_logits.begin_step()
 
-    def first_stage_scorer(self):
-        """``stream -> [rows]`` score of the shortlist stage, for compiled groups to run after a
-        check layer; None when checks have no such stage (no shortlist, exit heads in front of
-        the readout, a signal that reads no logits, or forced exits)."""
-        if self.shortlist is None or self.heads is not None or not self.signal.reads_logits or self.forced:
-            return None
-
-        def score(stream: torch.Tensor) -> torch.Tensor:
-            logits = self.readout.shortlisted(stream, self.shortlist)
-            return self.signal.score(LayerReading(-1, stream, None, lambda: logits))
-
-        return score
-
-    def prepare(self) -> None:
-        """Work that needs the loaded weights, done before the first step (and before
-        compiled groups are traced): the shortlist's rows of the LM head."""
-        if self.shortlist is not None and self.readout is not None:
-            self.shortlist.prepare(self.readout.lm_head)
-
     def exit_stream(self, layer: int, stream: torch.Tensor) -> torch.Tensor:
         """The stream a row leaving after ``layer`` is read from: through the layer's head, if any."""
         if self.heads is None:
@@ -162,7 +139,6 @@ class ExitDecider:
         thresholds: torch.Tensor | None = None,
         allowed: torch.Tensor | None = None,
         forced: torch.Tensor | None = None,
-        first_scores: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Boolean mask over ``rows``: the rows that leave after ``layer``; None when the host
         already knows that none does (every row failed the shortlist stage).
@@ -171,10 +147,8 @@ class ExitDecider:
         running, of ``step_rows``); ``previous``: their stream entering the layer
         (for signals that read it); ``thresholds``: their own thresholds (None: the
         engine's); ``allowed``: False for rows that must not leave (None: all may);
-        ``forced``: True for rows that reached their depth budget (None: none);
-        ``first_scores``: the rows' shortlist-stage scores when a compiled group computed
-        them (None: computed here). Leaving rows whose full logits were read have them
-        kept for sampling.
+        ``forced``: True for rows that reached their depth budget (None: none).
+        Leaving rows whose full logits were read have them kept for sampling.
         """
         assert self.readout is not None, "the LM head was not bound to the exit decider"
         read: tuple[torch.Tensor | None, torch.Tensor] | None = None  # (which rows have full logits, those)
@@ -184,9 +158,7 @@ class ExitDecider:
             confident = torch.ones(rows.shape[0], dtype=torch.bool, device=stream.device)
         else:
             threshold = self.threshold if thresholds is None else thresholds
-            confident, read = self._confident(
-                layer, stream, rows, step_rows, previous, threshold, allowed, forced, first_scores
-            )
+            confident, read = self._confident(layer, stream, rows, step_rows, previous, threshold, allowed, forced)
             if confident is None:  # every row stays
                 if forced is None:
                     return None
@@ -204,19 +176,13 @@ class ExitDecider:
                 self.exit_logits.keep(rows[read_rows], logits, leave[read_rows])
         return leave
 
-    def _confident(
-        self, layer, stream, rows, step_rows, previous, threshold, allowed=None, forced=None, first_scores=None
-    ):
+    def _confident(self, layer, stream, rows, step_rows, previous, threshold, allowed=None, forced=None):
         """The signal's verdict per row (None: every row stays, known on the host), and the
         full logits it read (which rows, the logits)."""
         exit_stream = self.exit_stream(layer, stream) if self.signal.reads_logits else stream
         if self.shortlist is not None:
-            if first_scores is None:
-                first = LayerReading(
-                    layer, stream, previous, lambda: self.readout.shortlisted(exit_stream, self.shortlist)
-                )
-                first_scores = self.signal.score(first)
-            confident = self.signal.passes(first_scores, threshold)
+            first = LayerReading(layer, stream, previous, lambda: self.readout.shortlisted(exit_stream, self.shortlist))
+            confident = self.signal.confident(first, threshold)
             # The confirmation can only take rows away, so the rows the policy would let leave
             # were every first-stage pass confirmed bound what it can decide: only they are read.
             may_leave = confident if allowed is None else confident & allowed

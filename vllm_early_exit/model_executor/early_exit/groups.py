@@ -13,17 +13,12 @@ them, and ``kv_fill.run_layers_holding`` holds them at the stream they entered
 the group with, so each deeper layer's attention writes their K/V from their
 exit-layer stream (state propagation). The shapes never change, so one compiled
 graph serves every step.
-
-A group that ends at a check layer can also score the check's cheap first stage
-(the shortlist's signal, ``ExitDecider.first_stage_scorer``) on the stream it
-leaves: the score is one more output of the compiled code, so a check that says
-"stay" launches nothing outside it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -72,18 +67,9 @@ class LayerGroup(nn.Module):
     weights stay registered (and loaded) under ``model.layers`` only.
     """
 
-    def __init__(
-        self,
-        *,
-        vllm_config: VllmConfig,
-        prefix: str = "",
-        layers: Sequence[nn.Module],
-        scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers: Sequence[nn.Module]) -> None:
         super().__init__()
         self.layers = list(layers)
-        self.scorer = scorer
-        """``stream -> [rows]``: the first-stage score of the check after the last layer, or None."""
 
     def forward(
         self,
@@ -91,24 +77,20 @@ class LayerGroup(nn.Module):
         hidden_states: torch.Tensor,
         residual: torch.Tensor,
         keep: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        """``keep``: ``[rows, 1]``, 1 for rows that run these layers, 0 for rows held at their
-        stream. Returns ``(hidden_states, residual)``, and the score when the group scores."""
-        hidden_states, residual = run_layers_holding(self.layers, positions, hidden_states, residual, keep)
-        if self.scorer is None:
-            return hidden_states, residual
-        return hidden_states, residual, self.scorer(hidden_states + residual)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep``: ``[rows, 1]``, 1 for rows that run these layers, 0 for rows held at their stream."""
+        return run_layers_holding(self.layers, positions, hidden_states, residual, keep)
 
 
 @functools.cache
-def group_class(first: int, stop: int, scored: bool = False) -> type[LayerGroup]:
-    """The ``LayerGroup`` subclass for layers ``first..stop-1`` (``scored``: with a first-stage score).
+def group_class(first: int, stop: int) -> type[LayerGroup]:
+    """The ``LayerGroup`` subclass for layers ``first..stop-1``.
 
     vLLM keys its saved (AOT) compile artifacts by the qualified name of the
-    compiled ``forward``; every group bakes its own layers' attention names (and
-    whether it scores) into its graph, so each gets a ``forward`` of its own name.
+    compiled ``forward``; every group bakes its own layers' attention names into
+    its graph, so each layer range gets a ``forward`` of its own name.
     """
-    name = f"LayerGroup_{first}_{stop}" + ("_scored" if scored else "")
+    name = f"LayerGroup_{first}_{stop}"
 
     def forward(self, positions, hidden_states, residual, keep):
         return LayerGroup.forward(self, positions, hidden_states, residual, keep)
@@ -126,21 +108,14 @@ class CompiledStack:
         layers: Sequence[nn.Module],
         bounds: list[tuple[int, int]],
         prefix: str,
-        scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        scored_layers: Iterable[int] = (),
     ) -> None:
-        """``scorer`` runs in the groups whose last layer is one of ``scored_layers``."""
         self.bounds = bounds
         self.ends = frozenset(stop - 1 for _, stop in bounds)
-        scored_layers = frozenset(scored_layers) if scorer is not None else frozenset()
         self.groups: dict[tuple[int, int], LayerGroup] = {}
         for first, stop in bounds:
-            scored = stop - 1 in scored_layers
-            tag = f"early_exit_layers_{first}_{stop}" + ("_scored" if scored else "")
-            with set_model_tag(tag):
-                self.groups[(first, stop)] = group_class(first, stop, scored)(
-                    vllm_config=vllm_config, prefix=f"{prefix}.groups.{first}", layers=layers[first:stop],
-                    scorer=scorer if scored else None,
+            with set_model_tag(f"early_exit_layers_{first}_{stop}"):
+                self.groups[(first, stop)] = group_class(first, stop)(
+                    vllm_config=vllm_config, prefix=f"{prefix}.groups.{first}", layers=layers[first:stop]
                 )
         mode = vllm_config.compilation_config.cudagraph_mode
         # Piecewise CUDA graphs replay from the addresses they were captured with:
@@ -160,21 +135,18 @@ class CompiledStack:
         hidden_states: torch.Tensor,
         residual: torch.Tensor,
         keep: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(hidden_states, residual, first-stage score or None)`` after the group's layers."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.groups[bounds]
-        if self.static_inputs:
-            rows = hidden_states.shape[0]
-            hidden_buf, residual_buf, keep_buf = self._static(hidden_states)
-            hidden_buf[:rows].copy_(hidden_states)
-            residual_buf[:rows].copy_(residual)
-            keep_buf[:rows].copy_(keep)
-            hidden_states, residual, keep = hidden_buf[:rows], residual_buf[:rows], keep_buf[:rows]
-        out = group(positions, hidden_states, residual, keep)
-        if self.static_inputs:
-            # The last piece's outputs live in the graph pool: own them before the next group runs.
-            out = tuple(t.clone() for t in out)
-        return out[0], out[1], out[2] if len(out) > 2 else None
+        if not self.static_inputs:
+            return group(positions, hidden_states, residual, keep)
+        rows = hidden_states.shape[0]
+        hidden_buf, residual_buf, keep_buf = self._static(hidden_states)
+        hidden_buf[:rows].copy_(hidden_states)
+        residual_buf[:rows].copy_(residual)
+        keep_buf[:rows].copy_(keep)
+        hidden_states, residual = group(positions, hidden_buf[:rows], residual_buf[:rows], keep_buf[:rows])
+        # The last piece's outputs live in the graph pool: own them before the next group runs.
+        return hidden_states.clone(), residual.clone()
 
     def _static(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._buffers is None:

@@ -65,10 +65,7 @@ class ExitSignal(ABC):
 
     def confident(self, reading: LayerReading, threshold: float | torch.Tensor) -> torch.Tensor:
         """Boolean tensor ``[rows]``: True where the row may leave at this layer."""
-        return self.passes(self.score(reading), threshold)
-
-    def passes(self, score: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-        """Boolean tensor ``[rows]``: True where ``score`` reaches ``threshold``."""
+        score = self.score(reading)
         return score >= threshold if self.higher_is_confident else score <= threshold
 
 

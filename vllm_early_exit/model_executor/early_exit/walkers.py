@@ -56,9 +56,8 @@ class Walker(ABC):
         if self.decider.needs_previous and layer in self.decider.check_layers:
             state.previous = state.stream()
 
-    def decide(self, state: StepState, layer: int, first_scores: torch.Tensor | None = None) -> Exit | None:
-        """The rows that leave after ``layer`` (counted), or None when none do.
-        ``first_scores``: the step's rows' first-stage scores, when a compiled group made them."""
+    def decide(self, state: StepState, layer: int) -> Exit | None:
+        """The rows that leave after ``layer`` (counted), or None when none do."""
         candidates = state.candidates
         if layer not in state.points or candidates.numel() == 0:
             return None
@@ -70,7 +69,6 @@ class Walker(ABC):
             candidates,
             step_rows=stream.shape[0],
             previous=state.of_candidates(state.previous),
-            first_scores=state.of_candidates(first_scores),
             **state.candidate_settings(layer),
         )
         leave = state.pin(leave, layer)
@@ -145,15 +143,14 @@ class GroupedWalker(Walker):
             index = stop - 1  # the group's last layer, where a decision may follow
             self.remember_previous(state, index)
             skipped = first in self.decider.skip_layers  # skipped layers are groups of their own
-            scores = None
             if skipped and state.batch.pure:
                 self.kv.fill(state.positions, state.stream(), first, first + 1)
             else:
                 rows_in = kv_fill.holding(keep, state.remaining) if skipped else keep
-                state.hidden_states, state.residual, scores = self.stack.run(
+                state.hidden_states, state.residual = self.stack.run(
                     (first, stop), state.positions, state.hidden_states, state.residual, rows_in
                 )
-            exit = self.decide(state, index, scores)
+            exit = self.decide(state, index)
             if exit is None:
                 continue
             if exit.everyone:

@@ -64,10 +64,7 @@ class EarlyExitLlamaModel(LlamaModel):
         if config.enabled:
             check_kv_fill_supported(self.layers[self.start_layer : self.end_layer])
         self.compiled_stack = (
-            CompiledStack(
-                vllm_config, self.layers, self._group_bounds(), prefix,
-                scorer=self.decider.first_stage_scorer(), scored_layers=self.decider.check_layers,
-            )
+            CompiledStack(vllm_config, self.layers, self._group_bounds(), prefix)
             if config.may_compile and compiling(vllm_config)
             else None
         )
@@ -96,7 +93,6 @@ class EarlyExitLlamaModel(LlamaModel):
         self.decider.begin_step()
         if self.decider.enabled:
             self.kv_propagator.ensure_kv_projections()
-            self.decider.prepare()
         batch = self._decode_batch(positions.device) if self.decider.enabled else None
         if batch is None:
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
@@ -161,7 +157,7 @@ class EarlyExitLlamaModel(LlamaModel):
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual, keep = torch.zeros_like(hidden_states), hidden_states.new_ones(hidden_states.shape[0], 1)
         for bounds in stack.bounds:
-            hidden_states, residual, _ = stack.run(bounds, positions, hidden_states, residual, keep)
+            hidden_states, residual = stack.run(bounds, positions, hidden_states, residual, keep)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
