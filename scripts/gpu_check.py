@@ -75,15 +75,14 @@ def deep_layers(num_layers: int) -> list[int]:
     return list(range(max(1, (2 * num_layers) // 3), num_layers - 1, 2))
 
 
-def never_top_k_settings(num_layers: int) -> dict:
-    """``never_top_k``: max-prob checks that never fire, pruned to 256 tokens."""
-    return {"signal": "max_prob", "threshold": 1.0, "exit_layers": deep_layers(num_layers), "vocab_top_k": 256}
-
-
-def never_shortlist_settings(num_layers: int, shortlist: str) -> dict:
-    """``never_shortlist``: max-prob checks that never fire, scored first over a token shortlist
-    (the cheapest check: a full readout only for rows the shortlist lets through, here none)."""
-    return {"signal": "max_prob", "threshold": 1.0, "exit_layers": deep_layers(num_layers), "shortlist": shortlist}
+def never_settings(num_layers: int, shortlist: str | None) -> tuple[str, dict]:
+    """Max-prob checks that never fire, the cheapest way there is: ``never_shortlist`` scores a
+    token shortlist first (a full readout only for rows it lets through, here none); without a
+    shortlist file, ``never_top_k`` prunes later checks to the first one's 256 top tokens."""
+    settings = {"signal": "max_prob", "threshold": 1.0, "exit_layers": deep_layers(num_layers)}
+    if shortlist is not None:
+        return "never_shortlist", {**settings, "shortlist": shortlist}
+    return "never_top_k", {**settings, "vocab_top_k": 256}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,9 +430,6 @@ class Report:
         (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2))
         (self.out / "gpu_check.md").write_text(self.markdown())
 
-    def profile_markdown(self) -> list[str]:
-        return _profile_lines(self.data["profile"])
-
     def markdown(self) -> str:
         s = self.data["setup"]
         lines = [
@@ -498,7 +494,7 @@ class Report:
             lines.append(f"- error: {_one_line(err, 300)}")
         if sp.get("status"):
             lines += ["", f"Speed: {sp['status']}"]
-        lines += self.profile_markdown()
+        lines += _profile_lines(self.data["profile"])
         failed = self.failed()
         lines += ["", f"**{len(failed)} correctness check(s) failed.**" if failed else "All correctness checks that ran passed."]
         return "\n".join(lines) + "\n"
@@ -523,7 +519,7 @@ def _profile_lines(pr: dict) -> list[str]:
                 f"| {r['engine']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['device_ms_per_step']:.2f} | "
                 f"{rt['graph_launches']:.1f} | {rt['kernel_launches']:.1f} | {rt['syncs']:.1f} | {rt['memcpy']:.1f} | "
                 + " | ".join(f"{host[label]:.2f}" if label in host else "-" for label in shown) + " |")
-    for r in pr.get("rows", []):
+    for r in pr["rows"]:
         if r.get("python_top"):
             top = ", ".join(f"`{x['function']}` {x['own_ms_per_step']:.3f}" for x in r["python_top"][:8])
             lines.append(f"- {r['engine']}, batch {r['batch']}, most own host time (cProfile, ms per step): {top}")
@@ -928,13 +924,9 @@ def speed_spec(args) -> dict:
         {"name": "forced_50" + ("_compiled" if compiled else ""), "early_exit": {**forced_settings(num_layers), **extra},
          "engine": eager},
     ]
-    if args.shortlist:
-        engines.append({"name": "never_shortlist" + ("_compiled" if compiled else ""),
-                        "early_exit": {**never_shortlist_settings(num_layers, str(Path(args.shortlist).resolve())),
-                                       **extra}, "engine": eager})
-    else:
-        engines.append({"name": "never_top_k" + ("_compiled" if compiled else ""),
-                        "early_exit": {**never_top_k_settings(num_layers), **extra}, "engine": eager})
+    never, settings = never_settings(num_layers, str(Path(args.shortlist).resolve()) if args.shortlist else None)
+    engines.append({"name": never + ("_compiled" if compiled else ""), "early_exit": {**settings, **extra},
+                    "engine": eager})
     if args.device == "cuda":
         engines.append(PLAIN_LIKE_EARLY_EXIT)
     return {"name": "speed", "model": str(model), "common": common, "engines": engines, "batches": batches,
@@ -1101,7 +1093,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="correctness groups to run, comma-separated (default all: tiny-default,tiny-v1,"
                         "smollm2-default,smollm2-v1)")
     p.add_argument("--shortlist", default=None,
-                   help="a shortlist file (`python -m vllm_early_exit shortlist`): adds never_shortlist to the speed run")
+                   help="a shortlist file (`python -m vllm_early_exit shortlist`): the never-firing checks score it "
+                        "first (never_shortlist); without one they prune to 256 tokens (never_top_k)")
     p.add_argument("--smollm2", default=SMOLLM2)
     p.add_argument("--llama8b", default=LLAMA8B)
     args = p.parse_args(argv)

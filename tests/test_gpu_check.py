@@ -28,6 +28,13 @@ def _script():
     return module
 
 
+def _shortlist(tmp_path: Path) -> Path:
+    """A shortlist of 64 of the tiny model's 512 tokens."""
+    from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
+
+    return write_shortlist(tmp_path / "shortlist.json", list(range(10, 74)), 512, {"made by": "this test"})
+
+
 def test_verdicts_need_compared_and_equal_tokens():
     gc = _script()
     assert gc.verdict(gc.compare([[1, 2, 3]], [[1, 2, 3]]), True, None, 0.05)[0] == "pass"
@@ -41,10 +48,8 @@ def test_verdicts_need_compared_and_equal_tokens():
 
 
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
-    from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
-
     out = tmp_path / "out"
-    shortlist = write_shortlist(tmp_path / "shortlist.json", list(range(10, 74)), 512, {"made by": "this test"})
+    shortlist = _shortlist(tmp_path)
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out), "--budget-s", "540",
          "--scratch", str(tmp_path / "scratch"), "--shortlist", str(shortlist)],
@@ -139,10 +144,8 @@ def test_bf16_reference_checks_are_teacher_forced(tiny_llama):
 def test_gpu_check_profile_smoke_run_on_cpu(tmp_path):
     """``--only profile``: every engine profiled at its batch size; the early-exit ranges show
     up for the early-exit engines only (the wrappers reach the model's own methods)."""
-    from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
-
     out = tmp_path / "out"
-    shortlist = write_shortlist(tmp_path / "shortlist.json", list(range(10, 74)), 512, {"made by": "this test"})
+    shortlist = _shortlist(tmp_path)
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--only", "profile", "--out", str(out),
          "--budget-s", "400", "--scratch", str(tmp_path / "scratch"), "--shortlist", str(shortlist)],
