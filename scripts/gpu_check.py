@@ -256,6 +256,7 @@ PROFILED = (
     ("vllm_early_exit.model_executor.models.llama_early_exit", "EarlyExitLlamaModel", "_publish", "ee.publish"),
     ("vllm_early_exit.model_executor.models.llama_early_exit", None, "note_step", "ee.note_step"),
     ("vllm_early_exit.model_executor.early_exit.walkers", "Walker", "decide", "ee.decide"),
+    ("vllm_early_exit.model_executor.early_exit.walkers", "Walker", "confirm", "ee.confirm"),
     ("vllm_early_exit.model_executor.early_exit.groups", "CompiledStack", "run", "ee.group"),
     ("vllm_early_exit.model_executor.early_exit.kv_fill", "KVPropagator", "fill", "ee.kv_fill"),
     ("vllm_early_exit.model_executor.early_exit.kv_fill", None, "run_layer", "ee.eager_layer"),

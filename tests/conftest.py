@@ -156,6 +156,17 @@ def mixed_traces(reference):
     return prompts, traces
 
 
+# A shortlist of the tiny model's even token ids: a two-stage check's first stage.
+EVEN_TOKENS = list(range(0, 512, 2))
+
+
+@pytest.fixture(scope="session")
+def even_shortlist(tmp_path_factory):
+    from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
+
+    return write_shortlist(tmp_path_factory.mktemp("shortlist") / "even.json", EVEN_TOKENS, 512, {"test": True})
+
+
 def tiny_prompts(n: int, length: int = 17, seed: int = 1) -> list[list[int]]:
     import random
 

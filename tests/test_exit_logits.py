@@ -13,17 +13,11 @@ import pytest
 from vllm_early_exit import EarlyExitConfigError
 from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
 
-from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
+from .conftest import EVEN_TOKENS, MIXED, NEW_TOKENS, run_engine, tiny_prompts
 from .test_correctness import exit_counts
 from .test_settings import _start
 
-EVEN_TOKENS = list(range(0, 512, 2))
 TWO_STAGE = {"exit_layers": (1, 3), "threshold": 0.2}
-
-
-@pytest.fixture(scope="module")
-def even_shortlist(tmp_path_factory):
-    return write_shortlist(tmp_path_factory.mktemp("shortlist") / "even.json", EVEN_TOKENS, 512, {"test": True})
 
 
 def test_rows_that_leave_are_sampled_from_their_check_logits(tiny_llama, reference, mixed_traces):
@@ -66,6 +60,52 @@ def test_two_stage_check_matches_reference(tiny_llama, reference, even_shortlist
     assert result["stats"][0]["exits_per_layer"] == counts
     assert 0 < sum(counts) < sum(exit_counts(full, reference.num_layers))
     assert result["stats"][0]["sampled_from_checks"] == sum(counts)
+
+
+def test_each_row_leaves_at_its_earliest_confirmed_check():
+    """Rows pending at several checks leave at the first one whose confirmation passed,
+    with that check's stream and logits; rows confirmed nowhere stay."""
+    import torch
+
+    from vllm_early_exit.model_executor.early_exit.deferred import PendingExit, earliest
+
+    def pending(layer, rows):
+        rows = torch.tensor(rows)
+        stream = rows.float().unsqueeze(1) * 10 + layer
+        return PendingExit(layer, rows, stream, stream + 0.5, None, None)
+
+    checks = [pending(1, [0, 2, 3]), pending(3, [0, 1, 3]), pending(4, [1, 3])]
+    verdicts = [torch.tensor([False, True, False]), torch.tensor([True, True, True]), torch.tensor([True, True])]
+    logits = [p.stream * 100 for p in checks]
+    confirmed = earliest(checks, verdicts, logits, num_rows=5)
+    by_row = {int(r): (c.layer, float(c.stream[i]), float(c.exit_stream[i]), float(c.logits[i]))
+              for c in confirmed for i, r in enumerate(c.rows)}
+    assert by_row == {
+        2: (1, 21.0, 21.5, 2100.0),
+        0: (3, 3.0, 3.5, 300.0),
+        1: (3, 13.0, 13.5, 1300.0),
+        3: (3, 33.0, 33.5, 3300.0),
+    }
+    assert [c.layer for c in confirmed] == [1, 3]  # the layer-4 check confirmed no row first
+
+
+@pytest.mark.parametrize("engine", [{}, {"enforce_eager": False}], ids=["eager", "compiled"])
+def test_deferred_confirmations_match_reference(tiny_llama, reference, even_shortlist, engine):
+    """per_token with a shortlist, four requests in one batch: rows that pass the first stage
+    keep running and are confirmed together (at the end of the stack, in the product that reads
+    the sampling logits), each at its earliest confirmed check; rows confirmed after they ran
+    deeper layers get those layers' K/V written again from the stream they left with. Tokens
+    and exits are those of the reference, which confirms every check at once; a confirmed row
+    whose deeper K/V kept what it computed while it went on changes the later tokens."""
+    prompts = tiny_prompts(4, seed=7)
+    traces = [reference.generate(p, NEW_TOKENS, **TWO_STAGE, shortlist=EVEN_TOKENS) for p in prompts]
+    settings = {"exit_layers": [1, 3], "threshold": 0.2, "policy": "per_token", "shortlist": str(even_shortlist)}
+    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True, **engine)
+    assert result["outputs"] == [t.tokens for t in traces]
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"] == exit_counts(traces, reference.num_layers)
+    assert stats["deferred_exits"] > 0
+    assert stats["sampled_from_checks"] == stats["early_exit_tokens"]
 
 
 @pytest.mark.parametrize("policy", [{"policy": "all"}, {"policy": "quorum", "quorum": 0.5}], ids=["all", "quorum"])

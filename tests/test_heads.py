@@ -13,7 +13,7 @@ import torch
 from vllm_early_exit.config import EarlyExitConfigError
 from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 
-from .conftest import NEW_TOKENS, run_engine, tiny_prompts
+from .conftest import EVEN_TOKENS, NEW_TOKENS, run_engine, tiny_prompts
 from .test_correctness import exit_counts
 
 LAYERS = (1, 3)
@@ -73,6 +73,24 @@ def test_heads_change_decisions_and_match_reference(tiny_llama, reference, heads
     ]
     assert [t.exit_layers for t in plain_rule] != [t.exit_layers for t in traces]
     assert [t.tokens for t in plain_rule] != [t.tokens for t in traces]
+
+
+def test_deferred_confirmations_read_through_the_heads(tiny_llama, reference, heads_dir, even_shortlist):
+    """per_token, head signal and a shortlist, batched: confirmations wait for the end of the
+    stack and read each row's head stream of the check it leaves at, as the reference does."""
+    heads = ExitHeads.load(heads_dir)
+    prompts = tiny_prompts(4, seed=11)
+    rule = {"exit_layers": LAYERS, "threshold": THRESHOLD, "heads": heads.weights, "shortlist": EVEN_TOKENS}
+    traces = [reference.generate(p, NEW_TOKENS, **rule) for p in prompts]
+    margins = [abs(c - THRESHOLD) for t in traces for step in t.confidences for c in step.values()]
+    assert min(margins) > 1e-3, "a decision sits at the threshold; pick another seed"
+    settings = {"heads": str(heads_dir), "signal": "head", "exit_layers": list(LAYERS), "threshold": THRESHOLD,
+                "policy": "per_token", "shortlist": str(even_shortlist)}
+    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True)
+    assert result["outputs"] == [t.tokens for t in traces]
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"] == exit_counts(traces, reference.num_layers)
+    assert stats["deferred_exits"] > 0
 
 
 def test_engine_refuses_heads_of_another_model_or_layers(tiny_llama, tmp_path):

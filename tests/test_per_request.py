@@ -6,7 +6,7 @@ import pytest
 
 from vllm_early_exit.config import EarlyExitConfigError, RequestEarlyExit
 
-from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
+from .conftest import EVEN_TOKENS, MIXED, NEW_TOKENS, run_engine, tiny_prompts
 
 FORCED = {"exit_layers": [1, 3], "threshold": 0.0}
 
@@ -38,6 +38,30 @@ def test_request_threshold_replaces_the_engine_threshold(tiny_llama, mixed_trace
     assert result["outputs"][:2] == [t.tokens for t in traces[:2]]
     # The third request has no settings of its own: it leaves at layer 1 every step.
     assert result["outputs"][2] != traces[2].tokens
+
+
+def test_request_settings_hold_with_deferred_confirmations(tiny_llama, reference, even_shortlist):
+    """per_token with a shortlist, four requests in one batch: one turns early exit off, one
+    brings its own threshold; while confirmations wait for the end of the stack, each
+    request decodes as the reference does with its own settings (off: full depth)."""
+    prompts = tiny_prompts(4, seed=7)
+    engine_threshold, own = 0.2, 0.3
+    rule = {"exit_layers": (1, 3), "shortlist": EVEN_TOKENS}
+    expected = [
+        reference.generate(prompts[0], NEW_TOKENS).tokens,
+        reference.generate(prompts[1], NEW_TOKENS, threshold=own, **rule).tokens,
+        *(reference.generate(p, NEW_TOKENS, threshold=engine_threshold, **rule).tokens for p in prompts[2:]),
+    ]
+    requests = [
+        (prompts[0], NEW_TOKENS, {"early_exit": {"enabled": False}}),
+        (prompts[1], NEW_TOKENS, {"early_exit": {"threshold": own}}),
+        *((p, NEW_TOKENS) for p in prompts[2:]),
+    ]
+    settings = {"exit_layers": [1, 3], "threshold": engine_threshold, "policy": "per_token",
+                "shortlist": str(even_shortlist)}
+    result = run_engine(tiny_llama, requests, early_exit=settings, batched=True)
+    assert result["outputs"] == expected
+    assert result["stats"][0]["deferred_exits"] > 0
 
 
 @pytest.mark.parametrize(

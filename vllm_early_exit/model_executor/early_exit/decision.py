@@ -21,6 +21,10 @@ first stage already keeps it in the stack takes no confirmation
 
 The full-vocabulary logits of rows that leave are kept (``exit_logits.py``): vLLM
 samples from them instead of running the LM head again.
+
+With ``per_token`` and a shortlist, pure-decode steps defer the confirmation
+(``deferred.py``): the walker asks ``first_stage`` at each check and ``confirm``
+once for every pending row, in the product that also reads the step's sampling logits.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from vllm_early_exit.config import EarlyExitConfig
+from vllm_early_exit.model_executor.early_exit.deferred import PendingExit
 from vllm_early_exit.model_executor.early_exit.exit_logits import ExitLogits
 from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 from vllm_early_exit.model_executor.early_exit.policies import make_policy
@@ -51,7 +56,11 @@ class LogitReadout:
         self.logits_processor = logits_processor
 
     def __call__(self, stream: torch.Tensor) -> torch.Tensor:
-        logits = self.logits_processor(self.lm_head, self.norm(stream))
+        return self.of_normed(self.norm(stream))
+
+    def of_normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of rows already through the final norm (what vLLM's ``compute_logits`` reads)."""
+        logits = self.logits_processor(self.lm_head, hidden)
         if logits is None:
             raise RuntimeError(
                 "early exit needs the full logits on every tensor-parallel rank, "
@@ -91,6 +100,18 @@ class ExitDecider:
         self.readout: LogitReadout | None = None
         self._top_tokens: torch.Tensor | None = None
         self._heads_placed = False
+
+    @property
+    def defers(self) -> bool:
+        """True when ``per_token`` checks may defer their confirmations (``deferred.py``): rows
+        leave one by one and the shortlist stage picks the rows a full readout must confirm."""
+        return (
+            self.policy.per_row
+            and self.shortlist is not None
+            and self.signal.reads_logits
+            and self.vocab_top_k is None
+            and not self.forced
+        )
 
     @property
     def needs_previous(self) -> bool:
@@ -181,8 +202,7 @@ class ExitDecider:
         full logits it read (which rows, the logits)."""
         exit_stream = self.exit_stream(layer, stream) if self.signal.reads_logits else stream
         if self.shortlist is not None:
-            first = LayerReading(layer, stream, previous, lambda: self.readout.shortlisted(exit_stream, self.shortlist))
-            confident = self.signal.confident(first, threshold)
+            confident = self._shortlist_stage(layer, stream, exit_stream, previous, threshold)
             # The confirmation can only take rows away, so the rows the policy would let leave
             # were every first-stage pass confirmed bound what it can decide: only they are read.
             may_leave = confident if allowed is None else confident & allowed
@@ -212,3 +232,47 @@ class ExitDecider:
             verdict = confident
         # ``picked``: which of the rows the full logits belong to (None: all of them).
         return verdict, (picked, full[0]) if full else None
+
+    def _shortlist_stage(self, layer, stream, exit_stream, previous, threshold) -> torch.Tensor:
+        """The signal over the shortlist's logits: True for rows that may go on to the full readout."""
+        reading = LayerReading(layer, stream, previous, lambda: self.readout.shortlisted(exit_stream, self.shortlist))
+        return self.signal.confident(reading, threshold)
+
+    def first_stage(
+        self,
+        layer: int,
+        stream: torch.Tensor,
+        previous: torch.Tensor | None = None,
+        thresholds: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows that pass the shortlist stage after ``layer`` and may leave there
+        (boolean ``[rows]``), and the stream their readout reads (through the layer's head)."""
+        exit_stream = self.exit_stream(layer, stream)
+        threshold = self.threshold if thresholds is None else thresholds
+        passing = self._shortlist_stage(layer, stream, exit_stream, previous, threshold)
+        return (passing if allowed is None else passing & allowed), exit_stream
+
+    def confirm(
+        self, pending: list[PendingExit], final: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """The full-vocabulary confirmation of deferred exits, in one LM-head product.
+
+        Returns, per pending exit, the signal's verdict for its rows and their logits; and the
+        logits of ``final`` (rows already through the final norm, read in the same product:
+        the step's sampling logits) or None.
+        """
+        parts = ([] if final is None else [final]) + [self.readout.norm(torch.cat([p.exit_stream for p in pending]))]
+        logits = self.readout.of_normed(torch.cat(parts))
+        self.stats.full_readouts += 1
+        final_logits = None if final is None else logits[: final.shape[0]]
+        sizes = [p.rows.shape[0] for p in pending]
+        per_exit = list(logits[logits.shape[0] - sum(sizes) :].split(sizes))
+        verdicts = [
+            self.signal.confident(
+                LayerReading(p.layer, p.stream, p.previous, lambda part=part: part),
+                self.threshold if p.thresholds is None else p.thresholds,
+            )
+            for p, part in zip(pending, per_exit)
+        ]
+        return verdicts, per_exit, final_logits

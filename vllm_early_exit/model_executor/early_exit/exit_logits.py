@@ -22,21 +22,25 @@ class ExitLogits:
         self._rows: list[torch.Tensor] = []
         self._logits: list[torch.Tensor] = []
         self._taken: list[torch.Tensor] = []
+        self._from_check: list[bool] = []
         self._num_rows: int | None = None
 
     def begin_step(self) -> None:
         self._rows.clear()
         self._logits.clear()
         self._taken.clear()
+        self._from_check.clear()
         self._num_rows = None
 
-    def keep(self, rows: torch.Tensor, logits: torch.Tensor, taken: torch.Tensor) -> None:
+    def keep(self, rows: torch.Tensor, logits: torch.Tensor, taken: torch.Tensor, from_check: bool = True) -> None:
         """``logits[i]`` are the sampling logits of token row ``rows[i]`` where ``taken[i]``
         (the row left). The masks are applied once, when the logits are served: no host
-        sync per check."""
+        sync per check. ``from_check`` False: full-depth rows' logits, read with deferred
+        confirmations (``deferred.py``), not counted as sampled from a check."""
         self._rows.append(rows)
         self._logits.append(logits)
         self._taken.append(taken)
+        self._from_check.append(from_check)
 
     def seal(self, num_rows: int | None) -> None:
         """Ends the step: its logits serve the next ``compute_logits`` of ``num_rows`` rows
@@ -48,13 +52,15 @@ class ExitLogits:
     ) -> tuple[torch.Tensor, int]:
         """The logits of ``hidden_states`` (the step's logits rows): the kept ones, and
         ``compute`` (vLLM's LM head) for the rows that did not leave through a full check.
-        Also returns how many rows had kept logits."""
+        Also returns how many rows took a check's logits."""
         num_rows = hidden_states.shape[0]
         if self._num_rows != num_rows:
             self.begin_step()
             return compute(hidden_states), 0
         taken = torch.cat(self._taken)
         rows, kept = torch.cat(self._rows)[taken], torch.cat(self._logits)[taken]
+        counted = [t if check else torch.zeros_like(t) for t, check in zip(self._taken, self._from_check)]
+        from_checks = int(torch.cat(counted).sum())
         self.begin_step()
         covered = torch.zeros(num_rows, dtype=torch.bool, device=hidden_states.device)
         covered[rows] = True
@@ -63,4 +69,4 @@ class ExitLogits:
         if rest.numel():  # one host sync per step
             out[rest] = compute(hidden_states[rest])
         out[rows] = kept
-        return out, rows.shape[0]
+        return out, from_checks

@@ -15,6 +15,9 @@ below writes exactly that rule:
   weight folded in, stacked (``FoldedKV``), so a fill reads no q rows (40% of
   ``qkv_proj``'s bytes on SmolLM2, 25% on Qwen2.5-Coder-1.5B) and all its layers
   take one product, one rotary call and one cache write each;
+* ``KVPropagator.fill`` with ``rows``: the same for some rows of the step, written
+  at their slots of the step's slot mapping: rows whose deferred exit is confirmed
+  after they ran deeper layers (``deferred.py``) get those layers' K/V again;
 * ``freeze_rows``: rows that left while others go on get hidden state 0 and
   residual ``s``, so every deeper layer's fused add+norm sees ``s`` and its own
   attention writes their K/V from it (eager walk);
@@ -36,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.layers.attention.attention import get_attention_context, unified_kv_cache_update
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
@@ -63,9 +66,19 @@ def _project_kv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return attn.qkv_proj(x)[0][:, attn.q_size :]
 
 
-def _write_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Writes ``[rows, kv_heads, head_dim]`` K/V into the layer's paged cache with vLLM's op."""
-    unified_kv_cache_update(k, v, attn.attn.layer_name)
+def _write_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Writes ``[rows, kv_heads, head_dim]`` K/V into the layer's paged cache with vLLM's op.
+
+    ``rows``: the step's token rows that ``k`` and ``v`` belong to (None: every row, in order);
+    their slots are taken from the step's slot mapping and written by the backend's own
+    ``do_kv_cache_update``, as vLLM's op does for the whole step.
+    """
+    if rows is None:
+        unified_kv_cache_update(k, v, attn.attn.layer_name)
+        return
+    _, layer, kv_cache, slot_mapping = get_attention_context(attn.attn.layer_name)
+    if slot_mapping is not None:
+        layer.impl.do_kv_cache_update(layer, k, v, kv_cache, slot_mapping[rows])
 
 
 def _kv_rows(attn: nn.Module) -> torch.Tensor | None:
@@ -173,10 +186,12 @@ class FoldedKV:
         heads = (self.num_kv_heads, self.head_dim)
         return k.view(rows, count, *heads), kv[:, :, 1].unflatten(-1, heads)
 
-    def fill(self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int) -> None:
+    def fill(
+        self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int, rows: torch.Tensor | None
+    ) -> None:
         k, v = self.project(positions, stream, first, stop)
         for offset, index in enumerate(range(first, stop)):
-            _write_kv(self.layers[index].self_attn, k[:, offset], v[:, offset])
+            _write_kv(self.layers[index].self_attn, k[:, offset], v[:, offset], rows)
 
     @property
     def packed_starts(self) -> list[int]:
@@ -217,19 +232,28 @@ class KVPropagator:
         if not self._built:
             self.build_kv_projections()
 
-    def fill(self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int) -> None:
-        """Writes the K/V of layers ``first..stop - 1`` from ``stream`` (every row's)."""
+    def fill(
+        self,
+        positions: torch.Tensor,
+        stream: torch.Tensor,
+        first: int,
+        stop: int,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """Writes the K/V of layers ``first..stop - 1`` from ``stream``: every row's, or with
+        ``rows`` those token rows' (``positions`` and ``stream`` are then theirs alone)."""
         if first >= stop:
             return
         if self.folded is not None:
-            self.folded.fill(positions, stream, first, stop)
+            self.folded.fill(positions, stream, first, stop, rows)
             return
         for index in range(first, stop):
             layer = self.layers[index]
             attn = layer.self_attn
             k, v = _project_kv(attn, layer.input_layernorm(stream)).split([attn.kv_size, attn.kv_size], dim=-1)
             k, _ = attn.rotary_emb(positions, k.contiguous())  # rotary of k alone (no q)
-            _write_kv(attn, k.view(-1, attn.num_kv_heads, attn.head_dim), v.view(-1, attn.num_kv_heads, attn.head_dim))
+            heads = (-1, attn.num_kv_heads, attn.head_dim)
+            _write_kv(attn, k.view(heads), v.view(heads), rows)
 
 
 def freeze_rows(

@@ -34,6 +34,9 @@ class ExitStats:
     full_readouts: int = 0
     """Full-vocabulary readouts the checks took: each reads the whole LM head once, for
     however many rows (with a shortlist: the confirmations)."""
+    deferred_exits: int = 0
+    """Tokens whose exit was confirmed after deeper layers had run (``deferred.py``): the
+    K/V of those layers was written again from the stream they left with."""
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
@@ -46,6 +49,7 @@ class ExitStats:
         self.sampled_from_checks = 0
         self.replayed_tokens = 0
         self.full_readouts = 0
+        self.deferred_exits = 0
 
     def record(self, exit_layer: int | None, tokens: int) -> None:
         """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
@@ -95,6 +99,7 @@ class ExitStats:
             "sampled_from_checks": self.sampled_from_checks,
             "replayed_tokens": self.replayed_tokens,
             "full_readouts": self.full_readouts,
+            "deferred_exits": self.deferred_exits,
         }
 
     @classmethod
@@ -107,6 +112,7 @@ class ExitStats:
             sampled_from_checks=data.get("sampled_from_checks", 0),
             replayed_tokens=data.get("replayed_tokens", 0),
             full_readouts=data.get("full_readouts", 0),
+            deferred_exits=data.get("deferred_exits", 0),
         )
 
     def summary(self) -> str:

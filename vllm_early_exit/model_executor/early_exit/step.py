@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch
+from vllm_early_exit.model_executor.early_exit.deferred import DeferredExits
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class StepState:
         settings: RowSettings,
         points: frozenset[int],
         num_layers: int,
+        defers: bool = False,
     ) -> None:
         self.hidden_states = hidden_states
         self.residual: torch.Tensor | None = None
@@ -105,6 +107,10 @@ class StepState:
         if batch.pinned is not None:
             self.pinned = torch.full((num_rows,), -1, dtype=torch.long, device=positions.device)
             self.pinned[batch.rows] = torch.tensor(batch.pinned, dtype=torch.long, device=positions.device)
+        self.pending: DeferredExits | None = (
+            DeferredExits() if defers and batch.pure and self.pinned is None and settings.last_layers is None else None
+        )
+        """The exits waiting for their confirmation (``deferred.py``), in steps that defer them."""
 
     def stream(self) -> torch.Tensor:
         """Every row's residual stream, as a new tensor (vLLM's fused add+norm may work in place)."""

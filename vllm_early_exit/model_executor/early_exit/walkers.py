@@ -6,7 +6,10 @@ decode rows leave there. When every row of a pure-decode step has left, the
 deeper layers only get their K/V filled; otherwise the leaving rows are frozen
 and the rest go on. Only decode rows leave or skip; in a mixed step the prefill
 rows run every layer beside them. K/V of what a row does not run is written by
-``kv_fill`` alone.
+``kv_fill`` alone. With ``per_token`` and a shortlist, a pure-decode step defers
+the checks' confirmations (``Walker.defer``, ``deferred.py``): rows that pass
+the first stage go on and are confirmed together, at the end of the stack with
+the sampling logits or sooner when the whole step may leave.
 
 * ``EagerWalker``: layer by layer, vLLM's own layer modules.
 * ``GroupedWalker``: compiled layer groups (``compile: true``) between decision
@@ -23,6 +26,7 @@ from torch import nn
 
 from vllm_early_exit.model_executor.early_exit import kv_fill
 from vllm_early_exit.model_executor.early_exit.decision import ExitDecider
+from vllm_early_exit.model_executor.early_exit.deferred import ConfirmedExit, PendingExit, earliest
 from vllm_early_exit.model_executor.early_exit.groups import CompiledStack
 from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator
 from vllm_early_exit.model_executor.early_exit.stats import ExitStats
@@ -32,8 +36,7 @@ from vllm_early_exit.model_executor.early_exit.step import Exit, StepState
 class Walker(ABC):
     """Walks a step's rows down layers ``start..end-1``.
 
-    ``walk`` returns ``(stream, None)`` when every row left at one check, else
-    ``(hidden_states, residual)`` for the final fused add+norm.
+    ``walk`` returns the stack's output: every row's last stream through the final norm.
     """
 
     def __init__(
@@ -49,7 +52,12 @@ class Walker(ABC):
         self.decider, self.kv, self.stats = decider, kv, stats
 
     @abstractmethod
-    def walk(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def walk(self, state: StepState) -> torch.Tensor: ...
+
+    @property
+    def norm(self) -> nn.Module:
+        """The model's final norm (the decider's readout holds it)."""
+        return self.decider.readout.norm
 
     def remember_previous(self, state: StepState, layer: int) -> None:
         """Keeps the stream entering ``layer`` when the signal reads it there."""
@@ -63,6 +71,8 @@ class Walker(ABC):
             return None
         state.ensure_residual()
         stream = state.stream()
+        if state.pending is not None:
+            return self.defer(state, layer, stream)
         leave = self.decider.rows_to_exit(
             layer,
             state.of_candidates(stream),
@@ -78,31 +88,109 @@ class Walker(ABC):
         count = leaving.numel()  # the step's one host sync per check
         if count == 0:
             return None
-        state.depths[leaving] = layer + 1
-        self.stats.record(layer, state.live(leaving))
+        self.record_exit(state, layer, leaving, state.live(leaving))
         if self.decider.heads is not None:
             state.emitted.append((leaving, self.decider.exit_stream(layer, stream[leaving])))
-        everyone = count == candidates.numel() and state.batch.pure
+        return self.exit(state, leaving, stream)
+
+    def record_exit(self, state: StepState, layer: int, rows: torch.Tensor, live: int) -> None:
+        """Counts ``rows`` (``live`` of them deciding live) as leaving after ``layer``."""
+        state.depths[rows] = layer + 1
+        self.stats.record(layer, live)
+
+    def exit(self, state: StepState, leaving: torch.Tensor, stream: torch.Tensor) -> Exit:
+        """``leaving`` rows leave at ``stream`` (every row's, theirs the stream they leave with);
+        the others go on."""
+        everyone = leaving.numel() == state.candidates.numel() and state.batch.pure
         if not everyone:
             kv_fill.freeze_rows(state.hidden_states, state.residual, stream, leaving)
-            state.left(leave)
+            state.left(torch.isin(state.candidates, leaving))
         return Exit(leaving, stream, everyone)
 
-    def leave_all(self, state: StepState, exit: Exit, layer: int) -> tuple[torch.Tensor, None]:
+    def defer(self, state: StepState, layer: int, stream: torch.Tensor) -> Exit | None:
+        """A per-token check whose confirmation waits (``deferred.py``): the rows that pass the
+        first stage become pending; the pending exits are confirmed now when every running
+        row passed, or when as many rows are pending as the step runs."""
+        candidates = state.candidates
+        settings = state.candidate_settings(layer)
+        previous = state.of_candidates(state.previous)
+        passing, exit_stream = self.decider.first_stage(
+            layer, state.of_candidates(stream), previous, settings["thresholds"], settings["allowed"]
+        )
+        picked = passing.nonzero().squeeze(1)  # the check's one host sync
+        if picked.numel() == 0:
+            return None
+        thresholds = settings["thresholds"]
+        state.pending.add(
+            PendingExit(
+                layer,
+                candidates[picked],
+                state.of_candidates(stream)[picked],
+                exit_stream[picked],
+                None if previous is None else previous[picked],
+                None if thresholds is None else thresholds[picked],
+            )
+        )
+        if picked.numel() < candidates.numel() and state.pending.rows < state.running_rows:
+            return None
+        confirmed = self.confirm(state, layer + 1)
+        if not confirmed:
+            return None
+        for exit in confirmed:  # rows confirmed at an earlier check leave at their own stream
+            stream[exit.rows] = exit.stream
+        return self.exit(state, torch.cat([exit.rows for exit in confirmed]), stream)
+
+    def confirm(self, state: StepState, stop: int, final: torch.Tensor | None = None) -> list[ConfirmedExit]:
+        """Confirms every pending exit (with ``final``'s sampling logits in the same product, at the
+        end of the stack) and lets the confirmed rows leave: counted, their logits kept, and the
+        K/V of the layers they ran after their exit, up to ``stop``, written from the stream they
+        leave with."""
+        pending = state.pending.take()
+        verdicts, logits, final_logits = self.decider.confirm(pending, final)
+        confirmed = earliest(pending, verdicts, logits, state.hidden_states.shape[0])
+        exit_logits = self.decider.exit_logits
+        for exit in confirmed:
+            if exit.layer + 1 < stop:  # confirmed after it ran deeper layers
+                self.kv.fill(state.positions[exit.rows], exit.stream, exit.layer + 1, stop, exit.rows)
+                self.stats.deferred_exits += exit.rows.numel()
+            self.record_exit(state, exit.layer, exit.rows, exit.rows.numel())
+            if self.decider.heads is not None:
+                state.emitted.append((exit.rows, exit.exit_stream))
+            exit_logits.keep(exit.rows, exit.logits, torch.ones_like(exit.rows, dtype=torch.bool))
+        if final_logits is not None:
+            running = state.candidates
+            late = torch.zeros(state.hidden_states.shape[0], dtype=torch.bool, device=running.device)
+            for exit in confirmed:
+                late[exit.rows] = True
+            exit_logits.keep(running, final_logits, ~late[running], from_check=False)
+        return confirmed
+
+    def leave_all(self, state: StepState, exit: Exit, layer: int) -> torch.Tensor:
         """Every logits row left after ``layer``: fill the deeper layers' K/V and stop."""
         self.kv.fill(state.positions, exit.stream, layer + 1, self.end)
-        return state.final_stream(exit.stream), None
+        return self.norm(state.final_stream(exit.stream))
 
-    def finish(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
-        """The walk reached the last layer: the rows still running went the full depth."""
-        self.stats.record(None, state.running_rows if state.remaining is None else state.live(state.remaining))
-        return state.final_state()
+    def finish(self, state: StepState) -> torch.Tensor:
+        """The walk reached the last layer: the rows still running went the full depth, but for
+        rows whose deferred exit is confirmed now (their sampling logits are read with the
+        others' in one product)."""
+        hidden_states, residual = state.final_state()
+        out = self.norm(hidden_states, residual)[0]
+        late = 0
+        if state.pending:
+            running = state.candidates
+            confirmed = self.confirm(state, self.end, final=out[running])
+            for exit in confirmed:
+                out[exit.rows] = self.norm(exit.exit_stream)
+                late += exit.rows.numel()
+        self.stats.record(None, (state.running_rows if state.remaining is None else state.live(state.remaining)) - late)
+        return out
 
 
 class EagerWalker(Walker):
     """Layer by layer; frozen rows skip the MLP (their attention writes their K/V)."""
 
-    def walk(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def walk(self, state: StepState) -> torch.Tensor:
         running: torch.Tensor | None = None  # rows of the step still running (None: all)
         for index in range(self.start, self.end):
             self.remember_previous(state, index)
@@ -136,7 +224,7 @@ class GroupedWalker(Walker):
         super().__init__(*args, **kwargs)
         self.stack = stack
 
-    def walk(self, state: StepState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def walk(self, state: StepState) -> torch.Tensor:
         state.ensure_residual()
         keep = state.hidden_states.new_ones(state.hidden_states.shape[0], 1)  # 0 for frozen rows
         for first, stop in self.stack.bounds:

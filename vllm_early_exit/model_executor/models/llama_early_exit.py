@@ -103,13 +103,15 @@ class EarlyExitLlamaModel(LlamaModel):
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         settings = settings.on_token_rows(batch, hidden_states.shape[0])
         points = self.decider.check_layers | settings.budget_layers | batch.pinned_layers
-        state = StepState(hidden_states, positions, batch, settings, points, self.config.num_hidden_layers)
-        hidden_states, residual = self._walker(points).walk(state)
+        state = StepState(
+            hidden_states, positions, batch, settings, points, self.config.num_hidden_layers, self.decider.defers
+        )
+        hidden_states = self._walker(points).walk(state)
         self.decider.exit_logits.seal(batch.num_tokens if batch.pure else None)
         if batch.num_live:
             note_step(self.exit_record, self.request_rows.input_batch, batch, state.decode_depths())
         self._publish()
-        return self.norm(hidden_states) if residual is None else self.norm(hidden_states, residual)[0]
+        return hidden_states
 
     def _decode_batch(self, device: torch.device) -> DecodeBatch | None:
         """The step's decode rows, with the replayed rows of recomputes after preemption (``replay.py``)."""
