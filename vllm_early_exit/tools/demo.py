@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from vllm_early_exit.tools.agreement import Agreement, full_model_choices, token_agreement
 from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
-from vllm_early_exit.tools.engines import build_engine
+from vllm_early_exit.tools.engines import build_engine, shutdown_engine
 
 # Conservative training-free settings: on SmolLM2 intermediate layers are often
 # confidently wrong, so checks sit deep and require a very confident reading.
@@ -128,4 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  identical outputs       {agreement.identical:8.1%}")
     print(f"  token agreement         {agreed:8.1%} (tokens the full model picks after the same prefix)")
     print(f"  prefix agreement        {agreement.prefix:8.1%} (tokens up to the first divergence)")
+    # Stopped here rather than at interpreter exit, where tearing down two engine cores can abort.
+    for llm in (early, plain):
+        shutdown_engine(llm)
     return summary

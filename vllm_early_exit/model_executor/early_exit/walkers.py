@@ -174,16 +174,14 @@ class Walker(ABC):
         """The walk reached the last layer: the rows still running went the full depth, but for
         rows whose deferred exit is confirmed now (their sampling logits are read with the
         others' in one product)."""
+        full_depth = state.running_rows if state.remaining is None else state.live(state.remaining)
         hidden_states, residual = state.final_state()
         out = self.norm(hidden_states, residual)[0]
-        late = 0
         if state.pending:
-            running = state.candidates
-            confirmed = self.confirm(state, self.end, final=out[running])
-            for exit in confirmed:
+            for exit in self.confirm(state, self.end, final=out[state.candidates]):
                 out[exit.rows] = self.norm(exit.exit_stream)
-                late += exit.rows.numel()
-        self.stats.record(None, (state.running_rows if state.remaining is None else state.live(state.remaining)) - late)
+                full_depth -= exit.rows.numel()
+        self.stats.record(None, full_depth)
         return out
 
 
