@@ -39,6 +39,13 @@ def test_speed_benchmark_smoke_run_writes_results(tiny_chat_llama, tmp_path):
     # The cost model: leaving at half depth reads fewer weights, checks that never fire read more.
     assert 1.0 < rows[("forced_50", 2)]["predicted"] < 2.0
     assert rows[("never_top_k", 1)]["predicted"] < 1.0
+    # Priced by the steps each engine ran: at batch 1 a step is its token, so both counts agree;
+    # forced exits stop every step at the same layer at any batch.
+    for engine in ("forced_50", "never_top_k", "per_token"):
+        assert rows[(engine, 1)]["predicted"] == pytest.approx(rows[(engine, 1)]["predicted_per_token"])
+    assert rows[("forced_50", 2)]["predicted"] == pytest.approx(rows[("forced_50", 2)]["predicted_per_token"])
+    stats = [m["stats"] for m in report["raw"] if m["engine"] == "per_token" and m["batch"] == 2][-1]
+    assert stats["decode_steps"] > 0 and rows[("per_token", 2)]["predicted"] <= rows[("per_token", 2)]["predicted_per_token"]
     # Plain vLLM's prefill was timed in every block; the limit keeps its share as it is.
     forced = rows[("forced_50", 2)]
     assert 0.0 < forced["prefill_share"] < 1.0

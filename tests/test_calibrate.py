@@ -179,6 +179,7 @@ def test_decision_picks_the_most_permissive_threshold_before_the_first_failure()
         (["--target-agreement", "0.9", "--signal", "confidence"], r"--signal: invalid choice: 'confidence'.*'entropy'.*'max_prob'"),
         (["--target-agreement", "0.9", "--thresholds", "high"], r"--thresholds: 'high' is invalid"),
         (["--target-agreement", "0.9", "--prompts", "0"], r"--prompts: '0' is invalid: allowed values are integers >= 1"),
+        (["--target-agreement", "0.9", "--batch", "0"], r"--batch: '0' is invalid: allowed values are integers >= 1"),
     ],
 )
 def test_bad_option_names_itself_and_the_allowed_values(argv, message, capsys, tmp_path):
@@ -428,7 +429,7 @@ def test_head_checks_are_priced_without_reading_the_heads_folder(tmp_path):
 def test_report_predicts_each_thresholds_speed_from_its_exit_counts(calibrated, tiny_llama):
     from transformers import AutoConfig
 
-    from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio
+    from vllm_early_exit.tools.cost import WeightBytes, predicted_at_batch, predicted_ratio
 
     _, report, stdout, _ = calibrated
     weights = WeightBytes.of(AutoConfig.from_pretrained(tiny_llama))
@@ -439,8 +440,15 @@ def test_report_predicts_each_thresholds_speed_from_its_exit_counts(calibrated, 
         # Each threshold's own counters (reset between thresholds): its pure-decode tokens only.
         assert stats["decode_tokens"] == r["decode_tokens"] == 48 * (NEW - 1)
         assert stats["mean_layers"] == pytest.approx(r["mean_layers"])
-        expected = predicted_ratio(weights, {**report["base_settings"], "threshold": r["threshold"]}, stats)
+        settings = {**report["base_settings"], "threshold": r["threshold"]}
+        # At the batch it will serve (per_token: a step as deep as its deepest row), and at 1, 8, 32.
+        assert report["batch"] == cal.DEFAULT_BATCH == 8
+        expected = predicted_at_batch(weights, settings, stats, report["batch"])
         assert r["predicted_speed"] == pytest.approx(expected, rel=1e-12)
+        by_batch = r["predicted_speed_by_batch"]
+        assert by_batch["1"] == pytest.approx(predicted_ratio(weights, settings, stats), rel=1e-12)
+        assert by_batch["8"] == r["predicted_speed"]
+        assert by_batch["1"] >= by_batch["8"] >= by_batch["32"]
     assert rows[0]["exit_stats"]["early_exit_tokens"] < rows[-1]["exit_stats"]["early_exit_tokens"]
     assert rows[0]["predicted_speed"] != rows[-1]["predicted_speed"]
     # The verdict: the accepted threshold predicted fastest, and whether it beats plain vLLM.
@@ -456,7 +464,7 @@ def test_report_predicts_each_thresholds_speed_from_its_exit_counts(calibrated, 
     assert cal.NO_FASTER in stdout
     assert "predicted (weight-bytes bound)" in report["predicted_speed_basis"]
     # The printed table has the column, labelled as a bound; the chosen row shows its prediction.
-    assert "pred. speed*" in stdout and "* pred. speed: predicted (weight-bytes bound)" in stdout
+    assert "pred. b8*" in stdout and "* pred. b8: predicted (weight-bytes bound)" in stdout and "b1/b8/b32" in stdout
     line = next(l for l in stdout.splitlines() if l.rstrip().endswith("<- chosen"))
     assert f"{chosen['predicted_speed']:.3f}x" in line
     assert report["speed_message"] in stdout
@@ -472,11 +480,12 @@ def test_no_setting_predicted_faster_than_plain_says_keep_early_exit_off(tiny_ll
     cal_cli = importlib.import_module("vllm_early_exit.tools.calibrate.cli")
     decoded = 48 * (NEW - 1)
 
-    def never_exiting(model, prompts, settings, *, target, delta, out, thresholds, max_tokens, dtype, info, resume):
+    def never_exiting(model, prompts, settings, *, target, delta, out, thresholds, max_tokens, dtype, info, resume,
+                      batch):
         runs = [cal.ThresholdRun(t, [1.0] * len(prompts), tokens=decoded, agreeing_tokens=decoded, mean_layers=6.0,
                                  decode_tokens=decoded, exit_stats=_exit_stats(full=decoded)) for t in thresholds]
         return cal.finish(runs, settings, target=target, delta=delta, out=out, info=info,
-                          weights=WeightBytes.from_pretrained(model))
+                          weights=WeightBytes.from_pretrained(model), batch=batch)
 
     monkeypatch.setattr(cal_cli, "calibrate", never_exiting)
     prompt_file = tmp_path / "prompts.json"
@@ -484,7 +493,7 @@ def test_no_setting_predicted_faster_than_plain_says_keep_early_exit_off(tiny_ll
     out = tmp_path / "settings.json"
     assert cli(["calibrate", "--model", str(tiny_llama), "--prompt-file", str(prompt_file), "--exit-layers", "1,3",
                 "--thresholds", "1.0,0.99999", "--target-agreement", str(TARGET), "--delta", str(DELTA),
-                "--max-tokens", str(NEW), "--out", str(out)]) == 0
+                "--max-tokens", str(NEW), "--batch", "32", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(cal.report_path(out).read_text())
     w = _tiny_weights()
@@ -495,7 +504,8 @@ def test_no_setting_predicted_faster_than_plain_says_keep_early_exit_off(tiny_ll
     assert report["recommend"] == "off" and report["recommended_threshold"] is None
     assert report["fastest_predicted_speed"] == pytest.approx(ratio)
     assert cal.NO_FASTER in report["speed_message"] and cal.NO_FASTER in report["message"]
-    assert cal.NO_FASTER in printed and f"{ratio:.3f}x" in printed
+    assert cal.NO_FASTER in printed and f"{ratio:.3f}x plain vLLM at batch 32" in printed
+    assert report["batch"] == 32 and "pred. b32*" in printed
     # The settings file stays what --early-exit-config and bench --calibrated read.
     assert EarlyExitConfig.from_cli_value(str(out))["threshold"] == 0.99999
     assert json.loads(out.read_text()) == {**TINY_SETTINGS, "threshold": 0.99999}

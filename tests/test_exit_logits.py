@@ -20,18 +20,46 @@ from .test_settings import _start
 TWO_STAGE = {"exit_layers": (1, 3), "threshold": 0.2}
 
 
-def test_rows_that_leave_are_sampled_from_their_check_logits(tiny_llama, reference, mixed_traces):
-    """per_token, alone and batched: every early token took its check's logits, tokens unchanged."""
-    prompts, traces = mixed_traces
-    result = run_engine(
+@pytest.fixture(scope="module")
+def per_token_run(tiny_llama, mixed_traces):
+    """``MIXED`` under per_token: each prompt alone, then all of them in one batch."""
+    prompts, _ = mixed_traces
+    return run_engine(
         tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit={**MIXED, "policy": "per_token"}, batched="both"
     )
+
+
+def test_rows_that_leave_are_sampled_from_their_check_logits(per_token_run, reference, mixed_traces):
+    """per_token, alone and batched: every early token took its check's logits, tokens unchanged."""
+    _, traces = mixed_traces
     expected = [t.tokens for t in traces]
-    assert result["outputs"] == expected
-    assert result["outputs_batched"] == expected
-    stats = result["stats"][0]
+    assert per_token_run["outputs"] == expected
+    assert per_token_run["outputs_batched"] == expected
+    stats = per_token_run["stats"][0]
     assert stats["exits_per_layer"] == [2 * n for n in exit_counts(traces, reference.num_layers)]
     assert stats["sampled_from_checks"] == stats["early_exit_tokens"] > 0
+
+
+def test_each_step_is_counted_as_deep_as_its_deepest_row(per_token_run, reference, mixed_traces):
+    """The step counters (what the cost model prices a batch by): alone, a step is its token;
+    batched, the step of the i-th tokens stops at the deepest of their exits (full depth when
+    any of them goes the full depth), and only full-depth steps take vLLM's LM head."""
+    _, traces = mixed_traces
+    last = reference.num_layers - 1
+    alone = [layer for t in traces for layer in t.exit_layers]
+    batched = [
+        None if None in layers else max(layers) for layers in zip(*(t.exit_layers for t in traces))
+    ]
+    steps = alone + batched
+    expected = [sum(1 for layer in steps if layer == index) for index in range(reference.num_layers)]
+    stats = per_token_run["stats"][0]
+    assert stats["step_exits_per_layer"] == expected
+    assert stats["full_depth_steps"] == steps.count(None) > 0
+    assert stats["decode_steps"] == len(steps) == (len(traces) + 1) * (NEW_TOKENS - 1)
+    assert stats["sampling_products"] == steps.count(None)
+    # Batched, steps stop later than their rows on average: the rows that left rode along.
+    assert batched.count(None) > len([l for l in alone if l is None]) / len(traces)
+    assert expected[last] == 0  # a step that reaches the last layer ran every layer
 
 
 def test_whole_step_leaving_needs_no_lm_head(tiny_llama, reference):

@@ -18,8 +18,9 @@ Modes (each an early-exit engine):
   calibrated              a settings file from ``calibrate`` (quality-preserving settings)
 
 Beside each ratio stands the cost model's prediction (``cost.py``): the ratio of
-weight bytes read per decode token, plain vLLM over the engine, given the exit
-counts the engine measured; on a weight-bound machine it bounds the decode steps.
+weight bytes read per decode step, plain vLLM over the engine, given where the
+engine's steps stopped and the LM-head products they took (a step reads each
+layer once for all its rows); on a weight-bound machine it bounds the decode steps.
 Early exit leaves prompt tokens alone, so every round also times plain vLLM's
 prefill (the same prompts with one output token), and ``limit`` is that bound
 with the prefill's share of plain vLLM's time kept as it is (Amdahl's law).
@@ -35,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio
+from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio, predicted_step_ratio
 from vllm_early_exit.tools.engines import build_engine, check_engines_fit, machine_info, shutdown_engine
 from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
 
@@ -264,14 +265,16 @@ def summarize(
             depth = sum(m.mean_layers for m in ms) / len(ms)
             ratio = tokens_per_s(ms) / tokens_per_s(plain)
             ideal = num_layers / depth
-            predicted = None
+            predicted = per_token = None
             if weights is not None and modes is not None and modes.get(engine) is not None and ms[-1].stats:
-                predicted = predicted_ratio(weights, modes[engine], ms[-1].stats)
+                per_token = predicted_ratio(weights, modes[engine], ms[-1].stats)
+                # The steps it ran, where it counted them; the per-token bound otherwise.
+                predicted = predicted_step_ratio(weights, modes[engine], ms[-1].stats) or per_token
             share = prefill_share(seconds(prefills), seconds(plain), len(prefills))
             rows.append({
                 "engine": engine, "batch": batch, "tokens_per_s": tokens_per_s(ms), "ratio_vs_plain": ratio,
                 "mean_layers": depth, "ideal_speedup": ideal, "efficiency": ratio / ideal, "predicted": predicted,
-                "prefill_share": share, "limit": step_limit(predicted, share),
+                "predicted_per_token": per_token, "prefill_share": share, "limit": step_limit(predicted, share),
             })
     return {"rows": rows}
 
@@ -306,9 +309,11 @@ def write_report(report: dict, out_dir: Path) -> None:
         "",
         "`ratio` is output tokens/s over plain vLLM with its default settings in the same run; "
         "`ideal` = layers / mean depth; `efficiency` = ratio / ideal; `predicted`: the cost model's "
-        "ratio of weight bytes read per decode token (plain over engine, from the measured exits; "
-        "layers run, K/V projections of layers filled, checks, the LM head unless the token was "
-        "sampled from its check's logits): the limit of the decode steps on a weight-bound machine; "
+        "ratio of weight bytes read per decode step (plain over engine, from where the engine's steps "
+        "stopped: a step reads each layer's weights once for all its rows, so it is as deep as its "
+        "deepest row; layers run, K/V projections of layers filled, the checks it reached, the LM-head "
+        "products it took): the limit of the decode steps on a weight-bound machine (the JSON's "
+        "`predicted_per_token` counts per token instead, the limit of one request decoding alone); "
         "`prefill` is the share of plain vLLM's time spent prefilling the prompts (timed in the same "
         "run with one output token), which early exit does not shorten; `limit` = 1 / (prefill + "
         "(1 - prefill) / predicted), the ratio an engine reaches when its decode steps run at the "

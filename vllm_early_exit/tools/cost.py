@@ -14,6 +14,15 @@ token, plain vLLM reads every layer and the LM head. An early-exit engine reads:
 * the LM head once more, unless the token was sampled from its check's logits.
 
 Counted from an engine's measured exit counters (``ExitStats.to_dict()``).
+
+Per token is the bound of one request decoding alone. In a batch, a step reads a
+layer's weights once for all its rows, so what counts is how deep the step runs:
+under ``per_token`` a row that left rides along until every row of the step has
+left, and a step is as deep as its deepest row. :func:`step_bytes` prices the
+steps an engine counted (``step_exits_per_layer``: where each pure-decode step
+stopped, and the LM-head products it took); :func:`predicted_at_batch` predicts
+steps of ``batch`` rows from the per-token exit counts of any run (a calibration
+run, say), taking the rows of a step as independent draws of those counts.
 """
 
 from __future__ import annotations
@@ -60,53 +69,122 @@ class WeightBytes:
         return self.num_layers * self.layer + self.lm_head
 
 
-def _check_cost(weights: WeightBytes, settings: dict[str, Any], first: bool) -> float:
-    """Weights one check's readout reads for a row that reaches it (without confirmation)."""
+def _check_reads(weights: WeightBytes, settings: dict[str, Any], first: bool) -> tuple[float, int]:
+    """What one check's readout reads for the rows that reach it, without confirmations: weights
+    beside full LM-head products, and how many full LM-head products (0 or 1)."""
     from vllm_early_exit.model_executor.early_exit.signals import make_signal
 
     signal_name = settings.get("signal", "max_prob")
     if signal_name != "gate" and make_signal(signal_name).always_confident(settings.get("threshold", 0.9)):
-        return 0.0  # a forced exit reads nothing
+        return 0.0, 0  # a forced exit reads nothing
     if signal_name == "saturation":
-        return 0.0
+        return 0.0, 0
     head = weights.hidden * weights.hidden if settings.get("heads") else 0
     if settings.get("shortlist"):
         from vllm_early_exit.model_executor.early_exit.shortlist import read_shortlist
 
-        return head + len(read_shortlist(settings["shortlist"])["tokens"]) * weights.hidden
+        return head + len(read_shortlist(settings["shortlist"])["tokens"]) * weights.hidden, 0
     top_k = settings.get("vocab_top_k")
     if top_k and not first:
-        return head + top_k * weights.hidden
-    return head + weights.lm_head
+        return head + top_k * weights.hidden, 0
+    return head, 1
+
+
+def _check_cost(weights: WeightBytes, settings: dict[str, Any], first: bool) -> float:
+    """Weights one check's readout reads for a row that reaches it (without confirmation)."""
+    cheap, full = _check_reads(weights, settings, first)
+    return cheap + full * weights.lm_head
+
+
+def _layout(weights: WeightBytes, settings: dict[str, Any]) -> tuple[list[int], set[int]]:
+    """The check layers and skipped layers of ``settings`` on this model."""
+    from vllm_early_exit.config import EarlyExitConfig
+
+    # Only the layer layout matters here; the other settings (a heads folder, a shortlist)
+    # are priced by ``_check_reads`` and need not exist on this machine.
+    config = EarlyExitConfig.from_dict({k: settings[k] for k in LAYOUT_KEYS if k in settings})
+    return sorted(config.check_layers_for(weights.num_layers)), set(config.skip_layers)
+
+
+def _stack_bytes(weights: WeightBytes, layer: int, skipped: set[int]) -> float:
+    """Layers run up to ``layer`` (0-based, inclusive) and the K/V filled of every other layer."""
+    run = sum(1 for l in range(layer + 1) if l not in skipped)
+    return run * weights.layer + (weights.num_layers - run) * weights.kv_projection
+
+
+def _ends(exits_per_layer: list[int], full_depth: int) -> list[int]:
+    """Counts per layer after which a token (or step) stopped, full depth counted at the last layer."""
+    ends = list(exits_per_layer)
+    ends[-1] += full_depth
+    return ends
 
 
 def engine_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any]) -> float:
     """Mean weights read per decode token by an engine with ``settings`` that counted ``stats``."""
-    from vllm_early_exit.config import EarlyExitConfig
-
-    # Only the layer layout matters here; the other settings (a heads folder, a shortlist)
-    # are priced by ``_check_cost`` and need not exist on this machine.
-    config = EarlyExitConfig.from_dict({k: settings[k] for k in LAYOUT_KEYS if k in settings})
-    checks = sorted(config.check_layers_for(weights.num_layers))
-    skipped = set(config.skip_layers)
+    checks, skipped = _layout(weights, settings)
     tokens = stats["decode_tokens"]
     if not tokens:
         return float(weights.plain)
-    exits = list(stats["exits_per_layer"])
-    # exits[l] tokens left after layer l; full-depth tokens "leave" after the last layer.
-    exits[-1] += stats["full_depth_tokens"]
     total = 0.0
-    for layer, count in enumerate(exits):
+    for layer, count in enumerate(_ends(stats["exits_per_layer"], stats["full_depth_tokens"])):
         if not count:
             continue
-        run = sum(1 for l in range(layer + 1) if l not in skipped)
-        filled = weights.num_layers - run
         reached = [c for c in checks if c <= layer]
         reads = sum(_check_cost(weights, settings, i == 0) for i, _ in enumerate(reached))
         confirm = weights.lm_head if settings.get("shortlist") and layer in checks else 0
-        total += count * (run * weights.layer + filled * weights.kv_projection + reads + confirm)
+        total += count * (_stack_bytes(weights, layer, skipped) + reads + confirm)
     total += (tokens - stats.get("sampled_from_checks", 0)) * weights.lm_head
     return total / tokens
+
+
+def step_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any]) -> float | None:
+    """Mean weights read per pure-decode step by an engine that counted ``stats``, from where its
+    steps stopped (``step_exits_per_layer``) and the full LM-head products it took (its checks'
+    ``full_readouts`` and the ``sampling_products``); None when it counted no step."""
+    steps = stats.get("decode_steps", 0)
+    if not steps:
+        return None
+    checks, skipped = _layout(weights, settings)
+    total = 0.0
+    for layer, count in enumerate(_ends(stats["step_exits_per_layer"], stats["full_depth_steps"])):
+        if count:
+            reached = [c for c in checks if c <= layer]
+            cheap = sum(_check_reads(weights, settings, i == 0)[0] for i, _ in enumerate(reached))
+            total += count * (_stack_bytes(weights, layer, skipped) + cheap)
+    total += (stats.get("full_readouts", 0) + stats.get("sampling_products", 0)) * weights.lm_head
+    return total / steps
+
+
+def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any], batch: int) -> float:
+    """Mean weights read per ``per_token`` decode step of ``batch`` rows, each row an independent
+    draw of the per-token exits in ``stats``: the step stops after layer ``l`` with probability
+    ``F(l)^batch - F(l-1)^batch`` (``F``: share of tokens gone by ``l``). A step reads, once for
+    all its rows, the layers down to its deepest row, the fill of the rest, every check it
+    reaches, and the LM head: once with deferred confirmations (the product that confirms also
+    samples), else once per full-vocabulary check reached plus once for sampling when some row
+    went the full depth (a row that left was sampled from its check's logits)."""
+    from vllm_early_exit.model_executor.early_exit.signals import make_signal
+
+    checks, skipped = _layout(weights, settings)
+    tokens = stats["decode_tokens"]
+    if not tokens:
+        return float(weights.plain)
+    reads_logits = make_signal(settings.get("signal", "max_prob")).reads_logits
+    # One product a step: sampling alone (forced exits, signals that read no logits), or the
+    # deferred confirmations' (the shortlist's checks confirm at the end, sampling with them).
+    single = not reads_logits or _check_reads(weights, settings, True) == (0.0, 0) or bool(settings.get("shortlist"))
+    total, gone, before = 0.0, 0, 0.0
+    last = weights.num_layers - 1
+    for layer, count in enumerate(_ends(stats["exits_per_layer"], stats["full_depth_tokens"])):
+        gone += count
+        share = (gone / tokens) ** batch - before
+        before += share
+        if share <= 0.0:
+            continue
+        reads = [_check_reads(weights, settings, i == 0) for i, c in enumerate(c for c in checks if c <= layer)]
+        heads = 1 if single else sum(full for _, full in reads) + (layer == last)
+        total += share * (_stack_bytes(weights, layer, skipped) + sum(cheap for cheap, _ in reads) + heads * weights.lm_head)
+    return total
 
 
 def predicted_ratio(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any]) -> float:
@@ -114,10 +192,29 @@ def predicted_ratio(weights: WeightBytes, settings: dict[str, Any], stats: dict[
     return weights.plain / engine_bytes(weights, settings, stats)
 
 
+def predicted_at_batch(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any], batch: int) -> float:
+    """Plain vLLM's weights read per decode step over the engine's, at ``batch`` rows a step.
+
+    Per token (:func:`predicted_ratio`) at batch 1 and for the ``all`` / ``quorum`` policies,
+    whose rows leave together (their exit counts are already the steps' at the batches they
+    were counted at); :func:`batch_bytes` for ``per_token`` at larger batches."""
+    if batch < 1:
+        raise ValueError(f"batch {batch!r} is invalid: allowed values are integers >= 1.")
+    if batch == 1 or settings.get("policy", "all") != "per_token":
+        return predicted_ratio(weights, settings, stats)
+    return weights.plain / batch_bytes(weights, settings, stats, batch)
+
+
+def predicted_step_ratio(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any]) -> float | None:
+    """Plain vLLM's weights read per decode step over the engine's measured steps (:func:`step_bytes`)."""
+    engine = step_bytes(weights, settings, stats)
+    return None if engine is None else weights.plain / engine
+
+
 def predicted_speed(
-    weights: WeightBytes | None, settings: dict[str, Any], stats: dict[str, Any] | None
+    weights: WeightBytes | None, settings: dict[str, Any], stats: dict[str, Any] | None, batch: int = 1
 ) -> float | None:
-    """:func:`predicted_ratio`, or None without a model's weights or any decode token counted."""
+    """:func:`predicted_at_batch`, or None without a model's weights or any decode token counted."""
     if weights is None or not stats or not stats.get("decode_tokens"):
         return None
-    return predicted_ratio(weights, settings, stats)
+    return predicted_at_batch(weights, settings, stats, batch)

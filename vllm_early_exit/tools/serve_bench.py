@@ -235,7 +235,7 @@ def run_benchmark(setup: dict, out_dir: Path, resume: bool = False) -> dict:
 def summarize(runs: list[ServeRun], weights, settings: dict) -> list[dict]:
     """Per concurrency: each server's metrics (means over rounds) and early exit's ratios."""
     from vllm_early_exit.model_executor.early_exit.stats import ExitStats
-    from vllm_early_exit.tools.cost import predicted_ratio
+    from vllm_early_exit.tools.cost import predicted_at_batch
 
     rows = []
     for concurrency in sorted({r.concurrency for r in runs}):
@@ -258,7 +258,8 @@ def summarize(runs: list[ServeRun], weights, settings: dict) -> list[dict]:
                 counted.full_depth_tokens = stats["full_depth_tokens"]
                 counted.exits_per_layer = list(stats["exits_per_layer"])
                 row["mean_layers"] = counted.mean_layers
-                row["limit"] = predicted_ratio(weights, settings, stats)
+                # As many requests decode at once as the client keeps in flight.
+                row["limit"] = predicted_at_batch(weights, settings, stats, concurrency)
         if len(means) == 2:
             for m in METRICS:
                 row[f"ratio_{m}"] = means["early_exit"][m] / means["plain"][m]
@@ -283,8 +284,9 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"Early exit: `{json.dumps(settings['early_exit'])}`",
         "",
         "Ratios are early exit over plain vLLM (throughput: higher is better; TPOT/TTFT/ITL: lower is better). "
-        "`limit`: the weight-bytes bound on the throughput ratio for the exits the server counted "
-        "(counting every token that left as sampled from its check's logits, so an upper bound).",
+        "`limit`: the weight-bytes bound on the throughput ratio for the exits the server counted, "
+        "with steps of as many rows as the concurrency (under `per_token` a step is as deep as its "
+        "deepest row; counting every token that left as sampled from its check's logits, so an upper bound).",
         "",
         "| concurrency | requests | plain tok/s | early exit tok/s | ratio | limit | mean layers | "
         "median TPOT ms plain / early | TTFT ms plain / early | ITL ms plain / early |",

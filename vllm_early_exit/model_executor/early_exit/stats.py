@@ -37,10 +37,20 @@ class ExitStats:
     deferred_exits: int = 0
     """Tokens whose exit was confirmed after deeper layers had run (``deferred.py``): the
     K/V of those layers was written again from the stream they left with."""
+    step_exits_per_layer: list[int] = field(default_factory=list)
+    """Pure-decode steps whose every row had left after layer ``l``: the stack ran no deeper.
+    A step's cost on a weight-bound machine follows its deepest row (``tools/cost.py``)."""
+    full_depth_steps: int = 0
+    """Pure-decode steps that ran every layer (some row went the full depth)."""
+    sampling_products: int = 0
+    """Pure-decode steps whose sampling logits took vLLM's LM-head product (some row did not
+    leave with a full-vocabulary check's logits)."""
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
             self.exits_per_layer = [0] * self.num_layers
+        if not self.step_exits_per_layer:
+            self.step_exits_per_layer = [0] * self.num_layers
 
     def reset(self) -> None:
         """Sets every counter back to zero (in place: the model's walkers hold this object)."""
@@ -50,6 +60,9 @@ class ExitStats:
         self.replayed_tokens = 0
         self.full_readouts = 0
         self.deferred_exits = 0
+        self.step_exits_per_layer = [0] * self.num_layers
+        self.full_depth_steps = 0
+        self.sampling_products = 0
 
     def record(self, exit_layer: int | None, tokens: int) -> None:
         """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
@@ -57,6 +70,18 @@ class ExitStats:
             self.full_depth_tokens += tokens
         else:
             self.exits_per_layer[exit_layer] += tokens
+
+    def record_step(self, exit_layer: int | None) -> None:
+        """Counts one pure-decode step that ran no deeper than ``exit_layer`` (None: every layer)."""
+        if exit_layer is None:
+            self.full_depth_steps += 1
+        else:
+            self.step_exits_per_layer[exit_layer] += 1
+
+    @property
+    def decode_steps(self) -> int:
+        """Pure-decode steps counted by :meth:`record_step`."""
+        return sum(self.step_exits_per_layer) + self.full_depth_steps
 
     @property
     def decode_tokens(self) -> int:
@@ -100,6 +125,10 @@ class ExitStats:
             "replayed_tokens": self.replayed_tokens,
             "full_readouts": self.full_readouts,
             "deferred_exits": self.deferred_exits,
+            "step_exits_per_layer": list(self.step_exits_per_layer),
+            "full_depth_steps": self.full_depth_steps,
+            "decode_steps": self.decode_steps,
+            "sampling_products": self.sampling_products,
         }
 
     @classmethod
@@ -113,6 +142,9 @@ class ExitStats:
             replayed_tokens=data.get("replayed_tokens", 0),
             full_readouts=data.get("full_readouts", 0),
             deferred_exits=data.get("deferred_exits", 0),
+            step_exits_per_layer=list(data.get("step_exits_per_layer", ())),
+            full_depth_steps=data.get("full_depth_steps", 0),
+            sampling_products=data.get("sampling_products", 0),
         )
 
     def summary(self) -> str:

@@ -167,6 +167,7 @@ class Walker(ABC):
 
     def leave_all(self, state: StepState, exit: Exit, layer: int) -> torch.Tensor:
         """Every logits row left after ``layer``: fill the deeper layers' K/V and stop."""
+        self.stats.record_step(layer)  # only pure-decode steps leave as a whole (``Walker.exit``)
         self.kv.fill(state.positions, exit.stream, layer + 1, self.end)
         return self.norm(state.final_stream(exit.stream))
 
@@ -182,6 +183,8 @@ class Walker(ABC):
                 out[exit.rows] = self.norm(exit.exit_stream)
                 full_depth -= exit.rows.numel()
         self.stats.record(None, full_depth)
+        if state.batch.pure:
+            self.stats.record_step(None)
         return out
 
 

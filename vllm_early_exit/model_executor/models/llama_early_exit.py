@@ -58,6 +58,8 @@ class EarlyExitLlamaModel(LlamaModel):
             else None
         )
         self.request_rows = RequestRows.of_loading_runner() if config.enabled else None
+        self.pure_decode_rows: int | None = None
+        """The last step's token rows when it was pure decode (its logits rows), else None."""
         self.exit_record = (
             ExitRecord(num_layers, self.request_rows.runner.requests) if self.request_rows is not None else None
         )
@@ -94,10 +96,13 @@ class EarlyExitLlamaModel(LlamaModel):
         if self.decider.enabled:
             self.kv_propagator.ensure_kv_projections()
         batch = self._decode_batch(positions.device) if self.decider.enabled else None
+        self.pure_decode_rows = batch.num_tokens if batch is not None and batch.pure else None
         if batch is None:
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         settings = self._row_settings(batch, positions.device)
         if self._keeps_full_depth(batch, settings):
+            if batch.pure:
+                self.exit_stats.record_step(None)
             self._count(None, batch.num_live)
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
@@ -196,8 +201,17 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """vLLM's logits, but rows that left through a full-vocabulary check keep that check's logits."""
-        logits, reused = self.model.decider.exit_logits.logits(hidden_states, super().compute_logits)
-        self.model.exit_stats.sampled_from_checks += reused
+        products = []
+
+        def lm_head(rows: torch.Tensor) -> torch.Tensor | None:
+            products.append(rows.shape[0])
+            return super(EarlyExitLlamaForCausalLM, self).compute_logits(rows)
+
+        stats = self.model.exit_stats
+        logits, reused = self.model.decider.exit_logits.logits(hidden_states, lm_head)
+        stats.sampled_from_checks += reused
+        if products and self.model.pure_decode_rows == hidden_states.shape[0]:
+            stats.sampling_products += 1
         return logits
 
     def _init_model(

@@ -21,9 +21,10 @@ Procedure (Angelopoulos et al., "Learn then Test", 2021; as in CALM):
    order, strictest first, each at level ``delta``, stopping at the first one
    not rejected; the most permissive rejected threshold is chosen.
 4. Cost: each threshold's exit counts give its predicted (weight-bytes bound)
-   speed vs plain vLLM (``tools/cost.py``: the weights a decode token reads,
-   plain over early exit; a limit where decoding is bound by reading weights,
-   not a measurement). The report names the accepted threshold predicted
+   speed vs plain vLLM at the batch it will serve (``--batch``, default
+   ``DEFAULT_BATCH``; ``tools/cost.py``: the weights a decode step reads, plain
+   over early exit, with a ``per_token`` step as deep as its deepest row; a limit
+   where decoding is bound by reading weights, not a measurement). The report names the accepted threshold predicted
    fastest and recommends it over the chosen one only when it is predicted more
    than ``SPEED_MARGIN`` faster (every accepted threshold holds the guarantee at
    once, so choosing among them keeps it); when no accepted threshold is
@@ -50,8 +51,10 @@ depth in deployment too; calibration counts them (report: ``mixed_step_tokens``)
 
 from vllm_early_exit.tools.calibrate.cli import EXIT_NO_THRESHOLD, add_arguments, load_prompts, main, run
 from vllm_early_exit.tools.calibrate.ltt import (
+    DEFAULT_BATCH,
     DEFAULT_THRESHOLDS,
     NO_FASTER,
+    REPORTED_BATCHES,
     SPEED_MARGIN,
     STRICTER,
     CalibrationError,
@@ -78,7 +81,8 @@ from vllm_early_exit.tools.calibrate.runs import (
 )
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "EXIT_NO_THRESHOLD", "MAX_BATCH", "NO_FASTER", "PREFILL_TOKENS", "SPEED_MARGIN",
+    "DEFAULT_BATCH", "DEFAULT_THRESHOLDS", "EXIT_NO_THRESHOLD", "MAX_BATCH", "NO_FASTER", "PREFILL_TOKENS",
+    "REPORTED_BATCHES", "SPEED_MARGIN",
     "STRICTER", "CalibrationError",
     "ThresholdResult", "ThresholdRun", "add_arguments", "build_settings", "calibrate", "check_level",
     "check_signal", "check_thresholds", "decide", "finish", "format_table", "generate_at_thresholds",

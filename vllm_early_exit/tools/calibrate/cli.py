@@ -9,7 +9,9 @@ from typing import Any
 
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError
 from vllm_early_exit.tools.calibrate.ltt import (
+    DEFAULT_BATCH,
     DEFAULT_THRESHOLDS,
+    REPORTED_BATCHES,
     STRICTER,
     CalibrationError,
     build_settings,
@@ -87,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", type=_numbers(float), default=None, metavar="T[,T...]",
                         help="candidate thresholds (default: a grid per signal: "
                         + "; ".join(f"{s}: {','.join(f'{t:g}' for t in g)}" for s, g in DEFAULT_THRESHOLDS.items()) + ")")
+    parser.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH,
+                        help="decode batch the settings will serve (requests decoding at once); the "
+                        f"predicted speed and the recommendation are for it (default {DEFAULT_BATCH}; "
+                        f"the report also predicts batches {', '.join(map(str, REPORTED_BATCHES))})")
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     parser.add_argument("--out", required=True, help="settings file to write, e.g. settings.json "
                         "(the report goes next to it as <stem>.report.json, the measurements as they are "
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report = calibrate(
             model, prompts, settings, target=args.target_agreement, delta=args.delta, out=args.out,
             thresholds=candidates, max_tokens=args.max_tokens, dtype=args.dtype, info={"prompt_source": source},
-            resume=args.resume,
+            resume=args.resume, batch=args.batch,
         )
     except CalibrationError as exc:
         raise SystemExit(f"calibrate: {exc}") from None

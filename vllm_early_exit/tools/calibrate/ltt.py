@@ -55,10 +55,20 @@ NO_FASTER = (
     "keep early exit off, or train heads / a shortlist"
 )
 
+DEFAULT_BATCH = 8
+"""The decode batch a calibrated setting is judged at unless ``--batch`` says otherwise: a server
+with a few concurrent requests. Under ``per_token`` the batch decides the speed: a step runs as
+deep as its deepest row."""
+
+REPORTED_BATCHES = (1, 8, 32)
+"""The batches every report predicts besides ``--batch``."""
+
 SPEED_BASIS = (
-    f"predicted_speed: {PREDICTED} speed vs plain vLLM, plain vLLM's weight bytes read per decode token "
-    "over the setting's, from its exit counts on the calibration prompts (tools/cost.py); the limit on a "
-    "machine where decoding is bound by reading weights, not a measured speed"
+    f"predicted_speed: {PREDICTED} speed vs plain vLLM at the report's batch (predicted_speed_by_batch: "
+    "at others), plain vLLM's weight bytes read per decode step over the setting's, from its exit counts "
+    "on the calibration prompts (tools/cost.py; under per_token a step is as deep as its deepest row, the "
+    "rows drawn independently from the counts); the limit on a machine where decoding is bound by reading "
+    "weights, not a measured speed"
 )
 
 
@@ -184,7 +194,10 @@ class ThresholdResult:
     mixed_step_tokens: int = 0
     per_prompt_agreement: list[float] = field(default_factory=list)
     predicted_speed: float | None = None
-    """Predicted (weight-bytes bound) speed vs plain vLLM from ``exit_stats`` (``cost.py``); None without them."""
+    """Predicted (weight-bytes bound) speed vs plain vLLM at the report's batch from ``exit_stats``
+    (``cost.py``); None without them."""
+    predicted_speed_by_batch: dict[str, float] | None = None
+    """The same at each of ``REPORTED_BATCHES`` (keys: the batch as text, as JSON keeps them)."""
     exit_stats: dict[str, Any] | None = None
 
 
@@ -223,7 +236,7 @@ def decide(runs: Sequence[ThresholdRun], target: float, delta: float) -> tuple[l
     return rows, (rejected - 1 if rejected else None)
 
 
-def speed_verdict(rows: Sequence[ThresholdResult], chosen: int | None) -> dict[str, Any]:
+def speed_verdict(rows: Sequence[ThresholdResult], chosen: int | None, batch: int = DEFAULT_BATCH) -> dict[str, Any]:
     """What the cost model says about the accepted thresholds ``rows[:chosen + 1]``.
 
     Returns the report's fields ``chosen_predicted_speed``, ``fastest_threshold``
@@ -241,8 +254,10 @@ def speed_verdict(rows: Sequence[ThresholdResult], chosen: int | None) -> dict[s
     cost. Smaller gaps are noise of one run's exit counts, and the most permissive
     threshold (the Learn-then-Test rule, and what the file holds) stays. When no
     accepted threshold is predicted faster than plain vLLM (ratio <= 1.0: its
-    checks read more weights than its exits save), ``recommend`` is ``"off"``.
+    checks read more weights than its exits save), ``recommend`` is ``"off"``. The rows'
+    predictions are for ``batch`` rows a step, which the messages name.
     """
+    at = f"plain vLLM at batch {batch}"
     verdict: dict[str, Any] = {
         "chosen_predicted_speed": None, "fastest_threshold": None, "fastest_predicted_speed": None,
         "recommend": "off" if chosen is None else None, "recommended_threshold": None, "speed_message": None,
@@ -261,19 +276,19 @@ def speed_verdict(rows: Sequence[ThresholdResult], chosen: int | None) -> dict[s
     if best <= 1.0:
         verdict.update(recommend="off", speed_message=(
             f"{NO_FASTER} (the fastest certified threshold, {rows[fastest].threshold:g}, is {PREDICTED} "
-            f"{best:.3f}x plain vLLM)"
+            f"{best:.3f}x {at})"
         ))
         return verdict
     switch = mine is None or mine <= 1.0 or best > mine * (1.0 + SPEED_MARGIN)
     pick = fastest if switch else chosen
     verdict.update(recommend="early_exit", recommended_threshold=rows[pick].threshold)
     if pick == chosen:
-        verdict["speed_message"] = f"the chosen threshold is {PREDICTED} {rows[chosen].predicted_speed:.3f}x plain vLLM"
+        verdict["speed_message"] = f"the chosen threshold is {PREDICTED} {rows[chosen].predicted_speed:.3f}x {at}"
     else:
         now = "-" if mine is None else f"{mine:.3f}x"
         verdict["speed_message"] = (
             f"recommended: threshold {rows[pick].threshold:g}, stricter and also certified, is {PREDICTED} "
-            f"{best:.3f}x plain vLLM against {now} for the chosen {rows[chosen].threshold:g}: "
+            f"{best:.3f}x {at} against {now} for the chosen {rows[chosen].threshold:g}: "
             f"set \"threshold\": {rows[pick].threshold:g} in the settings file"
         )
     return verdict
@@ -293,6 +308,7 @@ def finish(
     out: str | Path,
     info: Mapping[str, Any] | None = None,
     weights: WeightBytes | None = None,
+    batch: int = DEFAULT_BATCH,
 ) -> dict[str, Any]:
     """Decides, writes the settings file (only when a threshold is accepted) and the report.
 
@@ -301,7 +317,8 @@ def finish(
     a stale file there is removed so it cannot be mistaken for a result).
 
     With the model's ``weights``, every row gets its predicted (weight-bytes
-    bound) speed vs plain vLLM from its ``exit_stats``, and the report the cost
+    bound) speed vs plain vLLM at ``batch`` rows a step (and at each of
+    ``REPORTED_BATCHES``) from its ``exit_stats``, and the report the cost
     model's verdict (:func:`speed_verdict`): ``recommend`` is ``"off"`` when no
     accepted threshold is predicted faster than plain vLLM. The settings file
     stays the chosen threshold's either way (it holds only ``early_exit``
@@ -314,8 +331,13 @@ def finish(
                                f"(strictest first: {STRICTER[signal]} is stricter), or repeat a value.")
     rows, chosen = decide(runs, target, delta)
     for row in rows:
-        row.predicted_speed = predicted_speed(weights, {**settings, "threshold": row.threshold}, row.exit_stats)
-    verdict = speed_verdict(rows, chosen)
+        at = {**settings, "threshold": row.threshold}
+        row.predicted_speed = predicted_speed(weights, at, row.exit_stats, batch)
+        if row.predicted_speed is not None:
+            row.predicted_speed_by_batch = {
+                str(b): predicted_speed(weights, at, row.exit_stats, b) for b in REPORTED_BATCHES
+            }
+    verdict = speed_verdict(rows, chosen, batch)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -336,6 +358,7 @@ def finish(
             f"generated tokens that the full model agrees with is >= {target:g}, for prompts exchangeable with "
             "the calibration prompts, the same model, settings and max_tokens, greedy decoding"
         ),
+        "batch": batch,
         "predicted_speed_basis": SPEED_BASIS,
         **verdict,
         "thresholds": [asdict(r) for r in rows],
@@ -366,14 +389,18 @@ def finish(
 
 def format_table(report: Mapping[str, Any]) -> str:
     """The report's rows as a plain-text table, strictest threshold first, with a legend."""
+    batch = report.get("batch", 1)
+    others = "/".join(f"b{b}" for b in REPORTED_BATCHES)
     lines = [
-        f"{'threshold':>10} {'agreement':>10} {'token agr':>10} {'mean layers':>12} {'pred. speed*':>12} "
-        f"{'p-value':>10}  result",
+        f"{'threshold':>10} {'agreement':>10} {'token agr':>10} {'mean layers':>12} {f'pred. b{batch}*':>12} "
+        f"{others:>20} {'p-value':>10}  result",
     ]
     fastest = report.get("fastest_threshold")
     for row in report["thresholds"]:
         layers = "-" if row["mean_layers"] is None else f"{row['mean_layers']:.2f}"
         speed = "-" if row.get("predicted_speed") is None else f"{row['predicted_speed']:.3f}x"
+        by_batch = row.get("predicted_speed_by_batch") or {}
+        each = "/".join(f"{by_batch[str(b)]:.2f}" for b in REPORTED_BATCHES) if by_batch else "-"
         if row["accepted"]:
             result = "accepted"
         elif row["tested"]:
@@ -386,9 +413,10 @@ def format_table(report: Mapping[str, Any]) -> str:
             result += "  <- fastest predicted"
         lines.append(
             f"{row['threshold']:>10g} {row['agreement']:>10.4f} {row['token_agreement']:>10.4f} "
-            f"{layers:>12} {speed:>12} {row['p_value']:>10.3g}  {result}"
+            f"{layers:>12} {speed:>12} {each:>20} {row['p_value']:>10.3g}  {result}"
         )
-    lines.append(f"* pred. speed: {PREDICTED} speed vs plain vLLM: plain's weight bytes per decode token over\n"
-                 "  the setting's, from its exit counts; a limit where decoding is bound by reading weights, not measured")
+    lines.append(f"* pred. b{batch}: {PREDICTED} speed vs plain vLLM with {batch} request(s) decoding at once (--batch):\n"
+                 "  plain's weight bytes per decode step over the setting's, from its exit counts; a limit where\n"
+                 f"  decoding is bound by reading weights, not measured ({others}: the same at those batches)")
     return "\n".join(lines)
 

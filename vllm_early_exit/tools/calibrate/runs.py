@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_early_exit.tools.calibrate.ltt import (
+    DEFAULT_BATCH,
     DEFAULT_THRESHOLDS,
     CalibrationError,
     ThresholdRun,
@@ -233,14 +234,15 @@ def calibrate(
     dtype: str = "float32",
     info: Mapping[str, Any] | None = None,
     resume: bool = False,
+    batch: int = DEFAULT_BATCH,
 ) -> dict[str, Any]:
     """Calibrates the threshold of ``settings`` on token-id ``prompts`` (see the ``calibrate`` package docstring).
 
     Writes ``out`` (the settings, only if a threshold is accepted),
     ``<out stem>.report.json`` and, as it measures, ``<out stem>.runs.json``
     (:class:`Measurements`; ``resume`` continues from it); returns the report, with each threshold's
-    predicted (weight-bytes bound) speed vs plain vLLM from its exit counts and
-    the model's config (``cost.py``; None where the config cannot be read).
+    predicted (weight-bytes bound) speed vs plain vLLM at ``batch`` rows a step from its
+    exit counts and the model's config (``cost.py``; None where the config cannot be read).
     """
     check_level("--target-agreement", target)
     check_level("--delta", delta)
@@ -264,4 +266,4 @@ def calibrate(
     runs = measure(str(model), prompts, settings, candidates, max_tokens=max_tokens, dtype=dtype, saved=saved)
     details = {"model": str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
     details["seconds"] = round(time.perf_counter() - start, 1)
-    return finish(runs, settings, target=target, delta=delta, out=out, info=details, weights=weights)
+    return finish(runs, settings, target=target, delta=delta, out=out, info=details, weights=weights, batch=batch)
