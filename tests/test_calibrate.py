@@ -533,3 +533,28 @@ def test_a_stricter_threshold_is_recommended_only_when_clearly_faster(tmp_path):
     assert report["fastest_predicted_speed"] < report["chosen_predicted_speed"] * (1 + cal.SPEED_MARGIN)
     assert report["recommend"] == "early_exit" and report["recommended_threshold"] == 0.9
     assert cal.NO_FASTER not in report["message"]
+
+
+def test_max_exit_batch_is_kept_out_of_the_calibration_runs_and_hinted(tiny_llama, tmp_path, monkeypatch):
+    """Calibration decodes in large batches, which ``max_exit_batch`` would leave unchecked: the
+    runs go without it, the settings file keeps it, and the report says up to which batch the
+    checks are predicted to pay (every token leaving at the first check: at any batch)."""
+    import importlib
+
+    runs_module = importlib.import_module("vllm_early_exit.tools.calibrate.runs")
+    measured = {}
+    n = 48 * (NEW - 1)
+
+    def fake_measure(model, prompts, settings, thresholds, *, max_tokens, dtype, saved):
+        measured.update(settings)
+        return [cal.ThresholdRun(t, [1.0] * len(prompts), tokens=n, agreeing_tokens=n, decode_tokens=n,
+                                 exit_stats=_exit_stats(exits={1: n})) for t in thresholds]
+
+    monkeypatch.setattr(runs_module, "measure", fake_measure)
+    out = tmp_path / "settings.json"
+    report = cal.calibrate(tiny_llama, tiny_prompts(48, seed=101), {**TINY_SETTINGS, "max_exit_batch": 4},
+                           target=TARGET, delta=DELTA, out=out, thresholds=[0.99, 0.9], max_tokens=NEW)
+    assert "max_exit_batch" not in measured and measured["exit_layers"] == [1, 3]
+    assert json.loads(out.read_text())["max_exit_batch"] == 4
+    assert report["max_exit_batch_hint"] == 256
+    assert '"max_exit_batch": 256' in report["message"]

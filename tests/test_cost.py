@@ -68,9 +68,10 @@ def test_a_per_token_step_is_as_deep_as_its_deepest_row():
     assert speeds == sorted(speeds, reverse=True) and speeds[0] > 1.0 > speeds[-1]
 
 
-def test_deferred_confirmations_read_the_lm_head_once_a_step(tmp_path):
-    """With a shortlist under per_token, the checks read its rows and the step one LM-head
-    product: it confirms the exits and samples the rest together."""
+def test_deferred_confirmations_read_the_lm_head_once_a_step_that_leaves(tmp_path):
+    """With a shortlist under per_token, the checks read its rows; a step that leaves early takes
+    one LM-head product (its confirmation samples too), a full-depth step of several rows two
+    (the waiting rows' confirmation, then the rest's sampling)."""
     from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
 
     shortlist = tmp_path / "shortlist.json"
@@ -80,9 +81,12 @@ def test_deferred_confirmations_read_the_lm_head_once_a_step(tmp_path):
     rows = 10 * HIDDEN
     shares = {2: 0.3**4, 4: 0.6**4 - 0.3**4, 5: 1 - 0.6**4}
     expected = (
-        shares[2] * (early(2) + rows) + shares[4] * (early(4) + 2 * rows) + shares[5] * (FULL + 2 * rows) + HEAD
+        shares[2] * (early(2) + rows + HEAD) + shares[4] * (early(4) + 2 * rows + HEAD)
+        + shares[5] * (FULL + 2 * rows + 2 * HEAD)
     )
     assert batch_bytes(WEIGHTS, settings, counted, 4) == pytest.approx(expected)
+    alone = 0.3 * (early(2) + rows) + 0.3 * (early(4) + 2 * rows) + 0.4 * (FULL + 2 * rows) + HEAD
+    assert batch_bytes(WEIGHTS, settings, counted, 1) == pytest.approx(alone)
 
 
 def test_rows_that_leave_together_do_not_depend_on_the_batch():
@@ -102,6 +106,9 @@ def test_counted_steps_are_priced_as_they_ran():
     assert step_bytes(WEIGHTS, CHECK_AT_2, counted) == pytest.approx(expected)
     assert predicted_step_ratio(WEIGHTS, CHECK_AT_2, counted) == pytest.approx(WEIGHTS.plain / expected)
     assert step_bytes(WEIGHTS, CHECK_AT_2, stats({2: 20})) is None  # no step counted
+    # Steps over max_exit_batch ran every layer and no check: plain vLLM's weights.
+    unchecked = stats(full=32, full_depth_steps=4, unchecked_steps=4, sampling_products=4)
+    assert predicted_step_ratio(WEIGHTS, {**CHECK_AT_2, "max_exit_batch": 2}, unchecked) == pytest.approx(1.0)
 
 
 def test_a_batch_must_be_positive_and_missing_counts_predict_nothing():
@@ -110,3 +117,18 @@ def test_a_batch_must_be_positive_and_missing_counts_predict_nothing():
         predicted_at_batch(WEIGHTS, CHECK_AT_2, counted, 0)
     assert predicted_speed(None, CHECK_AT_2, counted, 8) is None
     assert predicted_speed(WEIGHTS, CHECK_AT_2, stats(), 8) is None
+
+
+def test_above_max_exit_batch_steps_cost_what_plain_vllm_reads():
+    """Steps with more rows than ``max_exit_batch`` run unchecked; the hint is the largest batch
+    the checks are predicted to pay at (0.5^b of the steps leave at layer 2, the rest pay a check)."""
+    from vllm_early_exit.tools.cost import exit_batch_hint
+
+    counted = stats({2: 50}, full=50, sampled_from_checks=50)
+    guarded = {**CHECK_AT_2, "max_exit_batch": 2}
+    assert predicted_at_batch(WEIGHTS, guarded, counted, 2) == predicted_at_batch(WEIGHTS, CHECK_AT_2, counted, 2)
+    assert predicted_at_batch(WEIGHTS, guarded, counted, 3) == 1.0
+    paying = [b for b in range(1, 64) if predicted_at_batch(WEIGHTS, CHECK_AT_2, counted, b) > 1.0]
+    assert paying == list(range(1, len(paying) + 1)) and 1 <= len(paying) < 63
+    assert exit_batch_hint(WEIGHTS, guarded, counted) == len(paying)
+    assert exit_batch_hint(WEIGHTS, {**CHECK_AT_2, "threshold": 1.0}, stats(full=100)) is None

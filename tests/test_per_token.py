@@ -53,3 +53,20 @@ def test_decode_rows_of_mixed_steps_leave_too(tiny_llama, reference, mixed_trace
     stats = result["stats"][0]
     assert stats["exits_per_layer"] == exit_counts(traces, reference.num_layers)
     assert stats["decode_tokens"] == len(prompts) * (NEW_TOKENS - 1)
+
+
+def test_steps_with_more_rows_than_max_exit_batch_run_full_depth_unchecked(tiny_llama, reference, mixed_traces):
+    """``max_exit_batch: 2``: alone, each request leaves where the reference does; three together,
+    every step runs the full depth with no check, so they decode the full-depth reference's tokens."""
+    prompts, traces = mixed_traces
+    full = [reference.generate(p, NEW_TOKENS).tokens for p in prompts]
+    assert full != [t.tokens for t in traces]  # the exits change tokens: the two runs can be told apart
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit={**PER_TOKEN, "max_exit_batch": 2}, batched="both"
+    )
+    assert result["outputs"] == [t.tokens for t in traces]
+    assert result["outputs_batched"] == full
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"] == exit_counts(traces, reference.num_layers)  # those of the requests alone
+    assert stats["unchecked_steps"] == NEW_TOKENS - 1
+    assert stats["full_depth_steps"] >= NEW_TOKENS - 1

@@ -133,6 +133,10 @@ FIELDS: tuple[Field, ...] = (
         "compile", None, _optional(lambda v: isinstance(v, bool)),
         "expected true, false, or null (on CPU, compile unless the engine runs with enforce_eager)",
     ),
+    Field(
+        "max_exit_batch", None, _optional(lambda v: _is_int(v) and v >= 1),
+        "expected a number of decode rows >= 1, or null to check steps of any size",
+    ),
 )
 
 
@@ -209,6 +213,12 @@ class EarlyExitConfig:
             None (the default): on CPU, as vLLM does, compile unless the engine runs
             with ``enforce_eager``; on other platforms run eagerly (compiled groups are
             not measured there yet).
+        max_exit_batch: the most decode rows a step may have for its checks to run;
+            a larger step runs the full depth with no check, as plain vLLM would (a
+            step reads each layer once for all its rows, so with many rows few steps
+            leave early and the checks cost more than they save). Optional: a
+            request's tokens then depend on how many requests decode beside it.
+            None (the default): check steps of any size.
     """
 
     enabled: bool = True
@@ -224,6 +234,7 @@ class EarlyExitConfig:
     shortlist: str | None = None
     skip_layers: tuple[int, ...] = ()
     compile: bool | None = None
+    max_exit_batch: int | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "EarlyExitConfig":

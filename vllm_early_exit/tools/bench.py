@@ -14,6 +14,7 @@ Modes (each an early-exit engine):
   never_shortlist         the same with a token shortlist as the checks' first stage
   all / quorum / per_token  the same training-free exit rule under each policy
   per_token_shortlist     per_token with the shortlist first stage
+  per_token_shortlist_max4  the same, checking only steps of at most 4 rows (``max_exit_batch``)
   *_compiled              the same settings with ``compile: true`` (compiled layer groups)
   calibrated              a settings file from ``calibrate`` (quality-preserving settings)
 
@@ -46,7 +47,7 @@ DEFAULT_OUT = Path("benchmarks/results")
 PREFILL = "plain_prefill"
 """Plain vLLM's runs with one output token: the time the prompts' prefill takes."""
 
-COMPILED = ("forced_50", "never_top_k", "never_shortlist", "per_token", "per_token_shortlist")
+COMPILED = ("forced_50", "never_top_k", "never_shortlist", "per_token", "per_token_shortlist", "per_token_shortlist_max4")
 """Modes also measured with compiled layer groups (``<mode>_compiled``)."""
 
 
@@ -73,6 +74,7 @@ def engine_modes(
     if shortlist is not None:
         modes["never_shortlist"] = {**modes["never"], "shortlist": shortlist}
         modes["per_token_shortlist"] = {**modes["per_token"], "shortlist": shortlist}
+        modes["per_token_shortlist_max4"] = {**modes["per_token_shortlist"], "max_exit_batch": 4}
     modes.update({f"{name}_compiled": {**modes[name], "compile": True} for name in COMPILED if name in modes})
     if calibrated is not None:
         modes["calibrated"] = calibrated

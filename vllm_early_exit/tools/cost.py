@@ -139,14 +139,16 @@ def engine_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str
 
 def step_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any]) -> float | None:
     """Mean weights read per pure-decode step by an engine that counted ``stats``, from where its
-    steps stopped (``step_exits_per_layer``) and the full LM-head products it took (its checks'
-    ``full_readouts`` and the ``sampling_products``); None when it counted no step."""
+    steps stopped (``step_exits_per_layer``; ``unchecked_steps`` ran every layer and no check)
+    and the full LM-head products it took (its checks' ``full_readouts`` and the
+    ``sampling_products``); None when it counted no step."""
     steps = stats.get("decode_steps", 0)
     if not steps:
         return None
     checks, skipped = _layout(weights, settings)
-    total = 0.0
-    for layer, count in enumerate(_ends(stats["step_exits_per_layer"], stats["full_depth_steps"])):
+    unchecked = stats.get("unchecked_steps", 0)  # every layer, no check (``max_exit_batch``)
+    total = unchecked * weights.num_layers * weights.layer
+    for layer, count in enumerate(_ends(stats["step_exits_per_layer"], stats["full_depth_steps"] - unchecked)):
         if count:
             reached = [c for c in checks if c <= layer]
             cheap = sum(_check_reads(weights, settings, i == 0)[0] for i, _ in enumerate(reached))
@@ -160,9 +162,12 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
     draw of the per-token exits in ``stats``: the step stops after layer ``l`` with probability
     ``F(l)^batch - F(l-1)^batch`` (``F``: share of tokens gone by ``l``). A step reads, once for
     all its rows, the layers down to its deepest row, the fill of the rest, every check it
-    reaches, and the LM head: once with deferred confirmations (the product that confirms also
-    samples), else once per full-vocabulary check reached plus once for sampling when some row
-    went the full depth (a row that left was sampled from its check's logits)."""
+    reaches, and the LM head: once per full-vocabulary check reached plus once for sampling when
+    some row went the full depth (a row that left was sampled from its check's logits); with
+    deferred confirmations (a shortlist), once for a step that leaves early (its confirmation also
+    samples) and twice for a full-depth step of several rows (the rows waiting are confirmed
+    once as many wait as the step runs, the rest sampled at the end), as the engine counted on
+    SmolLM2 at batch 2-32 (1.44-2.05 products a step against 1.46-2.0 by this rule)."""
     from vllm_early_exit.model_executor.early_exit.signals import make_signal
 
     checks, skipped = _layout(weights, settings)
@@ -170,9 +175,8 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
     if not tokens:
         return float(weights.plain)
     reads_logits = make_signal(settings.get("signal", "max_prob")).reads_logits
-    # One product a step: sampling alone (forced exits, signals that read no logits), or the
-    # deferred confirmations' (the shortlist's checks confirm at the end, sampling with them).
-    single = not reads_logits or _check_reads(weights, settings, True) == (0.0, 0) or bool(settings.get("shortlist"))
+    single = not reads_logits or _check_reads(weights, settings, True) == (0.0, 0)  # sampling alone
+    deferred = not single and bool(settings.get("shortlist"))
     total, gone, before = 0.0, 0, 0.0
     last = weights.num_layers - 1
     for layer, count in enumerate(_ends(stats["exits_per_layer"], stats["full_depth_tokens"])):
@@ -182,7 +186,12 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
         if share <= 0.0:
             continue
         reads = [_check_reads(weights, settings, i == 0) for i, c in enumerate(c for c in checks if c <= layer)]
-        heads = 1 if single else sum(full for _, full in reads) + (layer == last)
+        if single:
+            heads = 1
+        elif deferred:
+            heads = 2 if layer == last and batch > 1 else 1
+        else:
+            heads = sum(full for _, full in reads) + (layer == last)
         total += share * (_stack_bytes(weights, layer, skipped) + sum(cheap for cheap, _ in reads) + heads * weights.lm_head)
     return total
 
@@ -197,9 +206,13 @@ def predicted_at_batch(weights: WeightBytes, settings: dict[str, Any], stats: di
 
     Per token (:func:`predicted_ratio`) at batch 1 and for the ``all`` / ``quorum`` policies,
     whose rows leave together (their exit counts are already the steps' at the batches they
-    were counted at); :func:`batch_bytes` for ``per_token`` at larger batches."""
+    were counted at); :func:`batch_bytes` for ``per_token`` at larger batches; 1.0 above the
+    settings' ``max_exit_batch`` (such steps run as plain vLLM)."""
     if batch < 1:
         raise ValueError(f"batch {batch!r} is invalid: allowed values are integers >= 1.")
+    limit = settings.get("max_exit_batch")
+    if limit is not None and batch > limit:
+        return 1.0  # every layer, no check: plain vLLM's weights
     if batch == 1 or settings.get("policy", "all") != "per_token":
         return predicted_ratio(weights, settings, stats)
     return weights.plain / batch_bytes(weights, settings, stats, batch)
@@ -218,3 +231,13 @@ def predicted_speed(
     if weights is None or not stats or not stats.get("decode_tokens"):
         return None
     return predicted_at_batch(weights, settings, stats, batch)
+
+
+def exit_batch_hint(
+    weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any], largest: int = 256
+) -> int | None:
+    """The largest batch (up to ``largest``) at which ``settings`` are predicted faster than
+    plain vLLM, for ``max_exit_batch``; None when not even one request alone is."""
+    unguarded = {k: v for k, v in settings.items() if k != "max_exit_batch"}
+    paying = [b for b in range(1, largest + 1) if predicted_at_batch(weights, unguarded, stats, b) > 1.0]
+    return max(paying) if paying else None

@@ -45,6 +45,8 @@ class ExitStats:
     sampling_products: int = 0
     """Pure-decode steps whose sampling logits took vLLM's LM-head product (some row did not
     leave with a full-vocabulary check's logits)."""
+    unchecked_steps: int = 0
+    """Steps with more decode rows than ``max_exit_batch``: they ran the full depth, no check."""
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
@@ -63,6 +65,7 @@ class ExitStats:
         self.step_exits_per_layer = [0] * self.num_layers
         self.full_depth_steps = 0
         self.sampling_products = 0
+        self.unchecked_steps = 0
 
     def record(self, exit_layer: int | None, tokens: int) -> None:
         """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
@@ -129,6 +132,7 @@ class ExitStats:
             "full_depth_steps": self.full_depth_steps,
             "decode_steps": self.decode_steps,
             "sampling_products": self.sampling_products,
+            "unchecked_steps": self.unchecked_steps,
         }
 
     @classmethod
@@ -145,6 +149,7 @@ class ExitStats:
             step_exits_per_layer=list(data.get("step_exits_per_layer", ())),
             full_depth_steps=data.get("full_depth_steps", 0),
             sampling_products=data.get("sampling_products", 0),
+            unchecked_steps=data.get("unchecked_steps", 0),
         )
 
     def summary(self) -> str:

@@ -143,12 +143,21 @@ class EarlyExitLlamaModel(LlamaModel):
         return NO_ROW_SETTINGS if settings is None else settings
 
     def _keeps_full_depth(self, batch: DecodeBatch, settings: RowSettings) -> bool:
+        if self._over_exit_batch(batch, settings):
+            self.exit_stats.unchecked_steps += 1
+            return True
         if self.decider.policy.per_row:
             # Skipping is for every decode row: a request with early exit off keeps its step full depth.
             return settings.any_off and bool(self.decider.skip_layers)
         # The step leaves as a whole: not while it prefills too (but for replayed rows of a
         # recompute, ``replay.py``), nor when a request turned early exit off.
         return settings.any_off or not (batch.pure or batch.num_live == 0)
+
+    def _over_exit_batch(self, batch: DecodeBatch, settings: RowSettings) -> bool:
+        """More decode rows than ``max_exit_batch``: the step runs the full depth unchecked, unless
+        a row is replayed after preemption (it must leave where it left) or has a depth budget."""
+        limit = self.exit_config.max_exit_batch
+        return limit is not None and batch.num_tokens > limit and batch.pinned is None and not settings.budget_layers
 
     def _walker(self, points: frozenset[int]) -> Walker:
         """Compiled groups when the step's decision points all fall on their cuts

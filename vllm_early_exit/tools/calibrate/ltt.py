@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_early_exit.config import SIGNALS, EarlyExitConfig, EarlyExitConfigError, RequestEarlyExit
-from vllm_early_exit.tools.cost import PREDICTED, WeightBytes, predicted_speed
+from vllm_early_exit.tools.cost import PREDICTED, WeightBytes, exit_batch_hint, predicted_speed
 from vllm_early_exit.tools.risk import fixed_sequence_rejections, hoeffding_bentkus_p_value
 
 # Signal -> which way its threshold gets stricter (fewer exits). The only table
@@ -294,6 +294,35 @@ def speed_verdict(rows: Sequence[ThresholdResult], chosen: int | None, batch: in
     return verdict
 
 
+def exit_batch_verdict(
+    rows: Sequence[ThresholdResult],
+    chosen: int | None,
+    verdict: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    weights: WeightBytes | None,
+) -> dict[str, Any]:
+    """``max_exit_batch_hint``: the largest batch at which the recommended (else the chosen)
+    threshold is predicted faster than plain vLLM (``cost.exit_batch_hint``), and a line saying
+    how ``max_exit_batch`` keeps larger steps at plain vLLM's cost; None where nothing pays."""
+    pick = verdict.get("recommended_threshold")
+    row = next((r for r in rows if r.threshold == pick), None) if pick is not None else None
+    if row is None and chosen is not None:
+        row = rows[chosen]
+    if row is None or weights is None or not row.exit_stats or not row.exit_stats.get("decode_tokens"):
+        return {"max_exit_batch_hint": None}
+    hint = exit_batch_hint(weights, {**settings, "threshold": row.threshold}, row.exit_stats)
+    if hint is None:
+        return {"max_exit_batch_hint": None}
+    return {
+        "max_exit_batch_hint": hint,
+        "exit_batch_message": (
+            f"threshold {row.threshold:g} is {PREDICTED} faster than plain vLLM at batches up to {hint}: "
+            f"with \"max_exit_batch\": {hint} in the settings, larger steps run the full depth unchecked, "
+            "as plain vLLM (a request's tokens then depend on how many requests decode beside it)"
+        ),
+    }
+
+
 def report_path(out: Path) -> Path:
     """``settings.json`` -> ``settings.report.json`` (next to it)."""
     return out.with_name(out.stem + ".report.json")
@@ -338,6 +367,7 @@ def finish(
                 str(b): predicted_speed(weights, at, row.exit_stats, b) for b in REPORTED_BATCHES
             }
     verdict = speed_verdict(rows, chosen, batch)
+    verdict.update(exit_batch_verdict(rows, chosen, verdict, settings, weights))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -381,8 +411,9 @@ def finish(
             "was not accepted. No settings were written. Try more prompts (--prompts), a lower "
             "--target-agreement, a larger --delta, stricter --thresholds, or deeper --exit-layers."
         )
-    if verdict["speed_message"]:
-        report["message"] += "\n" + verdict["speed_message"]
+    for line in ("speed_message", "exit_batch_message"):
+        if verdict.get(line):
+            report["message"] += "\n" + verdict[line]
     report_path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 

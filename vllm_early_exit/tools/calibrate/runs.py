@@ -259,11 +259,14 @@ def calibrate(
     except (OSError, ValueError, AttributeError):  # no HF config.json of a LLaMA-family model
         weights = None
     start = time.perf_counter()
-    key = {"model": str(model), "prompt_token_ids": [list(p) for p in prompts], "settings": dict(settings),
+    # Calibration batches are large; ``max_exit_batch`` would leave them unchecked. A per_token
+    # check decides each row alone, so the runs decode without it and the file keeps it.
+    measured = {k: v for k, v in settings.items() if k != "max_exit_batch"}
+    key = {"model": str(model), "prompt_token_ids": [list(p) for p in prompts], "settings": measured,
            "files": settings_files_digest(settings), "thresholds": list(candidates), "max_tokens": max_tokens,
            "dtype": dtype}
     saved = Measurements(measurements_path(Path(out)), key, resume)
-    runs = measure(str(model), prompts, settings, candidates, max_tokens=max_tokens, dtype=dtype, saved=saved)
+    runs = measure(str(model), prompts, measured, candidates, max_tokens=max_tokens, dtype=dtype, saved=saved)
     details = {"model": str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
     details["seconds"] = round(time.perf_counter() - start, 1)
     return finish(runs, settings, target=target, delta=delta, out=out, info=details, weights=weights, batch=batch)
