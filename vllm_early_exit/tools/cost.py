@@ -185,7 +185,7 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
         before += share
         if share <= 0.0:
             continue
-        reads = [_check_reads(weights, settings, i == 0) for i, c in enumerate(c for c in checks if c <= layer)]
+        reads = [_check_reads(weights, settings, i == 0) for i in range(sum(1 for c in checks if c <= layer))]
         if single:
             heads = 1
         elif deferred:
