@@ -27,6 +27,7 @@ run, say), taking the rows of a step as independent draws of those counts.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,20 +91,23 @@ def _check_reads(weights: WeightBytes, settings: dict[str, Any], first: bool) ->
     return head, 1
 
 
-def _check_cost(weights: WeightBytes, settings: dict[str, Any], first: bool) -> float:
-    """Weights one check's readout reads for a row that reaches it (without confirmation)."""
-    cheap, full = _check_reads(weights, settings, first)
-    return cheap + full * weights.lm_head
+class _Layout:
+    """The check layers and skipped layers of ``settings`` on this model, with what each check
+    reads (``_check_reads``, priced once: a shortlist's size comes from its file)."""
 
+    def __init__(self, weights: WeightBytes, settings: dict[str, Any]) -> None:
+        from vllm_early_exit.config import EarlyExitConfig
 
-def _layout(weights: WeightBytes, settings: dict[str, Any]) -> tuple[list[int], set[int]]:
-    """The check layers and skipped layers of ``settings`` on this model."""
-    from vllm_early_exit.config import EarlyExitConfig
+        # Only the layer layout matters here; the other settings (a heads folder, a shortlist)
+        # are priced by ``_check_reads`` and need not exist on this machine.
+        config = EarlyExitConfig.from_dict({k: settings[k] for k in LAYOUT_KEYS if k in settings})
+        self.checks = sorted(config.check_layers_for(weights.num_layers))
+        self.skipped = set(config.skip_layers)
+        self.reads = [_check_reads(weights, settings, i == 0) for i in range(len(self.checks))]
 
-    # Only the layer layout matters here; the other settings (a heads folder, a shortlist)
-    # are priced by ``_check_reads`` and need not exist on this machine.
-    config = EarlyExitConfig.from_dict({k: settings[k] for k in LAYOUT_KEYS if k in settings})
-    return sorted(config.check_layers_for(weights.num_layers)), set(config.skip_layers)
+    def reached(self, layer: int) -> list[tuple[float, int]]:
+        """What the checks a token or step reaches when it stops after ``layer`` read."""
+        return self.reads[: bisect.bisect_right(self.checks, layer)]
 
 
 def _stack_bytes(weights: WeightBytes, layer: int, skipped: set[int]) -> float:
@@ -121,7 +125,7 @@ def _ends(exits_per_layer: list[int], full_depth: int) -> list[int]:
 
 def engine_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any]) -> float:
     """Mean weights read per decode token by an engine with ``settings`` that counted ``stats``."""
-    checks, skipped = _layout(weights, settings)
+    layout = _Layout(weights, settings)
     tokens = stats["decode_tokens"]
     if not tokens:
         return float(weights.plain)
@@ -129,10 +133,9 @@ def engine_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str
     for layer, count in enumerate(_ends(stats["exits_per_layer"], stats["full_depth_tokens"])):
         if not count:
             continue
-        reached = [c for c in checks if c <= layer]
-        reads = sum(_check_cost(weights, settings, i == 0) for i, _ in enumerate(reached))
-        confirm = weights.lm_head if settings.get("shortlist") and layer in checks else 0
-        total += count * (_stack_bytes(weights, layer, skipped) + reads + confirm)
+        reads = sum(cheap + full * weights.lm_head for cheap, full in layout.reached(layer))
+        confirm = weights.lm_head if settings.get("shortlist") and layer in layout.checks else 0
+        total += count * (_stack_bytes(weights, layer, layout.skipped) + reads + confirm)
     total += (tokens - stats.get("sampled_from_checks", 0)) * weights.lm_head
     return total / tokens
 
@@ -145,14 +148,13 @@ def step_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str, 
     steps = stats.get("decode_steps", 0)
     if not steps:
         return None
-    checks, skipped = _layout(weights, settings)
+    layout = _Layout(weights, settings)
     unchecked = stats.get("unchecked_steps", 0)  # every layer, no check (``max_exit_batch``)
     total = unchecked * weights.num_layers * weights.layer
     for layer, count in enumerate(_ends(stats["step_exits_per_layer"], stats["full_depth_steps"] - unchecked)):
         if count:
-            reached = [c for c in checks if c <= layer]
-            cheap = sum(_check_reads(weights, settings, i == 0)[0] for i, _ in enumerate(reached))
-            total += count * (_stack_bytes(weights, layer, skipped) + cheap)
+            cheap = sum(cheap for cheap, _ in layout.reached(layer))
+            total += count * (_stack_bytes(weights, layer, layout.skipped) + cheap)
     total += (stats.get("full_readouts", 0) + stats.get("sampling_products", 0)) * weights.lm_head
     return total / steps
 
@@ -170,7 +172,7 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
     SmolLM2 at batch 2-32 (1.44-2.05 products a step against 1.46-2.0 by this rule)."""
     from vllm_early_exit.model_executor.early_exit.signals import make_signal
 
-    checks, skipped = _layout(weights, settings)
+    layout = _Layout(weights, settings)
     tokens = stats["decode_tokens"]
     if not tokens:
         return float(weights.plain)
@@ -185,14 +187,14 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
         before += share
         if share <= 0.0:
             continue
-        reads = [_check_reads(weights, settings, i == 0) for i in range(sum(1 for c in checks if c <= layer))]
+        reads = layout.reached(layer)
         if single:
             heads = 1
         elif deferred:
             heads = 2 if layer == last and batch > 1 else 1
         else:
             heads = sum(full for _, full in reads) + (layer == last)
-        total += share * (_stack_bytes(weights, layer, skipped) + sum(cheap for cheap, _ in reads) + heads * weights.lm_head)
+        total += share * (_stack_bytes(weights, layer, layout.skipped) + sum(cheap for cheap, _ in reads) + heads * weights.lm_head)
     return total
 
 
@@ -237,7 +239,13 @@ def exit_batch_hint(
     weights: WeightBytes, settings: dict[str, Any], stats: dict[str, Any], largest: int = 256
 ) -> int | None:
     """The largest batch (up to ``largest``) at which ``settings`` are predicted faster than
-    plain vLLM, for ``max_exit_batch``; None when not even one request alone is."""
+    plain vLLM, for ``max_exit_batch``; None when not even one request alone is. The prediction
+    does not grow with the batch (a step is as deep as its deepest row), so the search stops at
+    the first batch that does not pay."""
     unguarded = {k: v for k, v in settings.items() if k != "max_exit_batch"}
-    paying = [b for b in range(1, largest + 1) if predicted_at_batch(weights, unguarded, stats, b) > 1.0]
-    return max(paying) if paying else None
+    hint = None
+    for batch in range(1, largest + 1):
+        if predicted_at_batch(weights, unguarded, stats, batch) <= 1.0:
+            break
+        hint = batch
+    return hint

@@ -49,14 +49,14 @@ class ExitLogits:
 
     def logits(
         self, hidden_states: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, int, bool]:
         """The logits of ``hidden_states`` (the step's logits rows): the kept ones, and
         ``compute`` (vLLM's LM head) for the rows that did not leave through a full check.
-        Also returns how many rows took a check's logits."""
+        Also returns how many rows took a check's logits, and whether ``compute`` ran."""
         num_rows = hidden_states.shape[0]
         if self._num_rows != num_rows:
             self.begin_step()
-            return compute(hidden_states), 0
+            return compute(hidden_states), 0, True
         taken = torch.cat(self._taken)
         rows, kept = torch.cat(self._rows)[taken], torch.cat(self._logits)[taken]
         counted = [t if check else torch.zeros_like(t) for t, check in zip(self._taken, self._from_check)]
@@ -66,7 +66,8 @@ class ExitLogits:
         covered[rows] = True
         rest = (~covered).nonzero().squeeze(1)
         out = kept.new_empty(num_rows, kept.shape[-1])
-        if rest.numel():  # one host sync per step
+        computed = rest.numel() > 0  # one host sync per step
+        if computed:
             out[rest] = compute(hidden_states[rest])
         out[rows] = kept
-        return out, from_checks
+        return out, from_checks, computed

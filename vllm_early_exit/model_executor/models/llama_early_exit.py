@@ -100,7 +100,9 @@ class EarlyExitLlamaModel(LlamaModel):
         if batch is None:
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         settings = self._row_settings(batch, positions.device)
-        if self._keeps_full_depth(batch, settings):
+        unchecked = self._over_exit_batch(batch, settings)
+        if unchecked or self._keeps_full_depth(batch, settings):
+            self.exit_stats.unchecked_steps += unchecked
             if batch.pure:
                 self.exit_stats.record_step(None)
             self._count(None, batch.num_live)
@@ -143,9 +145,6 @@ class EarlyExitLlamaModel(LlamaModel):
         return NO_ROW_SETTINGS if settings is None else settings
 
     def _keeps_full_depth(self, batch: DecodeBatch, settings: RowSettings) -> bool:
-        if self._over_exit_batch(batch, settings):
-            self.exit_stats.unchecked_steps += 1
-            return True
         if self.decider.policy.per_row:
             # Skipping is for every decode row: a request with early exit off keeps its step full depth.
             return settings.any_off and bool(self.decider.skip_layers)
@@ -210,16 +209,10 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """vLLM's logits, but rows that left through a full-vocabulary check keep that check's logits."""
-        products = []
-
-        def lm_head(rows: torch.Tensor) -> torch.Tensor | None:
-            products.append(rows.shape[0])
-            return super(EarlyExitLlamaForCausalLM, self).compute_logits(rows)
-
         stats = self.model.exit_stats
-        logits, reused = self.model.decider.exit_logits.logits(hidden_states, lm_head)
+        logits, reused, computed = self.model.decider.exit_logits.logits(hidden_states, super().compute_logits)
         stats.sampled_from_checks += reused
-        if products and self.model.pure_decode_rows == hidden_states.shape[0]:
+        if computed and self.model.pure_decode_rows == hidden_states.shape[0]:
             stats.sampling_products += 1
         return logits
 

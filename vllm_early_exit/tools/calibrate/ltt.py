@@ -305,9 +305,7 @@ def exit_batch_verdict(
     threshold is predicted faster than plain vLLM (``cost.exit_batch_hint``), and a line saying
     how ``max_exit_batch`` keeps larger steps at plain vLLM's cost; None where nothing pays."""
     pick = verdict.get("recommended_threshold")
-    row = next((r for r in rows if r.threshold == pick), None) if pick is not None else None
-    if row is None and chosen is not None:
-        row = rows[chosen]
+    row = next((r for r in rows if r.threshold == pick), None if chosen is None else rows[chosen])
     if row is None or weights is None or not row.exit_stats or not row.exit_stats.get("decode_tokens"):
         return {"max_exit_batch_hint": None}
     hint = exit_batch_hint(weights, {**settings, "threshold": row.threshold}, row.exit_stats)
