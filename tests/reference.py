@@ -78,7 +78,8 @@ class ReferenceDecoder:
         self, token_ids, positions, cache, exit_layers, threshold, propagate,
         vocab_top_k=None, heads=None, skip_layers=(), signal="max_prob", shortlist=None,
     ):
-        """One forward; returns (greedy token, exit layer or None, max-prob per check layer).
+        """One forward; returns (greedy token, exit layer or None, max-prob per check layer,
+        readout top token per check layer).
 
         With ``vocab_top_k`` the first check keeps its top-K token ids and later checks
         take the softmax over those tokens only. ``heads``: layer -> (weight, bias) of
@@ -92,7 +93,7 @@ class ReferenceDecoder:
         hidden = self.model.model.embed_tokens(token_ids)
         layers = self.model.model.layers
         heads = heads or {}
-        exit_layer, confidences, top_k_tokens = None, {}, None
+        exit_layer, confidences, tops, top_k_tokens = None, {}, {}, None
         for index, layer in enumerate(layers):
             if index in skip_layers:
                 self._fill_kv(index, hidden, positions, cache)
@@ -122,6 +123,7 @@ class ReferenceDecoder:
                         continue
                 confidence = float(torch.softmax(logits, -1).max())
                 confidences[index] = confidence
+                tops[index] = int(logits.argmax())
                 if confidence >= threshold:
                     exit_layer = index
                     break
@@ -129,7 +131,7 @@ class ReferenceDecoder:
             for index in range(exit_layer + 1, self.num_layers):
                 self._fill_kv(index, hidden, positions, cache)
         head = heads.get(exit_layer) if exit_layer is not None else None
-        return int(self._readout(hidden, head).argmax()), exit_layer, confidences
+        return int(self._readout(hidden, head).argmax()), exit_layer, confidences, tops
 
     @torch.no_grad()
     def generate(
@@ -156,27 +158,30 @@ class ReferenceDecoder:
         """
         empty = torch.empty(self.num_kv_heads, 0, self.head_dim)
         cache = [(empty, empty, torch.empty(0, dtype=torch.long)) for _ in range(self.num_layers)]
-        token, _, _ = self._step(torch.tensor(prompt), torch.arange(len(prompt)), cache, (), 0.0, True)
-        trace = Trace([token], [], [])
+        token, _, _, _ = self._step(torch.tensor(prompt), torch.arange(len(prompt)), cache, (), 0.0, True)
+        trace = Trace([token], [], [], [])
         if teacher is not None:
             max_new_tokens = len(teacher)
         while len(trace.tokens) < max_new_tokens:
             position = torch.tensor([len(prompt) + len(trace.tokens) - 1])
             fed = token if teacher is None else teacher[len(trace.tokens) - 1]
-            token, exit_layer, confidences = self._step(
+            token, exit_layer, confidences, tops = self._step(
                 torch.tensor([fed]), position, cache, exit_layers, threshold, propagate,
                 vocab_top_k, heads, skip_layers, signal, shortlist,
             )
             trace.tokens.append(token)
             trace.exit_layers.append(exit_layer)
             trace.confidences.append(confidences)
+            trace.readout_tokens.append(tops)
         return trace
 
 
 @dataclass
 class Trace:
-    """Greedy tokens, and per decode token its exit layer (None: full depth) and max-probs."""
+    """Greedy tokens, and per decode token its exit layer (None: full depth), and per check
+    layer its max-prob and (full-vocabulary checks) its readout's top token."""
 
     tokens: list[int]
     exit_layers: list[int | None]
     confidences: list[dict[int, float]]
+    readout_tokens: list[dict[int, int]]

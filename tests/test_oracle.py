@@ -11,16 +11,20 @@ import torch
 
 from .conftest import one_process_env
 
+THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
+
 
 def _oracle(model, out, *options) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_early_exit", "oracle", "--model", str(model),
-         "--prompts", "3", "--max-tokens", "10", "--max-skip", "1", "--out", str(out), *options],
+         "--prompts", "3", "--max-tokens", "10", "--max-skip", "1", "--check-layers", "1,2,3,4",
+         "--thresholds", ",".join(str(t) for t in THRESHOLDS), "--out", str(out), *options],
         capture_output=True, text=True, timeout=900, env=one_process_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("oracle.json", "oracle.md", "oracle.png"):
         assert (out / name).stat().st_size > 0
+    assert "## Per-token oracle (teacher-forced)" in (out / "oracle.md").read_text()
     return json.loads((out / "oracle.json").read_text())
 
 
@@ -89,3 +93,50 @@ def test_resume_keeps_what_a_stopped_run_measured(oracle_report, tiny_chat_llama
     expected = {key: report[key] for key in ("model", "num_layers", "max_tokens", "prompt_token_ids")}
     with pytest.raises(SystemExit, match="another max_tokens"):
         resumed_report(tmp_path, {**expected, "max_tokens": 11})
+
+
+def test_per_token_oracle_reads_each_layer_as_the_reference_does(oracle_report, chat_reference):
+    """Teacher-forced on the full-depth outputs, the reference reads every layer (no exit):
+    the first right layer of each position, the check layers' max-probs, and the max-prob
+    rule's agreement and depth at each threshold must be what the report says."""
+    report = oracle_report
+    tokens = report["token_oracle"]
+    layers = report["num_layers"]
+    checks = tokens["check_layers"]
+    assert checks == [1, 2, 3, 4]
+    earliest, max_probs, traces = [], [], []
+    for prompt, full in zip(report["prompt_token_ids"], report["outputs_full_depth"]):
+        trace = chat_reference.generate(prompt, len(full), exit_layers=tuple(range(layers)), threshold=2.0, teacher=full)
+        for k, target in enumerate(full[1:]):
+            readouts = trace.readout_tokens[k]
+            right = [layer for layer in range(layers) if readouts[layer] == target]
+            earliest.append(right[0] + 1 if right else layers)
+            max_probs.append([trace.confidences[k][layer] for layer in checks])
+            traces.append((readouts, trace.confidences[k], target))
+    assert tokens["positions"] == len(earliest)
+    assert tokens["earliest_right"] == earliest
+    assert tokens["depth_every_token_right"] == pytest.approx(sum(earliest) / len(earliest) / layers)
+    flat = [p for row in tokens["max_probs_at_checks"] for p in row]
+    assert flat == pytest.approx([p for row in max_probs for p in row], abs=1e-4)
+    assert [r["threshold"] for r in tokens["max_prob"]] == list(THRESHOLDS)
+    for row in tokens["max_prob"]:
+        exits = [next((layer for layer in checks if conf[layer] >= row["threshold"]), layers - 1) for _, conf, _ in traces]
+        right = [readouts[layer] == target for layer, (readouts, _, target) in zip(exits, traces)]
+        assert row["token_agreement"] == pytest.approx(sum(right) / len(right))
+        assert row["depth"] == pytest.approx(sum(layer + 1 for layer in exits) / len(exits) / layers)
+    depths = [tokens["oracle_depth"][str(a)] for a in (0.99, 0.95, 0.9)]
+    reachable = [d for d in depths if d is not None]
+    assert reachable == sorted(reachable, reverse=True)
+    assert all(d <= tokens["depth_every_token_right"] for d in reachable)
+
+
+def test_oracle_depth_lets_the_deepest_tokens_leave_wrong():
+    """Hand-counted: four tokens, six layers; the fourth is right at no layer."""
+    from vllm_early_exit.tools.oracle import oracle_depth
+
+    earliest = torch.tensor([3, 6, 2, 6])
+    somewhere = torch.tensor([True, True, True, False])
+    assert oracle_depth(earliest, somewhere, 6, 0.75) == pytest.approx((3 + 6 + 2 + 1) / 4 / 6)
+    assert oracle_depth(earliest, somewhere, 6, 0.5) == pytest.approx((3 + 2 + 1 + 1) / 4 / 6)
+    assert oracle_depth(earliest, somewhere, 6, 0.25) == pytest.approx((2 + 1 + 1 + 1) / 4 / 6)
+    assert oracle_depth(earliest, somewhere, 6, 1.0) is None  # the fourth is never right

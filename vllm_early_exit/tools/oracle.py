@@ -17,6 +17,11 @@ prompts, with greedy decoding:
    writes K/V from the stream passing through). A sequence is reproduced
    exactly by free-running decoding iff every teacher-forced position agrees,
    so "identical" here is exact, not an approximation.
+3. *Per-token oracle.* Teacher-forced on the same outputs, every layer's plain
+   readout at every decode position: an oracle that leaves each token at its
+   first right layer needs the depth reported, and the max-prob rule is scored
+   on the same positions beside it. The gap between the two is what a better
+   exit signal could win; the oracle itself is what these readouts allow.
 
 Results go to JSON, Markdown and a PNG, written after the depth budgets and
 after every skip set scored, so a stopped run keeps what it measured;
@@ -26,6 +31,7 @@ after every skip set scored, so a stopped run keeps what it measured;
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +42,10 @@ from vllm_early_exit.tools.engines import build_engine, shutdown_engine
 from vllm_early_exit.tools.resume import saved_results, write_json
 
 DEFAULT_OUT = Path("benchmarks/results")
+ORACLE_AGREEMENTS = (0.99, 0.95, 0.9)
+"""Token agreements at which the per-token oracle's depth is reported."""
+DEFAULT_THRESHOLDS = (0.9, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999)
+"""max_prob thresholds scored on the same positions as the oracle."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     parser.add_argument("--max-skip", type=int, default=4, help="largest skip set the greedy search builds (default 4)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for oracle.{json,md,png}")
+    parser.add_argument(
+        "--check-layers", help="check layers of the max-prob rule beside the per-token oracle, e.g. 20,22,24 "
+        "(default: every second layer from a third of the stack to the second-to-last)",
+    )
+    parser.add_argument(
+        "--thresholds", default=",".join(str(t) for t in DEFAULT_THRESHOLDS),
+        help="max-prob thresholds scored beside the per-token oracle (default %(default)s)",
+    )
     parser.add_argument(
         "--resume", action="store_true",
         help="continue the run in --out/oracle.json (same model, prompts and --max-tokens): "
@@ -181,6 +199,113 @@ def greedy_skip_sets(
         yield SkipStep(sorted(chosen), best[1], best[2])
 
 
+# --- 3. per-token oracle, teacher-forced -------------------------------------------
+
+
+@dataclass
+class TokenReadouts:
+    """Each layer's plain readout (final norm and LM head) at every scored decode position,
+    teacher-forced on the full-depth outputs, with every layer run."""
+
+    top: torch.Tensor
+    """``[positions, layers]``: the readout's top token."""
+    max_prob: torch.Tensor
+    """``[positions, layers]``: its softmax probability."""
+    target: torch.Tensor
+    """``[positions]``: the full-depth output's token."""
+
+    @property
+    def right(self) -> torch.Tensor:
+        return self.top == self.target[:, None]
+
+    def earliest_right(self) -> torch.Tensor:
+        """Per position, the layers run up to the first whose readout is the full-depth token
+        (all of them when none is: numerics can flip a near tie of the last layer)."""
+        right = self.right
+        layers = right.shape[1]
+        return torch.where(right.any(1), right.int().argmax(1) + 1, layers)
+
+
+def token_readouts(model, prompts: list[list[int]], outputs: list[list[int]]) -> TokenReadouts:
+    """Scored positions as in :meth:`SkipScorer.score`: output token k + 1 is read at the
+    position holding output token k (the first output token comes from the prompt pass)."""
+    norm, head = model.model.norm, model.lm_head
+    tops, probs, targets = [], [], []
+    with torch.no_grad():
+        for prompt, output in zip(prompts, outputs):
+            start = len(prompt)
+            result = model(torch.tensor(prompt + output[:-1])[None], output_hidden_states=True)
+            # hidden_states: the embeddings, then each layer's output; the last layer is read
+            # through the model's own logits.
+            # One layer's logits at a time: all of them at once would not fit for a large vocabulary.
+            readouts = (head(norm(h[0, start:])) for h in result.hidden_states[1:-1])
+            maxima = [
+                torch.softmax(logits.float(), -1).max(-1) for logits in (*readouts, result.logits[0, start:])
+            ]
+            tops.append(torch.stack([m.indices for m in maxima], 1))
+            probs.append(torch.stack([m.values for m in maxima], 1))
+            targets.append(torch.tensor(output[1:]))
+    return TokenReadouts(torch.cat(tops), torch.cat(probs), torch.cat(targets))
+
+
+def oracle_depth(earliest: torch.Tensor, right_somewhere: torch.Tensor, layers: int, agreement: float) -> float | None:
+    """Share of the layers an oracle that knows each token's earliest right layer needs for
+    ``agreement``: it lets the positions whose earliest right layer is deepest leave after
+    the first layer with a wrong token, as many as the agreement allows (positions that no
+    layer reads right are wrong in any case and leave there too). None: not reachable."""
+    positions = earliest.numel()
+    allowed_wrong = positions - math.ceil(agreement * positions - 1e-9)
+    spare = allowed_wrong - int((~right_somewhere).sum())
+    if spare < 0:
+        return None
+    kept = earliest[right_somewhere].sort(descending=True).values
+    layers_run = kept[spare:].sum() + (positions - kept[spare:].numel())
+    return float(layers_run) / positions / layers
+
+
+def max_prob_exits(readouts: TokenReadouts, check_layers: list[int], threshold: float) -> tuple[torch.Tensor, float]:
+    """(right per position, depth) of the per-token max-prob rule on the teacher-forced readouts:
+    a position leaves at the first check layer whose readout reaches ``threshold``, else at the last."""
+    positions, layers = readouts.top.shape
+    checks = torch.tensor(check_layers, dtype=torch.long)
+    confident = readouts.max_prob[:, checks] >= threshold
+    exit_layer = torch.where(confident.any(1), checks[confident.int().argmax(1)], layers - 1)
+    token = readouts.top[torch.arange(positions), exit_layer]
+    return token == readouts.target, int((exit_layer + 1).sum()) / positions / layers
+
+
+def token_oracle(
+    readouts: TokenReadouts, check_layers: list[int], thresholds, agreements=ORACLE_AGREEMENTS
+) -> dict:
+    """The per-token oracle's depth and max-prob's frontier on the same positions, at ``agreements``."""
+    positions, layers = readouts.top.shape
+    earliest = readouts.earliest_right()
+    right_somewhere = readouts.right.any(1)
+    rule = []
+    for threshold in thresholds:
+        right, depth = max_prob_exits(readouts, check_layers, threshold)
+        rule.append({"threshold": threshold, "token_agreement": float(right.float().mean()), "depth": depth})
+
+    def lowest(agreement: float) -> float | None:
+        reached = [r["depth"] for r in rule if r["token_agreement"] >= agreement]
+        return min(reached) if reached else None
+
+    return {
+        "positions": positions,
+        "check_layers": list(check_layers),
+        "readout_agreement_per_layer": readouts.right.float().mean(0).tolist(),
+        "earliest_right": earliest.tolist(),
+        "depth_every_token_right": int(earliest.sum()) / positions / layers,
+        "oracle_depth": {str(a): oracle_depth(earliest, right_somewhere, layers, a) for a in agreements},
+        "oracle_curve": [
+            [a, oracle_depth(earliest, right_somewhere, layers, a)] for a in (0.8 + 0.01 * k for k in range(21))
+        ],
+        "max_prob": rule,
+        "max_prob_depth": {str(a): lowest(a) for a in agreements},
+        "max_probs_at_checks": readouts.max_prob[:, check_layers].tolist(),
+    }
+
+
 # --- the command ---------------------------------------------------------------
 
 
@@ -191,12 +316,18 @@ RESUME_KEYS = ("model", "num_layers", "max_tokens", "prompt_token_ids")
 def analyse(
     model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip: int,
     save=lambda report: None, previous: dict | None = None,
+    check_layers: list[int] | None = None, thresholds=DEFAULT_THRESHOLDS,
 ) -> dict:
-    """Both analyses on token prompts; returns the report dict.
+    """The three analyses on token prompts; returns the report dict.
 
-    ``save(report)`` is called with the report so far after the depth budgets and
-    after every skip set scored; ``previous``: a report of the same run to continue.
+    ``save(report)`` is called with the report so far after the depth budgets, after
+    the per-token oracle and after every skip set scored; ``previous``: a report of the
+    same run to continue (the per-token oracle, quick, is always computed again).
+    ``check_layers`` / ``thresholds``: where and how the max-prob rule beside the per-token
+    oracle checks (default: the heads' default layers, ``DEFAULT_THRESHOLDS``).
     """
+    from vllm_early_exit.model_executor.early_exit.heads import default_layers
+
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -224,6 +355,10 @@ def analyse(
     save(report)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # LLaMA or Qwen2
+    report["token_oracle"] = token_oracle(
+        token_readouts(model, prompts, full), check_layers or default_layers(num_layers), thresholds
+    )
+    save(report)
     scorer = SkipScorer(model, prompts, full)
     candidates = 1 + sum(num_layers - 1 - k for k in range(max_skip))
     with tqdm(total=candidates, initial=min(len(scores), candidates), desc="skip sets") as progress:
@@ -293,6 +428,7 @@ def write_report(report: dict, out_dir: Path) -> None:
     ]
     for step in report["skip_path"]:
         lines.append(f"| {step['skip_layers']} | {step['token_agreement']:.3f} | {step['identical']:.3f} |")
+    lines += token_oracle_lines(report.get("token_oracle"), layers)
     (out_dir / "oracle.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -300,7 +436,9 @@ def write_report(report: dict, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = report.get("token_oracle")
+    fig, axes = plt.subplots(1, 3 if tokens else 2, figsize=(16 if tokens else 11, 4))
+    left, right = axes[:2]
     left.hist(report["min_depths"], bins=range(1, layers + 2), align="left", color="tab:blue")
     left.axvline(report["mean_min_depth"], color="k", linestyle="--", label="mean")
     left.set(xlabel="oracle depth (layers)", ylabel="sequences", title="Per-sequence minimum depth")
@@ -310,9 +448,52 @@ def write_report(report: dict, out_dir: Path) -> None:
     right.plot(sizes, [s["identical"] for s in report["skip_path"]], "s-", label="outputs identical")
     right.set(xlabel="layers skipped (greedy)", ylabel="share", ylim=(0, 1.02), title="Static skip sets")
     right.legend()
+    if tokens:
+        curve = [(a, d) for a, d in tokens["oracle_curve"] if d is not None]
+        axes[2].plot([d for _, d in curve], [a for a, _ in curve], "-", color="k", label="per-token oracle")
+        axes[2].plot([r["depth"] for r in tokens["max_prob"]], [r["token_agreement"] for r in tokens["max_prob"]],
+                     "o--", color="tab:red", label=f"max_prob at {len(tokens['check_layers'])} check layers")
+        axes[2].set(xlabel="depth (share of layers)", ylabel="token agreement (teacher-forced)",
+                    title="Per-token exits", xlim=(0, 1.02))
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(out_dir / "oracle.png", dpi=120)
     plt.close(fig)
+
+
+def token_oracle_lines(tokens: dict | None, layers: int) -> list[str]:
+    """The per-token oracle's section of ``oracle.md`` (none for a report without it)."""
+    if not tokens:
+        return []
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f} ({value * layers:.2f} layers)"
+
+    lines = [
+        "",
+        "## Per-token oracle (teacher-forced)",
+        "",
+        f"Every layer runs at each of the {tokens['positions']} decode positions of the full-depth outputs; a "
+        "layer's plain readout (final norm and LM head) is right where its top token is the full-depth token. "
+        "The oracle knows each token's first right layer and leaves there; below agreement 1 it also lets the "
+        "tokens whose first right layer is deepest leave after the first layer, wrong. `max_prob`: the per-token "
+        f"rule at check layers {tokens['check_layers']} on the same positions. Teacher-forced (a wrong token does "
+        "not change later positions, deeper layers' K/V come from full computation): a bound on what an exit "
+        "signal can reach with these readouts, not an engine measurement.",
+        "",
+        "| token agreement | oracle depth | max_prob depth |",
+        "|---|---|---|",
+        f"| every token right | {share(tokens['depth_every_token_right'])} | - |",
+    ]
+    for agreement, depth in tokens["oracle_depth"].items():
+        lines.append(f"| >= {agreement} | {share(depth)} | {share(tokens['max_prob_depth'][agreement])} |")
+    lines += ["", "| max_prob threshold | token agreement | depth |", "|---|---|---|"]
+    lines += [f"| {r['threshold']} | {r['token_agreement']:.4f} | {r['depth']:.3f} |" for r in tokens["max_prob"]]
+    per_layer = tokens["readout_agreement_per_layer"]
+    lines += ["", "Readout right per layer (share of positions): " + ", ".join(
+        f"{index}: {value:.2f}" for index, value in enumerate(per_layer) if index >= len(per_layer) // 3
+    ) + "."]
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -331,6 +512,16 @@ def run(args: argparse.Namespace) -> dict:
     num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
     expected = {"model": model, "num_layers": num_layers, "max_tokens": args.max_tokens, "prompt_token_ids": prompts}
     previous = resumed_report(args.out, expected) if args.resume else None
-    report = analyse(model, prompts, args.max_tokens, args.max_skip, lambda r: write_report(r, args.out), previous)
+    try:
+        check_layers = [int(x) for x in args.check_layers.split(",")] if args.check_layers else None
+        thresholds = [float(x) for x in args.thresholds.split(",")]
+    except ValueError:
+        raise SystemExit("oracle: --check-layers takes comma-separated integers, --thresholds numbers") from None
+    if check_layers is not None and not all(0 <= layer < num_layers for layer in check_layers):
+        raise SystemExit(f"oracle: --check-layers must lie in 0..{num_layers - 1} (the model has {num_layers} layers)")
+    report = analyse(
+        model, prompts, args.max_tokens, args.max_skip, lambda r: write_report(r, args.out), previous,
+        check_layers=check_layers, thresholds=thresholds,
+    )
     print((args.out / "oracle.md").read_text())
     return report
