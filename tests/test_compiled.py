@@ -14,7 +14,10 @@ COMPILED_ENGINE = {"enforce_eager": False}
 
 
 def _groups(*bounds: tuple[int, int]) -> list[dict]:
-    return [{"layers": [first, stop], "compiled": True} for first, stop in bounds]
+    """The groups between decision points, then the whole stack that full-depth steps run
+    (every test prefills through it, so a wrong full stack fails its tokens)."""
+    whole = {"layers": [bounds[0][0], bounds[-1][1]], "compiled": True, "full_depth": True}
+    return [*({"layers": [first, stop], "compiled": True} for first, stop in bounds), whole]
 
 
 def test_compiled_per_token_matches_reference_alone_and_batched(tiny_llama, reference, mixed_traces):

@@ -145,6 +145,9 @@ def test_architecture_override_uses_default_settings(tiny_llama, reference, earl
     if early_exit is None:
         # Cut after every check layer: [0, first check + 1), then one group per layer.
         bounds = [(0, defaults[0] + 1), *((x + 1, x + 2) for x in defaults)]
-        assert groups == [{"layers": [first, stop], "compiled": True} for first, stop in bounds]
+        assert groups == [
+            *({"layers": [first, stop], "compiled": True} for first, stop in bounds),
+            {"layers": [0, layers], "compiled": True, "full_depth": True},
+        ]
     else:
         assert groups == []

@@ -314,7 +314,8 @@ def test_compiled_groups_with_skip_layers_on_tied_embeddings(runs, tied_referenc
     compiled = runs["compiled"]
     assert compiled["model"]["tied"]
     assert compiled["layer_groups"] == [
-        {"layers": [first, stop], "compiled": True} for first, stop in ((0, 2), (2, 3), (3, 5), (5, 6))
+        *({"layers": [first, stop], "compiled": True} for first, stop in ((0, 2), (2, 3), (3, 5), (5, 6))),
+        {"layers": [0, 6], "compiled": True, "full_depth": True},
     ]
     rule = {"skip_layers": (2,), "exit_layers": (4,), "threshold": 0.0}
     expected = [tied_reference.generate(p, NEW, **rule).tokens for p in compiled_prompts]

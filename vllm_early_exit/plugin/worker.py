@@ -34,14 +34,15 @@ class EarlyExitWorkerExtension:
         self._early_exit_model().exit_stats.reset()
 
     def early_exit_layer_groups(self) -> list[dict[str, Any]]:
-        """The compiled layer groups (``compile``) and whether each has been compiled; [] when eager."""
+        """The compiled layer groups (``compile``) and whether each has been compiled, the whole
+        stack that full-depth steps run last (``"full_depth": True``); [] when eager."""
         stack = self._early_exit_model().compiled_stack
         if stack is None:
             return []
-        return [
-            {"layers": [first, stop], "compiled": bool(getattr(group, "compiled", False))}
-            for (first, stop), group in stack.groups.items()
-        ]
+        compiled = lambda module: bool(getattr(module, "compiled", False))  # noqa: E731
+        groups = [{"layers": [first, stop], "compiled": compiled(group)} for (first, stop), group in stack.groups.items()]
+        start, end = stack.bounds[0][0], stack.bounds[-1][1]
+        return [*groups, {"layers": [start, end], "compiled": compiled(stack.full), "full_depth": True}]
 
     def early_exit_kv_projections(self) -> list[int]:
         """The layers whose propagated K/V comes from a K/V-only projection (the rest use ``qkv_proj``)."""

@@ -99,8 +99,29 @@ def group_class(first: int, stop: int) -> type[LayerGroup]:
     return type(name, (LayerGroup,), {"forward": forward, "__qualname__": name})
 
 
+@support_torch_compile(dynamic_arg_dims={"positions": 0, "hidden_states": 0})
+class FullStack(nn.Module):
+    """Every layer of the stack as one compiled unit, for steps that run them all for every row
+    with no decision on the way (prefill, unchecked steps): what plain vLLM compiles, without
+    the cuts between the groups and the held-row masks.
+
+    ``layers`` are the model's own modules, kept in a plain list (as in ``LayerGroup``).
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = list(layers)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        return hidden_states, residual
+
+
 class CompiledStack:
-    """The model's layer groups, and the static input buffers CUDA graphs replay from."""
+    """The model's layer groups, the whole stack for full-depth steps, and the static input
+    buffers CUDA graphs replay from."""
 
     def __init__(
         self,
@@ -117,12 +138,16 @@ class CompiledStack:
                 self.groups[(first, stop)] = group_class(first, stop)(
                     vllm_config=vllm_config, prefix=f"{prefix}.groups.{first}", layers=layers[first:stop]
                 )
+        start, end = bounds[0][0], bounds[-1][1]
+        with set_model_tag("early_exit_full_stack"):
+            self.full = FullStack(vllm_config=vllm_config, prefix=f"{prefix}.full", layers=layers[start:end])
         mode = vllm_config.compilation_config.cudagraph_mode
         # Piecewise CUDA graphs replay from the addresses they were captured with:
         # inputs made on the host between groups are copied into fixed buffers first.
         self.static_inputs = mode is not None and mode.has_piecewise_cudagraphs()
         self.max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._warmed_up = False
 
     def covers(self, points: Iterable[int]) -> bool:
         """True when every layer in ``points`` ends a group (the step's decisions fit the cuts)."""
@@ -146,6 +171,28 @@ class CompiledStack:
         keep_buf[:rows].copy_(keep)
         hidden_states, residual = group(positions, hidden_buf[:rows], residual_buf[:rows], keep_buf[:rows])
         # The last piece's outputs live in the graph pool: own them before the next group runs.
+        return hidden_states.clone(), residual.clone()
+
+    def run_all(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer for every row (``FullStack``): the stack's output stream and residual.
+
+        The first call (vLLM's warm-up run, which has no decode rows) also runs the groups once,
+        so that every graph compiles before serving: on vLLM 0.32's CPU build a group compiled
+        for the first time inside a decode step aborted the engine (heap corruption in the
+        K/V cache update that followed).
+        """
+        if not self._warmed_up:
+            self._warmed_up = True
+            residual, keep = torch.zeros_like(hidden_states), hidden_states.new_ones(hidden_states.shape[0], 1)
+            stream = hidden_states.clone()
+            for bounds in self.bounds:
+                stream, residual = self.run(bounds, positions, stream, residual, keep)
+        if not self.static_inputs:
+            return self.full(positions, hidden_states)
+        rows = hidden_states.shape[0]
+        hidden_buf = self._static(hidden_states)[0]
+        hidden_buf[:rows].copy_(hidden_states)
+        hidden_states, residual = self.full(positions, hidden_buf[:rows])
         return hidden_states.clone(), residual.clone()
 
     def _static(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -165,14 +165,12 @@ class EarlyExitLlamaModel(LlamaModel):
         return grouped if grouped is not None and self.compiled_stack.covers(points) else self.eager_walker
 
     def _full_depth(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
-        """Every layer for every row: vLLM's own forward, or the compiled groups in turn."""
+        """Every layer for every row: vLLM's own forward, or the compiled whole stack."""
         stack = self.compiled_stack
         if stack is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual, keep = torch.zeros_like(hidden_states), hidden_states.new_ones(hidden_states.shape[0], 1)
-        for bounds in stack.bounds:
-            hidden_states, residual = stack.run(bounds, positions, hidden_states, residual, keep)
+        hidden_states, residual = stack.run_all(positions, hidden_states)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
