@@ -67,13 +67,29 @@ def test_request_settings_hold_with_deferred_confirmations(tiny_llama, reference
 @pytest.mark.parametrize(
     "extra_args,message",
     [
-        ({"early_exit": {"threshold": "high"}}, "early_exit.threshold='high'"),
-        ({"early_exit_enabled": "maybe"}, "early_exit.enabled='maybe'"),
-        ({"early_exit": {"depth": 3}}, "unknown per-request early_exit setting"),
+        ({"early_exit": {"threshold": "high"}}, "early_exit.threshold='high' in the request's extra_args is invalid"),
+        ({"early_exit_enabled": "maybe"}, "early_exit_enabled='maybe' in the request's vllm_xargs is invalid: "
+         "expected true or false"),
+        # Booleans are booleans: 1 is refused where a request can say true (offline, nested).
+        ({"early_exit": {"enabled": 1}}, "early_exit.enabled=1 in the request's extra_args is invalid: "
+         "expected true or false"),
+        ({"early_exit_enabled": "true"}, "early_exit_enabled='true' in the request's vllm_xargs is invalid"),
+        ({"early_exit_enabled": 2}, "early_exit_enabled=2 in the request's vllm_xargs is invalid"),
+        ({"early_exit": {"depth": 3}}, "unknown per-request early_exit setting.*'depth'.*allowed keys are "
+         r"\['enabled', 'max_layers', 'threshold'\]"),
+        # An unknown flat key is refused as an unknown nested one is (a typo must not pass silently).
+        ({"early_exit_bogus": 1}, r"unknown early-exit key\(s\) \['early_exit_bogus'\] in the request's vllm_xargs; "
+         r"known keys are \['early_exit_enabled', 'early_exit_max_layers', 'early_exit_threshold'\]"),
+        ({"early_exit_treshold": 0.5, "seed_of_mine": 1}, "unknown early-exit key.*'early_exit_treshold'"),
         ({"early_exit": {"enabled": False}, "early_exit_threshold": 0.5}, "given twice"),
-        ({"early_exit": {"max_layers": 0}}, "early_exit.max_layers=0.*>= 1"),
-        ({"early_exit_max_layers": 2.5}, "early_exit.max_layers=2.5"),
-        ({"early_exit": {"enabled": False, "max_layers": 3}}, "cannot be combined with enabled=false"),
+        ({"early_exit": {"max_layers": 0}}, "early_exit.max_layers=0.*expected an integer number of layers in \\[1, "),
+        ({"early_exit_max_layers": 2.5}, "early_exit_max_layers=2.5 in the request's vllm_xargs"),
+        ({"early_exit_max_layers": "3"}, "early_exit_max_layers='3' in the request's vllm_xargs"),
+        ({"early_exit": {"threshold": float("nan")}}, "early_exit.threshold=nan"),
+        ({"early_exit": {"enabled": False, "max_layers": 3}},
+         "early_exit.max_layers cannot be combined with early_exit.enabled=false in the request's extra_args"),
+        ({"early_exit_enabled": 0, "early_exit_threshold": 0.5},
+         "early_exit_threshold cannot be combined with early_exit_enabled=false"),
     ],
 )
 def test_bad_request_settings_are_refused_when_the_request_is_made(extra_args, message):

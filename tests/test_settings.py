@@ -16,7 +16,7 @@ def test_defaults_check_from_half_depth_to_second_to_last():
     assert config.enabled and config.signal == "max_prob" and config.policy == "all"
     assert config.exit_layers_for(30) == tuple(range(15, 29))
     assert EarlyExitConfig.from_dict({"min_layer": 4}).exit_layers_for(6) == (4,)
-    assert EarlyExitConfig.from_dict({"exit_layers": [3, 1, 3]}).exit_layers == (1, 3)
+    assert EarlyExitConfig.from_dict({"exit_layers": [3, 1]}).exit_layers == (1, 3)
 
 
 def test_round_trip_through_dict():
@@ -48,6 +48,12 @@ BAD_SETTINGS = [
     ({"exit_layers": "3"}, "early_exit.exit_layers='3'"),
     ({"exit_layers": [2], "min_layer": 1}, "exclusive"),
     ({"log_interval_s": -5}, "early_exit.log_interval_s=-5"),
+    # A layer named twice is a typo, not a request for two checks.
+    ({"exit_layers": [1, 1]}, r"early_exit.exit_layers=\[1, 1\] in the engine settings is invalid: .*distinct"),
+    ({"skip_layers": [2, 2]}, r"early_exit.skip_layers=\[2, 2\] in the engine settings is invalid: .*distinct"),
+    # Numbers too large for a float are not numbers (they raised OverflowError).
+    ({"threshold": 10**400}, "early_exit.threshold=1000.*is invalid: expected a finite number"),
+    ({"log_interval_s": float("inf")}, "early_exit.log_interval_s=inf"),
 ]
 
 
@@ -55,6 +61,31 @@ BAD_SETTINGS = [
 def test_bad_setting_names_key_and_allowed_values(raw, message):
     with pytest.raises(EarlyExitConfigError, match=message):
         EarlyExitConfig.from_dict(raw)
+
+
+def test_errors_say_where_the_settings_came_from(tmp_path):
+    with pytest.raises(EarlyExitConfigError, match=r"early_exit.threshold=7 in --early-exit-config is invalid"):
+        EarlyExitConfig.from_cli_value('{"threshold": 7}')
+    with pytest.raises(EarlyExitConfigError, match="unknown early_exit setting.*'treshold'.* in --early-exit-config"):
+        EarlyExitConfig.from_cli_value('{"treshold": 0.9}')
+    with pytest.raises(EarlyExitConfigError, match="early_exit.threshold=7 in the engine settings"):
+        EarlyExitConfig.from_additional_config({"early_exit": {"threshold": 7}})
+    # A settings file that names a heads folder which is not one: the file reader's message, and where.
+    path = tmp_path / "settings.json"
+    path.write_text('{"heads": "/nonexistent/heads"}')
+    with pytest.raises(EarlyExitConfigError, match=r"is not a heads folder.*\(in --early-exit-config\)"):
+        EarlyExitConfig.from_cli_value(str(path))
+
+
+def test_a_key_given_twice_in_early_exit_config_is_refused():
+    """JSON keeps the last of two equal keys silently; the first value would be lost without a word."""
+    with pytest.raises(EarlyExitConfigError, match="--early-exit-config: key 'threshold' is given twice"):
+        EarlyExitConfig.from_cli_value('{"threshold": 0.5, "exit_layers": [1], "threshold": 0.9}')
+
+
+def test_keys_that_are_not_strings_are_named():
+    with pytest.raises(EarlyExitConfigError, match=r"unknown early_exit setting\(s\) \[1, 'x'\]"):
+        EarlyExitConfig.from_dict({1: 2, "x": 3})
 
 
 def test_settings_must_be_an_object():
@@ -67,6 +98,7 @@ def test_settings_must_be_an_object():
     [
         ({"exit_layers": [2, 5]}, r"early_exit.exit_layers=\[2, 5\].*6 layers.*\[0, 4\]"),
         ({"min_layer": 5}, r"early_exit.min_layer=5.*6 layers.*\[0, 4\]"),
+        ({"skip_layers": [5, 3, 1, 0, 2, 4]}, r"early_exit.skip_layers=\[0, 1, 2, 3, 4, 5\].*names every layer"),
     ],
 )
 def test_layer_out_of_range(raw, message):
@@ -104,6 +136,8 @@ def _start(model, **kwargs):
         ({"exit_layers": [9]}, r"early_exit.exit_layers=\[9\].*6 layers"),
         ({"signal": "confidence"}, "early_exit.signal='confidence'"),
         ({"threshold": 2}, "early_exit.threshold=2"),
+        ({"exit_layers": [1, 1]}, r"early_exit.exit_layers=\[1, 1\] in the engine settings.*distinct"),
+        ({"skip_layers": list(range(6))}, r"early_exit.skip_layers=\[0, 1, 2, 3, 4, 5\].*names every layer"),
     ],
 )
 def test_engine_refuses_bad_settings_at_start(tiny_llama, settings, message):

@@ -8,8 +8,14 @@ allowed values, message) and then the rules that join two fields; the layer
 indices are checked against the model's depth in :meth:`EarlyExitConfig.exit_layers_for`.
 Checks that need the loaded model config or the engine settings (model type,
 heads against the model's shape, parallelism) are in ``plugin/checks.py``. All
-of them run at engine start-up, before any request is served. A request's own
-settings (``RequestEarlyExit``) are checked when the request is made.
+of them run at engine start-up, before any request is served.
+
+A request's own settings (``REQUEST_FIELDS``, read by ``RequestEarlyExit``) follow
+the same rules as the engine's: their form is checked when the ``SamplingParams``
+is made, and their range against the engine that admits the request (its signal's
+threshold range, the model's depth: ``EngineLimits``), before the request is
+scheduled. Every message names the key, the value, where it came from (``SOURCES``)
+and what is allowed.
 """
 
 from __future__ import annotations
@@ -21,11 +27,22 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from vllm_early_exit.errors import EarlyExitConfigError, EarlyExitUnsupportedError
+from vllm_early_exit.errors import EarlyExitConfigError, EarlyExitUnsupportedError, invalid
 
-__all__ = ["CONFIG_KEY", "EarlyExitConfig", "EarlyExitConfigError", "EarlyExitUnsupportedError", "RequestEarlyExit"]
+__all__ = [
+    "CONFIG_KEY", "EarlyExitConfig", "EarlyExitConfigError", "EarlyExitUnsupportedError", "EngineLimits",
+    "REQUEST_FIELDS", "RequestEarlyExit",
+]
 
 CONFIG_KEY = "early_exit"
+
+# Where a value came from, as the error messages say it.
+ENGINE_SETTINGS = "the engine settings"
+EARLY_EXIT_CONFIG_OPTION = "--early-exit-config"
+ADDITIONAL_CONFIG_OPTION = "--additional-config"
+REQUEST_EXTRA_ARGS = "the request's extra_args"
+REQUEST_VLLM_XARGS = "the request's vllm_xargs"
+SOURCES = (ENGINE_SETTINGS, EARLY_EXIT_CONFIG_OPTION, ADDITIONAL_CONFIG_OPTION, REQUEST_EXTRA_ARGS, REQUEST_VLLM_XARGS)
 
 # Signal name -> how ``threshold`` is read for it.
 SIGNALS: dict[str, str] = {
@@ -60,12 +77,18 @@ POLICIES: dict[str, str] = {
 }
 
 
-def _fail(key: str, value: Any, allowed: str) -> EarlyExitConfigError:
-    return EarlyExitConfigError(f"early_exit.{key}={value!r} is invalid: {allowed}.")
+def _fail(key: str, value: Any, allowed: str, source: str = ENGINE_SETTINGS) -> EarlyExitConfigError:
+    return invalid(f"early_exit.{key}", value, source, allowed)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, not an int too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_int(value: Any) -> bool:
@@ -73,7 +96,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_layer_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(_is_int(x) and x >= 0 for x in value)
+    return (
+        isinstance(value, (list, tuple))
+        and all(_is_int(x) and x >= 0 for x in value)
+        and len(set(value)) == len(value)
+    )
 
 
 def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -102,11 +129,11 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     Field("enabled", True, lambda v: isinstance(v, bool), "expected true or false"),
     Field("signal", "max_prob", lambda v: v in SIGNALS, f"allowed values are {sorted(SIGNALS)}"),
-    Field("threshold", 0.9, lambda v: _is_number(v) and math.isfinite(v), "expected a finite number", float),
+    Field("threshold", 0.9, _is_number, "expected a finite number", float),
     Field("min_layer", None, _optional(lambda v: _is_int(v) and v >= 0), "expected a layer index >= 0"),
     Field(
         "exit_layers", None, _optional(_is_layer_list),
-        "expected a list of layer indices >= 0 ([]: no exit checks)", _layers,
+        "expected a list of distinct layer indices >= 0 ([]: no exit checks)", _layers,
     ),
     Field("policy", "all", lambda v: v in POLICIES, f"allowed values are {sorted(POLICIES)}"),
     Field("quorum", 0.75, lambda v: _is_number(v) and 0.0 < v <= 1.0, "expected a share in (0, 1]", float),
@@ -128,7 +155,10 @@ FIELDS: tuple[Field, ...] = (
         "expected the path of a shortlist file (from `python -m vllm_early_exit shortlist`)",
         lambda v: None if v is None else str(Path(v).expanduser()),
     ),
-    Field("skip_layers", (), _is_layer_list, "expected a list of layer indices >= 0", _layers),
+    Field(
+        "skip_layers", (), _is_layer_list,
+        "expected a list of distinct layer indices >= 0 that leaves at least one layer of the model", _layers,
+    ),
     Field(
         "compile", None, _optional(lambda v: isinstance(v, bool)),
         "expected true, false, or null (on CPU, compile unless the engine runs with enforce_eager)",
@@ -140,46 +170,65 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
-def _check_together(values: dict[str, Any], given: Mapping[str, Any]) -> None:
+def _check_together(values: dict[str, Any], given: Mapping[str, Any], source: str) -> None:
     """The rules that join two settings (``values``: converted; ``given``: what the user set)."""
     signal, threshold = values["signal"], values["threshold"]
     low, high, rule = THRESHOLD_RANGES[signal]
     if not low <= threshold <= high:
-        raise _fail("threshold", given.get("threshold", threshold), f"for signal {signal!r} {rule}")
+        raise _fail("threshold", given.get("threshold", threshold), f"for signal {signal!r} {rule}", source)
     if values["exit_layers"] is not None and values["min_layer"] is not None:
         raise EarlyExitConfigError(
-            "early_exit.min_layer and early_exit.exit_layers are exclusive: "
+            f"early_exit.min_layer and early_exit.exit_layers in {source} are exclusive: "
             "give the first layer or the list of layers, not both."
         )
     if "quorum" in given and values["policy"] != "quorum":
-        raise _fail("quorum", given["quorum"], "it only applies with policy 'quorum'")
+        raise _fail("quorum", given["quorum"], "it only applies with policy 'quorum'", source)
     if values["shortlist"] is not None:
         if signal in ("saturation", "gate"):
             raise _fail(
                 "shortlist", given["shortlist"],
                 f"a shortlist is the first stage of a logit signal (max_prob, margin, entropy, head); "
-                f"signal {signal!r} does not read it",
+                f"signal {signal!r} does not read it", source,
             )
         if values["vocab_top_k"] is not None:
             raise EarlyExitConfigError(
-                "early_exit.shortlist and early_exit.vocab_top_k are exclusive: both prune the vocabulary "
-                "of a check; choose one."
+                f"early_exit.shortlist and early_exit.vocab_top_k in {source} are exclusive: both prune the "
+                "vocabulary of a check; choose one."
             )
         from vllm_early_exit.model_executor.early_exit.shortlist import read_shortlist
 
-        read_shortlist(values["shortlist"])  # a clear error when the file is not a shortlist
+        with _named(source):
+            read_shortlist(values["shortlist"])  # a clear error when the file is not a shortlist
     heads = values["heads"]
     if heads is None and signal in HEAD_SIGNALS:
-        raise _fail("signal", signal, "it reads trained heads: set early_exit.heads to a folder from `train-heads`")
+        raise _fail(
+            "signal", signal, "it reads trained heads: set early_exit.heads to a folder from `train-heads`", source
+        )
     if heads is not None:
         from vllm_early_exit.model_executor.early_exit.heads import read_metadata
 
-        meta = read_metadata(Path(heads))  # a clear error when the folder is not a heads folder
+        with _named(source):
+            meta = read_metadata(Path(heads))  # a clear error when the folder is not a heads folder
         if signal == "gate" and not meta.get("gate_layers"):
             raise _fail(
                 "signal", signal,
                 f"the heads in {given['heads']!r} were trained without gates (train-heads without --no-gates)",
+                source,
             )
+
+
+class _named:
+    """Adds where the settings came from to a settings error raised by a file reader."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if isinstance(exc, EarlyExitConfigError) and self.source not in str(exc):
+            raise EarlyExitConfigError(f"{exc} (in {self.source})") from None
 
 
 @dataclass(frozen=True)
@@ -237,31 +286,38 @@ class EarlyExitConfig:
     max_exit_batch: int | None = None
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> "EarlyExitConfig":
-        """Parses and checks a settings dict (``None`` or ``{}`` gives the defaults)."""
+    def from_dict(cls, raw: Mapping[str, Any] | None, source: str = ENGINE_SETTINGS) -> "EarlyExitConfig":
+        """Parses and checks a settings dict (``None`` or ``{}`` gives the defaults).
+
+        ``source`` (one of ``SOURCES``) is where the settings came from, for the messages.
+        """
         if raw is None:
             return cls()
         if not isinstance(raw, Mapping):
             raise EarlyExitConfigError(
-                f"early_exit settings must be a JSON object (dict), got {type(raw).__name__}."
+                f"early_exit settings in {source} must be a JSON object (dict), got {type(raw).__name__}."
             )
         known = [f.name for f in FIELDS]
-        unknown = sorted(set(raw) - set(known))
+        unknown = sorted(set(raw) - set(known), key=str)
         if unknown:
-            raise EarlyExitConfigError(f"unknown early_exit setting(s) {unknown}; allowed keys are {sorted(known)}.")
+            raise EarlyExitConfigError(
+                f"unknown early_exit setting(s) {unknown} in {source}; allowed keys are {sorted(known)}."
+            )
         values: dict[str, Any] = {}
         for field in FIELDS:
             value = raw.get(field.name, field.default)
             if not field.valid(value):
-                raise _fail(field.name, value, field.allowed)
+                raise _fail(field.name, value, field.allowed, source)
             values[field.name] = field.convert(value)
-        _check_together(values, raw)
+        _check_together(values, raw, source)
         return cls(**values)
 
     @classmethod
-    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EarlyExitConfig":
+    def from_additional_config(
+        cls, additional_config: Mapping[str, Any] | None, source: str = ENGINE_SETTINGS
+    ) -> "EarlyExitConfig":
         """Reads the ``early_exit`` entry of vLLM's ``additional_config``."""
-        return cls.from_dict((additional_config or {}).get(CONFIG_KEY))
+        return cls.from_dict((additional_config or {}).get(CONFIG_KEY), source)
 
     @classmethod
     def from_cli_value(cls, value: str, option: str = "--early-exit-config") -> dict[str, Any]:
@@ -279,10 +335,10 @@ class EarlyExitConfig:
                     f"{option} {value!r}: not inline JSON and not a readable file ({exc.strerror})."
                 ) from None
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_refuse_repeated_keys(option))
         except json.JSONDecodeError as exc:
             raise EarlyExitConfigError(f"{option} {value!r}: invalid JSON ({exc}).") from None
-        cls.from_dict(raw)
+        cls.from_dict(raw, option)
         return raw
 
     @property
@@ -291,8 +347,9 @@ class EarlyExitConfig:
         start-up checks run ``compile: null`` eagerly where it is not the default)."""
         return self.enabled and self.compile is not False
 
-    def exit_layers_for(self, num_layers: int) -> tuple[int, ...]:
-        """The layers after which checks run, checked against the model's depth.
+    def exit_layers_for(self, num_layers: int, source: str = ENGINE_SETTINGS) -> tuple[int, ...]:
+        """The layers after which checks run, checked against the model's depth
+        (and the skipped layers: decode tokens must keep at least one layer).
 
         A check after the last layer would save nothing, so the last allowed
         index is ``num_layers - 2``.
@@ -301,28 +358,34 @@ class EarlyExitConfig:
         if self.skip_layers and self.skip_layers[-1] >= num_layers:
             raise _fail(
                 "skip_layers", list(self.skip_layers),
-                f"this model has {num_layers} layers, so skipped layers must lie in [0, {num_layers - 1}]",
+                f"this model has {num_layers} layers, so skipped layers must lie in [0, {num_layers - 1}]", source,
+            )
+        if len(self.skip_layers) >= num_layers:
+            raise _fail(
+                "skip_layers", list(self.skip_layers),
+                f"it names every layer of this {num_layers}-layer model, so decode tokens would run no layer; "
+                "leave at least one layer out", source,
             )
         if self.exit_layers is not None:
             bad = [x for x in self.exit_layers if x > last]
             if bad:
                 raise _fail(
                     "exit_layers", list(self.exit_layers),
-                    f"this model has {num_layers} layers, so exit layers must lie in [0, {last}]",
+                    f"this model has {num_layers} layers, so exit layers must lie in [0, {last}]", source,
                 )
             return self.exit_layers
         first = num_layers // 2 if self.min_layer is None else self.min_layer
         if first > last:
             raise _fail(
                 "min_layer", self.min_layer,
-                f"this model has {num_layers} layers, so min_layer must lie in [0, {last}]",
+                f"this model has {num_layers} layers, so min_layer must lie in [0, {last}]", source,
             )
         return tuple(range(first, last + 1))
 
-    def check_layers_for(self, num_layers: int) -> frozenset[int]:
+    def check_layers_for(self, num_layers: int, source: str = ENGINE_SETTINGS) -> frozenset[int]:
         """The layers where a check runs: the exit layers, less the skipped ones
         (a skipped layer leaves the stream as it was)."""
-        return frozenset(self.exit_layers_for(num_layers)) - frozenset(self.skip_layers)
+        return frozenset(self.exit_layers_for(num_layers, source)) - frozenset(self.skip_layers)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -337,28 +400,151 @@ assert [(f.name, f.default) for f in fields(EarlyExitConfig)] == [
 ], "FIELDS and EarlyExitConfig must list the same settings with the same defaults"
 
 
-FLAT_REQUEST_KEYS = {
-    "early_exit_enabled": "enabled",
-    "early_exit_threshold": "threshold",
-    "early_exit_max_layers": "max_layers",
-}
-REQUEST_KEYS = sorted(FLAT_REQUEST_KEYS.values())
 
 
-def _flag(key: str, value: Any) -> bool:
-    """true/false, also as 1/0 or "true"/"false" (the OpenAI API's vllm_xargs carry no booleans)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise EarlyExitConfigError(f"{key}={value!r} is invalid: expected true or false.")
+def _refuse_repeated_keys(option: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` hook: a key given twice in one object is an error (JSON keeps the last silently)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise EarlyExitConfigError(
+                    f"{option}: key {key!r} is given twice ({json.dumps(seen[key])} and {json.dumps(value)}); "
+                    "give each setting once."
+                )
+            seen[key] = value
+        return seen
+
+    return pairs
+
+
+# --- A request's own settings ---------------------------------------------------------------
+
+
+def _is_flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_served_flag(value: Any) -> bool:
+    """true/false, or 1/0: vLLM's OpenAI server types ``vllm_xargs`` values as str, int, float or
+    lists of them, so the JSON true and false of a request reach the engine as 1 and 0."""
+    return isinstance(value, bool) or (type(value) is int and value in (0, 1))
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One per-request setting.
+
+    ``name``: its key in ``SamplingParams.extra_args["early_exit"]`` (offline); ``flat``: its key
+    at the top level of ``extra_args``, the spelling of the OpenAI API's ``vllm_xargs`` (which
+    hold flat values only; offline too). ``valid``/``allowed``: the check of a value's form and
+    what the error says is allowed (``valid_flat``/``allowed_flat`` for the flat key, where they
+    differ). The engine-dependent range (``EngineLimits``) is checked when an engine admits the
+    request. ``meaning``: what the setting does.
+    """
+
+    name: str
+    flat: str
+    default: Any
+    valid: Callable[[Any], bool]
+    allowed: str
+    meaning: str
+    valid_flat: Callable[[Any], bool] | None = None
+    allowed_flat: str | None = None
+
+
+REQUEST_FIELDS: tuple[RequestField, ...] = (
+    RequestField(
+        "enabled", "early_exit_enabled", True, _is_flag,
+        "expected true or false",
+        "false: this request decodes at full depth, token-identical to plain vLLM (cannot be combined "
+        "with threshold or max_layers); true: the engine's early exit (the default)",
+        valid_flat=_is_served_flag,
+        allowed_flat="expected true or false (or 1 or 0: vLLM's OpenAI server passes the JSON true and false "
+        "of vllm_xargs on as 1 and 0)",
+    ),
+    RequestField(
+        "threshold", "early_exit_threshold", None, _is_number,
+        "expected a finite number in the range of the engine's signal: [0, 1] for max_prob, margin, head "
+        "and gate; [-1, 1] for saturation; >= 0 for entropy",
+        "replaces the engine's threshold for this request's rows, read as the engine's signal reads it",
+    ),
+    RequestField(
+        "max_layers", "early_exit_max_layers", None, lambda v: _is_int(v) and v >= 1,
+        "expected an integer number of layers in [1, the model's layers] (with skip_layers: at least one "
+        "layer within the budget must not be skipped)",
+        "depth budget: the request's decode tokens compute at most this many layers and leave after layer "
+        "max_layers - 1 (state propagation fills the rest); exact under policy per_token, under all/quorum "
+        "a row past its budget counts as confident",
+    ),
+)
+FLAT_REQUEST_KEYS = {f.flat: f.name for f in REQUEST_FIELDS}
+REQUEST_KEYS = sorted(f.name for f in REQUEST_FIELDS)
+_REQUEST_FIELD = {f.name: f for f in REQUEST_FIELDS}
+
+
+def _names_early_exit(key: Any) -> bool:
+    """Whether a flat ``extra_args`` key is meant for early exit (any case, ``-`` or ``_``)."""
+    return isinstance(key, str) and key.lower().replace("-", "_").startswith(CONFIG_KEY)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request's own settings are checked against when an engine admits the request:
+    the engine's settings (its signal, whether early exit is on, the skipped layers) and the
+    model's depth."""
+
+    signal: str
+    num_layers: int
+    enabled: bool = True
+    skip_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, settings: EarlyExitConfig, num_layers: int) -> "EngineLimits":
+        return cls(settings.signal, num_layers, settings.enabled, tuple(settings.skip_layers))
+
+    @property
+    def fewest_layers(self) -> int:
+        """The smallest depth budget that leaves a decode token a layer it runs (layers below
+        the budget that are all skipped would leave it none)."""
+        skipped = set(self.skip_layers)
+        return next((i + 1 for i in range(self.num_layers) if i not in skipped), self.num_layers)
+
+    def check(self, given: Mapping[str, tuple[str, Any]], source: str) -> None:
+        """``given``: setting name -> (the key as the request spelled it, its value)."""
+        if not self.enabled:
+            for name in ("threshold", "max_layers"):
+                if name in given:
+                    key, value = given[name]
+                    raise invalid(
+                        key, value, source,
+                        "early exit is off on this engine (its early_exit.enabled is false), so a request "
+                        "cannot bring a threshold or a depth budget",
+                    )
+        if "threshold" in given:
+            key, value = given["threshold"]
+            low, high, rule = THRESHOLD_RANGES[self.signal]
+            if not low <= value <= high:
+                raise invalid(key, value, source, f"this engine's signal is {self.signal!r}: {rule}")
+        if "max_layers" in given:
+            key, value = given["max_layers"]
+            low, high = self.fewest_layers, self.num_layers
+            if not low <= value <= high:
+                if low == 1:
+                    rule = f"this model has {high} layers, so a depth budget must lie in [1, {high}]"
+                else:
+                    rule = (
+                        f"this model has {high} layers and the engine skips layers {list(self.skip_layers)}, "
+                        f"so a depth budget must lie in [{low}, {high}] (a smaller one leaves decode tokens "
+                        "without any layer)"
+                    )
+                raise invalid(key, value, source, rule)
 
 
 @dataclass(frozen=True)
 class RequestEarlyExit:
-    """One request's own early-exit settings, from ``SamplingParams.extra_args``.
+    """One request's own early-exit settings, from ``SamplingParams.extra_args`` (see ``REQUEST_FIELDS``).
 
     Offline: ``extra_args={"early_exit": {"enabled": False}}`` or
     ``{"early_exit": {"threshold": 0.5}}``. Through the OpenAI API, whose
@@ -378,11 +564,23 @@ class RequestEarlyExit:
     max_layers: int | None = None
 
     @classmethod
-    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> "RequestEarlyExit | None":
-        """None when the request carries no early-exit settings."""
+    def from_extra_args(
+        cls, extra_args: Mapping[str, Any] | None, engine: EngineLimits | None = None
+    ) -> "RequestEarlyExit | None":
+        """None when the request carries no early-exit settings.
+
+        Without ``engine`` only the form of each value is checked (a ``SamplingParams`` is
+        made before it meets an engine); with it, also the range the engine allows.
+        """
         extra_args = extra_args or {}
         nested = extra_args.get(CONFIG_KEY)
-        flat = {FLAT_REQUEST_KEYS[k]: v for k, v in extra_args.items() if k in FLAT_REQUEST_KEYS}
+        flat = [k for k in extra_args if k != CONFIG_KEY and _names_early_exit(k)]
+        unknown = sorted((k for k in flat if k not in FLAT_REQUEST_KEYS), key=str)
+        if unknown:
+            raise EarlyExitConfigError(
+                f"unknown early-exit key(s) {unknown} in {REQUEST_VLLM_XARGS}; known keys are "
+                f"{sorted(FLAT_REQUEST_KEYS)} (or, offline, extra_args['early_exit'] with keys {REQUEST_KEYS})."
+            )
         if nested is None and not flat:
             return None
         if nested is not None and flat:
@@ -390,37 +588,39 @@ class RequestEarlyExit:
                 "per-request early-exit settings given twice: use extra_args['early_exit'] "
                 f"or the flat keys {sorted(FLAT_REQUEST_KEYS)}, not both."
             )
-        if nested is not None and not isinstance(nested, Mapping):
+        if nested is not None:
+            source = REQUEST_EXTRA_ARGS
+            if not isinstance(nested, Mapping):
+                raise invalid(CONFIG_KEY, nested, source, f"expected an object with keys {REQUEST_KEYS}")
+            unknown = sorted(set(nested) - set(REQUEST_KEYS), key=str)
+            if unknown:
+                raise EarlyExitConfigError(
+                    f"unknown per-request early_exit setting(s) {unknown} in {source}; "
+                    f"allowed keys are {REQUEST_KEYS}."
+                )
+            given = {name: (f"{CONFIG_KEY}.{name}", value) for name, value in nested.items()}
+        else:
+            source = REQUEST_VLLM_XARGS
+            given = {FLAT_REQUEST_KEYS[k]: (k, extra_args[k]) for k in flat}
+        for name, (key, value) in given.items():
+            field = _REQUEST_FIELD[name]
+            valid, allowed = field.valid, field.allowed
+            if source == REQUEST_VLLM_XARGS:
+                valid, allowed = field.valid_flat or valid, field.allowed_flat or allowed
+            if not valid(value):
+                raise invalid(key, value, source, allowed)
+        enabled = bool(given["enabled"][1]) if "enabled" in given else True
+        if not enabled and len(given) > 1:
+            others = " and ".join(key for name, (key, _) in given.items() if name != "enabled")
             raise EarlyExitConfigError(
-                f"extra_args.early_exit={nested!r} is invalid: expected an object with keys {REQUEST_KEYS}."
+                f"{others} cannot be combined with {given['enabled'][0]}=false in {source} "
+                "(a request with early exit off runs at full depth)."
             )
-        raw = dict(nested) if nested is not None else flat
-        unknown = sorted(set(raw) - set(REQUEST_KEYS))
-        if unknown:
-            raise EarlyExitConfigError(
-                f"unknown per-request early_exit setting(s) {unknown}; allowed keys are {REQUEST_KEYS}."
-            )
-        enabled = _flag("early_exit.enabled", raw.get("enabled", True))
-        threshold = raw.get("threshold")
-        if threshold is not None and (not _is_number(threshold) or not math.isfinite(threshold)):
-            raise EarlyExitConfigError(
-                f"early_exit.threshold={threshold!r} in the request is invalid: expected a finite number "
-                "(read as the engine's signal reads its threshold; saturation thresholds may be negative)."
-            )
-        max_layers = raw.get("max_layers")
-        if isinstance(max_layers, str) and max_layers.isdigit():  # vllm_xargs may carry strings
-            max_layers = int(max_layers)
-        if max_layers is not None and (not _is_int(max_layers) or max_layers < 1):
-            raise EarlyExitConfigError(
-                f"early_exit.max_layers={max_layers!r} in the request is invalid: expected a number of layers >= 1."
-            )
-        if max_layers is not None and not enabled:
-            raise EarlyExitConfigError(
-                "early_exit.max_layers cannot be combined with enabled=false in one request "
-                "(enabled=false runs the request at full depth)."
-            )
+        if engine is not None:
+            engine.check(given, source)
+        threshold = given.get("threshold", (None, None))[1]
         return cls(
             enabled=enabled,
             threshold=None if threshold is None else float(threshold),
-            max_layers=max_layers,
+            max_layers=given.get("max_layers", (None, None))[1],
         )

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError
+from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError, EngineLimits
 from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 from vllm_early_exit.model_executor.early_exit.shortlist import check_shortlist, read_shortlist
 from vllm_early_exit.model_executor.models.qwen2_early_exit import QWEN2_MODEL_TYPE, adapt_qwen2_config
+from vllm_early_exit.plugin.cli import settings_source
 from vllm_early_exit.plugin.worker import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
@@ -38,15 +39,16 @@ def verify_and_update(vllm_config) -> None:
         )
     if model_type == QWEN2_MODEL_TYPE:
         adapt_qwen2_config(hf_config, model_config.model)
-    settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
-    check_layers = settings.check_layers_for(hf_config.num_hidden_layers)
+    source = settings_source(vllm_config.additional_config)
+    settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config, source)
+    check_layers = settings.check_layers_for(hf_config.num_hidden_layers, source)
     if settings.heads is not None:
         heads = ExitHeads.load(settings.heads)
         heads.check_base(hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size, settings.heads)
         heads.check_layers(check_layers, settings.heads, gates=settings.signal == "gate")
     if settings.vocab_top_k is not None and settings.vocab_top_k > hf_config.vocab_size:
         raise EarlyExitConfigError(
-            f"early_exit.vocab_top_k={settings.vocab_top_k} is invalid: this model's vocabulary "
+            f"early_exit.vocab_top_k={settings.vocab_top_k} in {source} is invalid: this model's vocabulary "
             f"has {hf_config.vocab_size} tokens."
         )
 
@@ -90,6 +92,21 @@ def verify_and_update(vllm_config) -> None:
             "worker_extension_cls=%s is set, so get_exit_stats() cannot read the counters.",
             parallel.worker_extension_cls,
         )
+
+
+def request_limits(vllm_config) -> EngineLimits | None:
+    """What this engine admits as a request's own settings; None for an engine without early exit.
+
+    Read where vLLM admits a request (``hooks._wrap_validate_params``); the settings
+    passed the start-up checks above when the engine was built.
+    """
+    from vllm_early_exit.plugin.hooks import ARCHITECTURE
+
+    model_config = vllm_config.model_config
+    if getattr(model_config, "architecture", None) != ARCHITECTURE:
+        return None
+    settings = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
+    return EngineLimits.of(settings, model_config.hf_config.num_hidden_layers)
 
 
 V2_MODEL_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"

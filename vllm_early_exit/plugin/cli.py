@@ -12,11 +12,31 @@ import functools
 from dataclasses import fields
 from typing import Any
 
-from vllm_early_exit.config import CONFIG_KEY, EarlyExitConfig, EarlyExitConfigError
+from vllm_early_exit.config import (
+    ADDITIONAL_CONFIG_OPTION,
+    CONFIG_KEY,
+    EARLY_EXIT_CONFIG_OPTION,
+    ENGINE_SETTINGS,
+    EarlyExitConfig,
+    EarlyExitConfigError,
+)
 
 
 def wants_early_exit(additional_config: Any) -> bool:
     return isinstance(additional_config, dict) and CONFIG_KEY in additional_config
+
+
+# The settings this process read from its command line, and the option that gave them.
+_from_command_line: tuple[str, Any] | None = None
+
+
+def settings_source(additional_config: Any) -> str:
+    """Where the ``early_exit`` entry of ``additional_config`` came from, for error messages:
+    the command-line option that gave it in this process, or the engine settings."""
+    settings = additional_config.get(CONFIG_KEY) if isinstance(additional_config, dict) else None
+    if _from_command_line is not None and settings == _from_command_line[1]:
+        return _from_command_line[0]
+    return ENGINE_SETTINGS
 
 
 CLI_HELP = {
@@ -54,14 +74,20 @@ def settings_from_cli(args) -> dict[str, Any] | None:
     """The ``early_exit`` settings that ``--enable-early-exit``/``--early-exit-config`` ask for."""
     value = getattr(args, "early_exit_config", None)
     if value is not None:
-        return EarlyExitConfig.from_cli_value(value)
+        return EarlyExitConfig.from_cli_value(value, EARLY_EXIT_CONFIG_OPTION)
     return {} if getattr(args, "enable_early_exit", False) else None
 
 
 def _wrap_from_cli_args(original):
     @functools.wraps(original)
     def from_cli_args(cls, args, *rest, **kwargs):
+        global _from_command_line
+        given = getattr(args, "additional_config", None)
+        if wants_early_exit(given):
+            _from_command_line = (ADDITIONAL_CONFIG_OPTION, given[CONFIG_KEY])
         settings = settings_from_cli(args)
+        if settings:
+            _from_command_line = (EARLY_EXIT_CONFIG_OPTION, settings)
         if settings is not None:
             additional = dict(getattr(args, "additional_config", None) or {})
             if CONFIG_KEY in additional and additional[CONFIG_KEY] != settings and settings:

@@ -7,8 +7,19 @@
 * ``MODELS_CONFIG_MAP`` gets an entry for the early-exit architecture. vLLM
   calls it while it builds the ``VllmConfig``: the start-up checks and engine
   settings of ``checks.py``.
-* ``SamplingParams._verify_args`` is wrapped to check a request's own
-  ``extra_args["early_exit"]`` when the request is made (HTTP 400 on the server).
+* ``SamplingParams._verify_args`` is wrapped to check the form of a request's own
+  settings (``extra_args["early_exit"]`` or the flat ``vllm_xargs`` keys) when its
+  ``SamplingParams`` is made, before it meets an engine.
+* ``InputProcessor._validate_params`` (vLLM's admission check of a request's
+  parameters, with the engine's config at hand, in the process that takes requests:
+  ``LLM`` offline, the API server when served) is wrapped to check them against the
+  engine: a threshold in the range of the engine's signal, a depth budget within the
+  model's layers. A bad value is the plugin's error from ``LLM.generate`` and an
+  HTTP 400 from the server, never a failure inside a decode step.
+* ``AsyncLLM.generate`` (what the server calls per request) runs the same check
+  when it is called, before its generator starts: a streamed request is admitted
+  inside its stream, after the server has answered 200, so without this a bad
+  value would reach a streaming client as an error event instead of an HTTP 400.
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from vllm.exceptions import VLLMValidationError
+
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError, RequestEarlyExit
-from vllm_early_exit.plugin.checks import verify_and_update
-from vllm_early_exit.plugin.cli import _wrap_add_cli_args, _wrap_from_cli_args, wants_early_exit
+from vllm_early_exit.plugin.checks import request_limits, verify_and_update
+from vllm_early_exit.plugin.cli import _wrap_add_cli_args, _wrap_from_cli_args, settings_source, wants_early_exit
 
 ARCHITECTURE = "EarlyExitLlamaForCausalLM"
 MODEL_CLASS = "vllm_early_exit.model_executor.models.llama_early_exit:EarlyExitLlamaForCausalLM"
@@ -44,7 +57,7 @@ def _wrap_create_engine_config(original):
     def create_engine_config(self, *args, **kwargs):
         if wants_early_exit(self.additional_config):
             # Fail on bad settings before vLLM loads anything.
-            EarlyExitConfig.from_additional_config(self.additional_config)
+            EarlyExitConfig.from_additional_config(self.additional_config, settings_source(self.additional_config))
             self.hf_overrides = select_architecture(self.hf_overrides)
         try:
             return original(self, *args, **kwargs)
@@ -60,16 +73,79 @@ def _wrap_create_engine_config(original):
     return create_engine_config
 
 
+class EarlyExitRequestError(EarlyExitConfigError, VLLMValidationError):
+    """A request's own early-exit setting is invalid: the plugin's ``EarlyExitConfigError``, and
+    vLLM's request-validation error, which vLLM's server answers with HTTP 400 (vLLM 0.32's
+    ``AsyncLLM.generate`` passes on client errors of its own classes only and turns any other
+    error of an admission check into a 500)."""
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.parameter = None
+        self.value = None
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self):
+        return type(self), (str(self),)
+
+
+def check_request(extra_args: Any, limits=None) -> None:
+    """A request's own early-exit settings (``RequestEarlyExit``), raising ``EarlyExitRequestError``."""
+    try:
+        RequestEarlyExit.from_extra_args(extra_args, limits)
+    except EarlyExitConfigError as exc:
+        raise EarlyExitRequestError(str(exc)) from None
+
+
 def _wrap_verify_args(original):
     @functools.wraps(original)
     def _verify_args(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        # Per-request settings are checked when the request is admitted (HTTP 400
-        # from the server), never in the middle of a decode step.
-        RequestEarlyExit.from_extra_args(self.extra_args)
+        # The form of per-request settings, as soon as they are made (no engine yet);
+        # their range is checked when an engine admits the request (_wrap_validate_params).
+        check_request(self.extra_args)
 
     _verify_args.__early_exit_hook__ = True
     return _verify_args
+
+
+_LIMITS = "_early_exit_request_limits"
+
+
+def _admit(input_processor, params: Any) -> None:
+    """Checks a request's own settings against the engine of ``input_processor``."""
+    extra_args = getattr(params, "extra_args", None)
+    if not extra_args:
+        return
+    if _LIMITS not in input_processor.__dict__:  # once per engine: its settings and the model's depth
+        input_processor.__dict__[_LIMITS] = request_limits(input_processor.vllm_config)
+    limits = input_processor.__dict__[_LIMITS]
+    if limits is not None:
+        check_request(extra_args, limits)
+
+
+def _wrap_validate_params(original):
+    @functools.wraps(original)
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        _admit(self, params)
+        return result
+
+    _validate_params.__early_exit_hook__ = True
+    return _validate_params
+
+
+def _wrap_generate(original):
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        params = kwargs["sampling_params"] if "sampling_params" in kwargs else args[1] if len(args) > 1 else None
+        _admit(self.input_processor, params)
+        return original(self, *args, **kwargs)
+
+    generate.__early_exit_hook__ = True
+    return generate
 
 
 def _early_exit_cause(exc: BaseException) -> ValueError | None:
@@ -102,6 +178,8 @@ def install_hooks() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.input_processor import InputProcessor
 
     if not getattr(EngineArgs.add_cli_args, "__early_exit_hook__", False):
         EngineArgs.add_cli_args = staticmethod(_wrap_add_cli_args(EngineArgs.add_cli_args))
@@ -110,6 +188,10 @@ def install_hooks() -> None:
         EngineArgs.create_engine_config = _wrap_create_engine_config(EngineArgs.create_engine_config)
     if not getattr(SamplingParams._verify_args, "__early_exit_hook__", False):
         SamplingParams._verify_args = _wrap_verify_args(SamplingParams._verify_args)
+    if not getattr(InputProcessor._validate_params, "__early_exit_hook__", False):
+        InputProcessor._validate_params = _wrap_validate_params(InputProcessor._validate_params)
+    if not getattr(AsyncLLM.generate, "__early_exit_hook__", False):
+        AsyncLLM.generate = _wrap_generate(AsyncLLM.generate)
     if ARCHITECTURE not in MODELS_CONFIG_MAP:
         MODELS_CONFIG_MAP[ARCHITECTURE] = _model_config_hook()
     from vllm_early_exit.plugin.prefix_cache import install_prefix_cache_guard
