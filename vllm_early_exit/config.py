@@ -467,13 +467,13 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "threshold", "early_exit_threshold", None, _is_number,
         "expected a finite number in the range of the engine's signal: [0, 1] for max_prob, margin, head "
-        "and gate; [-1, 1] for saturation; >= 0 for entropy",
+        "and gate; [-1, 1] for saturation; >= 0 for entropy (null or absent: the engine's threshold)",
         "replaces the engine's threshold for this request's rows, read as the engine's signal reads it",
     ),
     RequestField(
         "max_layers", "early_exit_max_layers", None, lambda v: _is_int(v) and v >= 1,
         "expected an integer number of layers in [1, the model's layers] (with skip_layers: at least one "
-        "layer within the budget must not be skipped)",
+        "layer within the budget must not be skipped; null or absent: no budget)",
         "depth budget: the request's decode tokens compute at most this many layers and leave after layer "
         "max_layers - 1 (state propagation fills the rest); exact under policy per_token, under all/quorum "
         "a row past its budget counts as confident",
@@ -602,6 +602,11 @@ class RequestEarlyExit:
         else:
             source = REQUEST_VLLM_XARGS
             given = {FLAT_REQUEST_KEYS[k]: (k, extra_args[k]) for k in flat}
+        # null is "not set" for the optional settings (as it is for the engine's optional fields).
+        given = {
+            name: (key, value) for name, (key, value) in given.items()
+            if not (value is None and _REQUEST_FIELD[name].default is None)
+        }
         for name, (key, value) in given.items():
             field = _REQUEST_FIELD[name]
             valid, allowed = field.valid, field.allowed
