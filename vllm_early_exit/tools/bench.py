@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def run_benchmark(
     # run; every engine's ratio is taken against the plain runs of its own block.
     # The results are written after every engine, so a stopped run keeps what it measured.
     others = [name for name in modes if name != "plain" and name not in finished]
-    for name in tqdm(others, desc="engines"):
+    for name in tqdm(others, desc="engines", file=sys.stdout):
         kwargs = dict(common)
         if name == "plain_eager":
             kwargs["enforce_eager"] = True

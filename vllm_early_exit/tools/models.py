@@ -98,7 +98,7 @@ def checkpoint_path(spec: SplitGguf, cache: Path | None = None) -> Path | None:
 def _progress(**kwargs):
     from tqdm import tqdm
 
-    return tqdm(dynamic_ncols=True, **kwargs)
+    return tqdm(dynamic_ncols=True, file=sys.stdout, **kwargs)
 
 
 def find_wheel(spec: SplitGguf, folder: Path, n: int) -> Path | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -361,7 +362,7 @@ def analyse(
     save(report)
     scorer = SkipScorer(model, prompts, full)
     candidates = 1 + sum(num_layers - 1 - k for k in range(max_skip))
-    with tqdm(total=candidates, initial=min(len(scores), candidates), desc="skip sets") as progress:
+    with tqdm(total=candidates, initial=min(len(scores), candidates), desc="skip sets", file=sys.stdout) as progress:
 
         def scored():
             progress.update(1)

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,7 +216,7 @@ def run_benchmark(setup: dict, out_dir: Path, resume: bool = False) -> dict:
             )
         from tqdm import tqdm
 
-        for round_index, concurrency, server in tqdm(todo, desc="bench serve runs"):
+        for round_index, concurrency, server in tqdm(todo, desc="bench serve runs", file=sys.stdout):
             url = urls[server]
             before = exit_counters(url, num_layers) if server == "early_exit" else None
             result = work / f"{server}-c{concurrency}-r{round_index}.json"

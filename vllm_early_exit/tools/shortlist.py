@@ -11,6 +11,7 @@ shortlist covers.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def build_shortlist(model: str | Path, size: int = DEFAULT_SIZE, replies: int = 
     end = end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id
     counts: Counter[int] = Counter()
     texts = [reply for _, reply in sharegpt_train_conversations(replies) if reply]
-    for reply in tqdm(texts, desc="counting reply tokens", unit="reply"):
+    for reply in tqdm(texts, desc="counting reply tokens", unit="reply", file=sys.stdout):
         counts.update(tokenizer.encode(reply, add_special_tokens=False))
         if end is not None:
             counts[end] += 1

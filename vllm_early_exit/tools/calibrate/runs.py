@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -72,7 +73,7 @@ def generate_at_thresholds(
     outputs: dict[float, list[list[int]]] = {}
     counters: dict[float, dict[str, Any]] = {}
     try:
-        for threshold in tqdm(thresholds, desc="early-exit engine, thresholds", unit="threshold"):
+        for threshold in tqdm(thresholds, desc="early-exit engine, thresholds", unit="threshold", file=sys.stdout):
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=0.0, detokenize=False,
                 extra_args={"early_exit": {"threshold": threshold}},
@@ -119,7 +120,7 @@ def score_outputs(
     longest = max(len(prompts[i]) + len(out) for i, out in keys)
     llm = build_engine(model, enforce_eager=True, max_model_len=longest + 1, dtype=dtype, max_num_batched_tokens=max(2048, longest + 1))
     try:
-        with tqdm(total=len(keys), desc="plain engine, scoring outputs", unit="output") as bar:
+        with tqdm(total=len(keys), desc="plain engine, scoring outputs", unit="output", file=sys.stdout) as bar:
             for start in range(0, len(keys), chunk):
                 part = keys[start:start + chunk]
                 choices = full_model_choices(llm, [prompts[i] for i, _ in part], [list(o) for _, o in part])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import time
 
 from vllm_early_exit.tools.engines import build_engine, generate_together, machine_info, shutdown_engine
@@ -156,7 +157,7 @@ def sweep_threshold_signal(bench: Bench, results: Results, signal: str) -> None:
     results.engine_settings[signal] = settings
     llm = bench.early_exit_engine(settings)
     try:
-        for threshold in tqdm(bench.opts.thresholds[signal], desc=signal, leave=False):
+        for threshold in tqdm(bench.opts.thresholds[signal], desc=signal, leave=False, file=sys.stdout):
             request = {"early_exit": {"threshold": threshold}}
             results.points.append(bench.measure(llm, signal, threshold, request, settings["exit_layers"]))
         point = results.choose_operating_point(signal)
@@ -180,7 +181,7 @@ def sweep_skip_sets(bench: Bench, results: Results) -> None:
         results.skip = {"block_influence": influence, "order": skip_order(influence)}
     results.skip["sets"] = sets
     results.engine_settings["skip"] = skip_settings([]) | {"skip_layers": "one engine per set (above)"}
-    for layers in tqdm(sets, desc="skip sets", leave=False):
+    for layers in tqdm(sets, desc="skip sets", leave=False, file=sys.stdout):
         llm = bench.early_exit_engine(skip_settings(layers))
         try:
             results.points.append(bench.measure(llm, "skip", layers, None, []))
@@ -215,7 +216,7 @@ def run_benchmark(opts: Options) -> dict:
         results.points.append(bench.score("full", None, bench.references))
         if bench.humaneval.problems:
             results.humaneval["full"] = bench.humaneval.evaluate(bench.plain)
-        for method in tqdm(threshold_methods + (["skip"] if "skip" in opts.methods else []), desc="methods"):
+        for method in tqdm(threshold_methods + (["skip"] if "skip" in opts.methods else []), desc="methods", file=sys.stdout):
             if method == "skip":
                 sweep_skip_sets(bench, results)
             else:

@@ -9,6 +9,7 @@ with Adam on KL(full model || head) over candidate vocabularies.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -172,7 +173,7 @@ def train_heads(heads: dict[tuple[str, int], nn.Module], train: Streams, readout
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     pool = train.teacher_top.reshape(-1).unique()
     losses: dict[tuple[str, int], list[float]] = {key: [] for key in heads}
-    with tqdm(total=total, desc=f"training {len(heads)} heads", unit="step") as bar:
+    with tqdm(total=total, desc=f"training {len(heads)} heads", unit="step", file=sys.stdout) as bar:
         for _ in range(settings.epochs):
             order = torch.randperm(rows, generator=generator)
             running = dict.fromkeys(heads, 0.0)

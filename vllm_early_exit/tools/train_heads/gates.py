@@ -8,6 +8,7 @@ logistic gate per layer on them and scores it by two-fold cross-fitting.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ def evaluate(readout: Readout, held: Streams, heads: dict[str, dict[int, nn.Modu
     correct = {name: {l: torch.empty(count, dtype=torch.bool) for l in layers} for name in readers}
     kl = {name: {l: torch.empty(count) for l in layers} for name in readers}
     features = {name: {l: torch.empty(count, len(GATE_FEATURES)) for l in layers} for name in heads}
-    for start in tqdm(range(0, count, rows), desc="held-out", unit="chunk", leave=False):
+    for start in tqdm(range(0, count, rows), desc="held-out", unit="chunk", leave=False, file=sys.stdout):
         part = slice(start, start + rows)
         teacher = torch.log_softmax(readout.logits(held.final[part]), dim=-1)
         teacher_probs = teacher.exp()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import sys
 import torch
 from torch import nn
 
@@ -102,7 +103,7 @@ def collect_streams(
     before: dict[int, list] = {l: [] for l in layers}
     final, top, owner = [], [], []
     try:
-        for index, tokens in enumerate(tqdm(sequences, desc=desc, unit="seq")):
+        for index, tokens in enumerate(tqdm(sequences, desc=desc, unit="seq", file=sys.stdout)):
             keep = torch.tensor(seen.new_positions(tokens), dtype=torch.long)
             if keep.numel() == 0:
                 continue
