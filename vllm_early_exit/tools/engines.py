@@ -5,8 +5,8 @@
   settings as ``additional_config``, no tokenizer for a folder without one).
 * :func:`generate_together`: the one way a tool makes every prompt of a batch
   prefill in one engine step, so that every later step is pure decode.
-* :func:`shutdown_engine` and :func:`machine_info`: stopping an engine, and the
-  machine and versions a result was measured on.
+* :func:`shutdown_engine` / :func:`shutdown_engines` and :func:`machine_info`: stopping
+  engines, and the machine and versions a result was measured on.
 * :func:`check_engines_fit`: the start-up check of tools that keep two engines
   alive at once (bench, bench-serve) against the machine's free memory.
 """
@@ -39,6 +39,8 @@ def build_engine(
     dtype: str = "float32",
     seed: int = 0,
     kv_cache_gib: int = 2,
+    label: str | None = None,
+    note: str | None = None,
     **engine_kwargs: Any,
 ):
     """A vLLM ``LLM`` for ``model`` with the tools' shared defaults.
@@ -48,9 +50,15 @@ def build_engine(
     ``VLLM_CPU_KVCACHE_SPACE`` (a value already in the environment wins).
     ``skip_tokenizer_init`` defaults to True for a folder without tokenizer files.
     Every other keyword goes to ``LLM`` as it is.
+
+    The start is one console line (``console.phase``): ``starting <label> (<note>) ... 71 s``;
+    ``label`` defaults to "plain vLLM" or "early-exit vLLM", ``note`` to "compiling" for an
+    engine that compiles.
     """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     from vllm import LLM
+
+    from vllm_early_exit.tools import console
 
     kwargs: dict[str, Any] = {"dtype": dtype, "seed": seed}
     if not has_tokenizer(model):
@@ -58,7 +66,13 @@ def build_engine(
     kwargs.update(engine_kwargs)
     if early_exit is not None:
         kwargs["additional_config"] = {"early_exit": dict(early_exit)}
-    return LLM(str(model), **kwargs)
+    if label is None:
+        label = "plain vLLM" if early_exit is None else "early-exit vLLM"
+    if note is None:
+        eager = kwargs.get("enforce_eager") or (early_exit is not None and early_exit.get("compile") is False)
+        note = "" if eager else "compiling"
+    with console.phase(f"starting {label} on {Path(model).name}" + (f" ({note})" if note else "")):
+        return LLM(str(model), **kwargs)
 
 
 CPU_ENGINE_RESIDENT_FACTOR = 2.0
@@ -116,6 +130,17 @@ def shutdown_engine(llm) -> None:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # the engine goes away with the object anyway
         pass
+
+
+def shutdown_engines(*llms) -> None:
+    """Stops several engines at once (each waits a few seconds for its processes to exit)."""
+    import threading
+
+    threads = [threading.Thread(target=shutdown_engine, args=(llm,)) for llm in llms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def watch_preemptions(llm) -> list[str]:
