@@ -114,8 +114,9 @@ def check_links(doc: Doc, root: Path = ROOT) -> list[str]:
     return problems
 
 
-PACKAGE_DIRS = ("model_executor", "plugin", "tools")
-"""Paths starting with these name files of the package (``tools/cost.py``)."""
+PACKAGE_DIRS = {"model_executor": "", "plugin": "", "tools": "", "early_exit": "model_executor", "models": "model_executor"}
+"""Paths starting with these name files of the package (``tools/cost.py``, ``early_exit/batch.py``),
+under the folder given (or of vLLM's own tree, which docs/vllm_internals.md names the same way)."""
 
 
 def repo_roots(root: Path = ROOT) -> tuple[str, ...]:
@@ -154,10 +155,11 @@ def check_paths(doc: Doc, root: Path = ROOT) -> list[str]:
             raw = match.group(1).rstrip(".,:;")
             for path in expand(raw):
                 # model_executor/..., plugin/..., tools/...: this package's, or vLLM's own (docs/vllm_internals.md)
-                bases = [root / "vllm_early_exit", _vllm_dir()] if path.split("/")[0] in PACKAGE_DIRS else [root]
+                first = path.split("/")[0]
+                bases = [root] if first not in PACKAGE_DIRS else [
+                    base / PACKAGE_DIRS[first] for base in (root / "vllm_early_exit", _vllm_dir()) if base is not None]
                 exists = any(
-                    any(base.glob(path.rstrip("/"))) if "*" in path else (base / path).exists()
-                    for base in bases if base is not None
+                    any(base.glob(path.rstrip("/"))) if "*" in path else (base / path).exists() for base in bases
                 )
                 if not exists:
                     problems.append(f"{doc.path.name}: path does not exist: {path}")
@@ -433,12 +435,14 @@ def test_anchor_slugs_follow_github():
 
 
 def test_checker_finds_missing_paths(tmp_path):
-    doc = _doc(tmp_path, "See `vllm_early_exit/config.py`, `tools/cost.py`, `benchmarks/results/speed.{json,md}`\n"
-                         "and `vllm_early_exit/no_such_module.py`, `benchmarks/results/nothing/`.\n"
+    doc = _doc(tmp_path, "See `vllm_early_exit/config.py`, `tools/cost.py`, `benchmarks/results/speed.{json,md}`,\n"
+                         "`early_exit/kv_fill.py`, and `vllm_early_exit/no_such_module.py`, `benchmarks/results/nothing/`,\n"
+                         "`early_exit/no_such_walker.py`.\n"
                          "```bash\n.venv/bin/python benchmarks/no_such_script.py --out /tmp/x\n```\n")
     problems = check_paths(doc)
     assert sorted(p.split(": ")[-1] for p in problems) == [
-        "benchmarks/no_such_script.py", "benchmarks/results/nothing/", "vllm_early_exit/no_such_module.py"]
+        "benchmarks/no_such_script.py", "benchmarks/results/nothing/", "early_exit/no_such_walker.py",
+        "vllm_early_exit/no_such_module.py"]
 
 
 def test_checker_finds_missing_commands_and_options(tmp_path, parser):
