@@ -68,6 +68,8 @@ def test_errors_say_where_the_settings_came_from(tmp_path):
         EarlyExitConfig.from_cli_value('{"threshold": 7}')
     with pytest.raises(EarlyExitConfigError, match="unknown early_exit setting.*'treshold'.* in --early-exit-config"):
         EarlyExitConfig.from_cli_value('{"treshold": 0.9}')
+    with pytest.raises(EarlyExitConfigError, match=r"early_exit.exit_layers=\[1, 1\] in --early-exit-config"):
+        EarlyExitConfig.from_cli_value('{"exit_layers": [1, 1]}')
     with pytest.raises(EarlyExitConfigError, match="early_exit.threshold=7 in the engine settings"):
         EarlyExitConfig.from_additional_config({"early_exit": {"threshold": 7}})
     # A settings file that names a heads folder which is not one: the file reader's message, and where.

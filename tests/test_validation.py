@@ -304,6 +304,8 @@ FAST = settings(max_examples=400, deadline=None, database=None, suppress_health_
 
 @FAST
 @given(raw=ENGINE_SETTINGS_DRAWS)
+@example(raw={"exit_layers": [1, 1]})  # the issue's: a duplicate, and no layer left to decode tokens
+@example(raw={"skip_layers": list(range(LAYERS))})
 def test_engine_settings_follow_the_rules(raw):
     expected = engine_problems(raw)
     for source in (ENGINE_SETTINGS, EARLY_EXIT_CONFIG_OPTION):
