@@ -467,13 +467,15 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "threshold", "early_exit_threshold", None, _is_number,
         "expected a finite number in the range of the engine's signal: [0, 1] for max_prob, margin, head "
-        "and gate; [-1, 1] for saturation; >= 0 for entropy (null or absent: the engine's threshold)",
+        "and gate; [-1, 1] for saturation; >= 0 for entropy (null or absent: the engine's threshold; vLLM's server refuses null in vllm_xargs); "
+        "refused by an engine with early_exit.enabled false",
         "replaces the engine's threshold for this request's rows, read as the engine's signal reads it",
     ),
     RequestField(
         "max_layers", "early_exit_max_layers", None, lambda v: _is_int(v) and v >= 1,
         "expected an integer number of layers in [1, the model's layers] (with skip_layers: at least one "
-        "layer within the budget must not be skipped; null or absent: no budget)",
+        "layer within the budget must not be skipped; null or absent: no budget); refused by an engine with "
+        "early_exit.enabled false",
         "depth budget: the request's decode tokens compute at most this many layers and leave after layer "
         "max_layers - 1 (state propagation fills the rest); exact under policy per_token, under all/quorum "
         "a row past its budget counts as confident",
