@@ -467,8 +467,8 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "threshold", "early_exit_threshold", None, _is_number,
         "expected a finite number in the range of the engine's signal: [0, 1] for max_prob, margin, head "
-        "and gate; [-1, 1] for saturation; >= 0 for entropy (null or absent: the engine's threshold; vLLM's server refuses null in vllm_xargs); "
-        "refused by an engine with early_exit.enabled false",
+        "and gate; [-1, 1] for saturation; >= 0 for entropy (null or absent: the engine's threshold; "
+        "vLLM's server refuses null in vllm_xargs); refused by an engine with early_exit.enabled false",
         "replaces the engine's threshold for this request's rows, read as the engine's signal reads it",
     ),
     RequestField(
