@@ -1,0 +1,123 @@
+"""What a decode step asks of the host, per setting: aten ops and host-reading ops per pure-decode step.
+
+Each setting runs in a fresh process (SmolLM2, eager so every op is visible, the
+engine in that process), decodes 24 tokens for 1 and then 8 ShareGPT prompts at
+once, and counts with ``vllm_early_exit.tools.step_ops`` around the model's
+``forward`` and ``compute_logits``. Writes ``step_ops.json`` and ``step_ops.md``.
+
+    .venv/bin/python benchmarks/step_ops.py [--out benchmarks/results/step_ops] [--only never,forced_50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHECKS = [20, 22, 24, 26, 28]
+SETTINGS: dict[str, dict | None] = {
+    "plain": None,
+    "never": {"threshold": 1.0, "exit_layers": CHECKS},
+    "forced_50": {"exit_layers": [14], "threshold": 0.0, "policy": "all"},
+    "per_token": {"signal": "max_prob", "threshold": 0.9, "exit_layers": CHECKS, "policy": "per_token"},
+    "per_token_shortlist": {
+        "signal": "max_prob", "threshold": 0.9, "exit_layers": CHECKS, "policy": "per_token", "shortlist": "SHORTLIST",
+    },
+}
+BATCHES = (1, 8)
+NEW_TOKENS = 24
+
+
+def measure(name: str, settings: dict | None) -> dict:
+    """In this process: one engine with ``settings``, its op counts per batch size."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts, smollm2_checkpoint
+    from vllm_early_exit.tools.engines import build_engine
+    from vllm_early_exit.tools.shortlist import ensure_shortlist
+    from vllm_early_exit.tools.step_ops import StepRecorder
+
+    model = str(smollm2_checkpoint())
+    if settings is not None and settings.get("shortlist") == "SHORTLIST":
+        settings = {**settings, "shortlist": str(ensure_shortlist(model))}
+    if settings is None:
+        from vllm.model_executor.models.llama import LlamaForCausalLM as model_cls
+    else:
+        from vllm_early_exit.model_executor.models.llama_early_exit import EarlyExitLlamaForCausalLM as model_cls
+    recorder = StepRecorder()
+    recorder.install(model_cls)
+    engine = {"dtype": "float32", "max_model_len": 1024, "kv_cache_gib": 1, "enforce_eager": True}
+    llm = build_engine(model, early_exit=None if settings is None else {**settings, "log_interval_s": 0}, **engine)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = sharegpt_prompts(max(BATCHES))
+    prompts = [
+        {"prompt_token_ids": tokenizer.encode(chat_prompt(tokenizer, t), add_special_tokens=False)[-128:]}
+        for t in texts
+    ]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    result = {"engine": name, "settings": settings, "batches": {}}
+    for batch in BATCHES:
+        recorder.steps.clear()
+        llm.generate(prompts[:batch], params, use_tqdm=False)
+        result["batches"][str(batch)] = recorder.summary()
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "# Host work per pure-decode step",
+        "",
+        "SmolLM2-135M, eager (every op visible), 24 new tokens, batch 1 and 8 ShareGPT prompts at once. "
+        "`host reads`: ops that make the host wait for device data or give a data-dependent shape "
+        "(`vllm_early_exit/tools/step_ops.py`), per pure-decode step (mean / largest); `decisions`: the "
+        "decision points the step reached. Checks at layers " + ", ".join(map(str, CHECKS)) + ".",
+        "",
+        "| engine | batch | aten ops | host reads (mean / max) | decisions | reads by name |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for batch, s in r["batches"].items():
+            if not s.get("steps"):
+                continue
+            names = ", ".join(f"{k} {v:.1f}" for k, v in s["host_reads_by_name"].items()) or "none"
+            decisions = "" if s["decisions_per_step"] is None else f"{s['decisions_per_step']:.1f}"
+            lines.append(
+                f"| {r['engine']} | {batch} | {s['ops_per_step']:.0f} | {s['host_reads_per_step']:.1f} / "
+                f"{s['max_host_reads']} | {decisions} | {names} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/step_ops")
+    parser.add_argument("--only", default=None, help="comma-separated settings (default: all)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one setting
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, SETTINGS[args.one])))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else list(SETTINGS)
+    results = []
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+    for name in names:
+        print(f"step_ops: {name} ...", flush=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name], capture_output=True, text=True, env=env, check=False
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"step_ops: {name} failed:\n{proc.stderr[-4000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        (out / "step_ops.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "step_ops.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
