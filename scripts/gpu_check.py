@@ -251,15 +251,16 @@ def worker_speed(spec: dict, results: Path) -> None:
 PROFILED = (
     ("vllm.model_executor.models.llama", "LlamaForCausalLM", "forward", "model.forward"),
     ("vllm.model_executor.models.llama", "LlamaForCausalLM", "compute_logits", "model.compute_logits"),
-    ("vllm_early_exit.model_executor.models.llama_early_exit", "EarlyExitLlamaModel", "_decode_batch", "ee.decode_batch"),
-    ("vllm_early_exit.model_executor.models.llama_early_exit", "EarlyExitLlamaModel", "_row_settings", "ee.row_settings"),
-    ("vllm_early_exit.model_executor.models.llama_early_exit", "EarlyExitLlamaModel", "_publish", "ee.publish"),
+    ("vllm_early_exit.model_executor.early_exit.runner", "RunnerView", "decode_batch", "ee.decode_batch"),
+    ("vllm_early_exit.model_executor.early_exit.runner", "RunnerView", "write_settings", "ee.request_settings"),
+    ("vllm_early_exit.model_executor.early_exit.stats", "ExitCounters", "after_step", "ee.counters"),
     ("vllm_early_exit.model_executor.models.llama_early_exit", None, "note_step", "ee.note_step"),
-    ("vllm_early_exit.model_executor.early_exit.walkers", "Walker", "decide", "ee.decide"),
-    ("vllm_early_exit.model_executor.early_exit.walkers", "Walker", "confirm", "ee.confirm"),
+    ("vllm_early_exit.model_executor.early_exit.step", "DecodeStep", "run_segment", "ee.segment"),
+    ("vllm_early_exit.model_executor.early_exit.step", "DecodeStep", "decide", "ee.decide"),
+    ("vllm_early_exit.model_executor.early_exit.step", "DecodeStep", "leave_stack", "ee.leave_stack"),
+    ("vllm_early_exit.model_executor.early_exit.rows", "RowState", "read_flag", "ee.flag_read"),
     ("vllm_early_exit.model_executor.early_exit.groups", "CompiledStack", "run", "ee.group"),
     ("vllm_early_exit.model_executor.early_exit.kv_fill", "KVPropagator", "fill", "ee.kv_fill"),
-    ("vllm_early_exit.model_executor.early_exit.kv_fill", None, "run_layer", "ee.eager_layer"),
 )
 # Runtime calls counted per step: graph replays, kernel launches, and what waits for the device.
 RUNTIME_CALLS = {
@@ -686,6 +687,7 @@ def correctness_spec(group: dict, case: dict, args) -> dict:
         {"name": "compiled", "early_exit": {**case["rule"], "compile": True}, "rows": mixed_rows,
          "engine": {"enforce_eager": False}},
     ]
+
     if not exact:  # the compile-vs-eager noise of plain vLLM itself, for compiled_eq_eager in bf16
         engines.append({"name": "plain_compiled", "early_exit": None, "engine": {"enforce_eager": False}})
     return {"name": group["name"], "model": str(group["path"]), "common": common, "engines": engines,

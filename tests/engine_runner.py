@@ -8,12 +8,18 @@ SPEC: {"model": dir, "engine": {LLM kwargs},
 Requests run one at a time unless "batched" is true, so each is decoded alone
 and its schedule is deterministic; "batched": "both" runs them one at a time,
 then all together (RESULT gets "outputs_batched" too). RESULT: {"outputs": [[token ids]], "stats": [per rank], "layer_groups": [compiled groups of rank 0],
-"kv_projections": [per rank, the layers with a K/V-only fill projection]}.
+"kv_projections": [per rank, the layers with a K/V-only fill projection]}; with
+$EARLY_EXIT_TEST_STEP_OPS set, "steps": per step, its aten ops and host reads (``tools/step_ops.py``);
+with $EARLY_EXIT_TEST_STEP_PROGRAM set, decode steps run as conditional-node programs (``step_program.py``).
 """
 
+import dataclasses
 import json
 import os
 import sys
+
+STEP_OPS_ENV = "EARLY_EXIT_TEST_STEP_OPS"
+STEP_PROGRAM_ENV = "EARLY_EXIT_TEST_STEP_PROGRAM"
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -30,6 +36,18 @@ def main(spec_path: str, result_path: str) -> None:
         import in_place_norm
 
         in_place_norm.install()
+    if os.environ.get(STEP_PROGRAM_ENV):  # run each decode step as a conditional-node program
+        sys.path.insert(0, os.path.dirname(__file__))
+        import step_program
+
+        step_program.install()
+    recorder = None
+    if os.environ.get(STEP_OPS_ENV):  # count each step's host reads (needs the core in this process)
+        from vllm_early_exit.model_executor.models.llama_early_exit import EarlyExitLlamaForCausalLM
+        from vllm_early_exit.tools.step_ops import StepRecorder
+
+        recorder = StepRecorder()
+        recorder.install(EarlyExitLlamaForCausalLM)
     from vllm import LLM, SamplingParams
 
     llm = LLM(spec["model"], **spec["engine"])
@@ -60,6 +78,8 @@ def main(spec_path: str, result_path: str) -> None:
         result["stats"] = [s.to_dict() for s in get_exit_stats(llm, all_ranks=True)]
         result["layer_groups"] = llm.collective_rpc("early_exit_layer_groups")[0]
         result["kv_projections"] = llm.collective_rpc("early_exit_kv_projections")
+    if recorder is not None:
+        result["steps"] = [dataclasses.asdict(step) for step in recorder.steps]
     with open(result_path, "w") as f:
         json.dump(result, f)
 

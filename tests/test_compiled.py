@@ -91,9 +91,10 @@ def test_each_layer_range_has_its_own_compile_cache_key():
     groups must not share one (each graph names its own layers' KV caches)."""
     from vllm.compilation.decorators import _model_hash_key
 
-    from vllm_early_exit.model_executor.early_exit.groups import group_bounds, group_class
+    from vllm_early_exit.model_executor.early_exit.groups import group_class
+    from vllm_early_exit.model_executor.early_exit.plan import plan
 
-    bounds = group_bounds(0, 30, check_layers=[9, 19], skip_layers=[4], cut_before_checks=True)
+    bounds = plan(0, 30, check_layers=[9, 19], skip_layers=[4], cut_before_checks=True).bounds
     assert bounds == [(0, 4), (4, 5), (5, 9), (9, 10), (10, 19), (19, 20), (20, 30)]
     keys = {_model_hash_key(group_class(first, stop).forward) for first, stop in bounds}
     assert len(keys) == len(bounds)

@@ -68,10 +68,10 @@ def test_a_per_token_step_is_as_deep_as_its_deepest_row():
     assert speeds == sorted(speeds, reverse=True) and speeds[0] > 1.0 > speeds[-1]
 
 
-def test_deferred_confirmations_read_the_lm_head_once_a_step_that_leaves(tmp_path):
-    """With a shortlist under per_token, the checks read its rows; a step that leaves early takes
-    one LM-head product (its confirmation samples too), a full-depth step of several rows two
-    (the waiting rows' confirmation, then the rest's sampling)."""
+def test_two_stage_checks_read_the_lm_head_where_some_row_leaves(tmp_path):
+    """With a shortlist under per_token, the checks read its rows; the LM head is read to confirm
+    at each check where some row of the step leaves, and to sample when some row went on to the
+    end (a row that left is sampled from its confirmation's logits)."""
     from vllm_early_exit.model_executor.early_exit.shortlist import write_shortlist
 
     shortlist = tmp_path / "shortlist.json"
@@ -80,9 +80,10 @@ def test_deferred_confirmations_read_the_lm_head_once_a_step_that_leaves(tmp_pat
     counted = stats({2: 30, 4: 30}, full=40, sampled_from_checks=60)
     rows = 10 * HIDDEN
     shares = {2: 0.3**4, 4: 0.6**4 - 0.3**4, 5: 1 - 0.6**4}
+    products = 2 * (1 - 0.7**4) + (1 - 0.6**4)  # some row leaves at 2, at 4, goes the full depth
     expected = (
-        shares[2] * (early(2) + rows + HEAD) + shares[4] * (early(4) + 2 * rows + HEAD)
-        + shares[5] * (FULL + 2 * rows + 2 * HEAD)
+        shares[2] * (early(2) + rows) + shares[4] * (early(4) + 2 * rows) + shares[5] * (FULL + 2 * rows)
+        + products * HEAD
     )
     assert batch_bytes(WEIGHTS, settings, counted, 4) == pytest.approx(expected)
     alone = 0.3 * (early(2) + rows) + 0.3 * (early(4) + 2 * rows) + 0.4 * (FULL + 2 * rows) + HEAD

@@ -13,7 +13,7 @@ HALF = {"dtype": "float16"}
 
 def test_float16_with_nothing_leaving_is_plain_vllm(smollm2):
     """Checks run at two layers and never fire: the rows run the whole stack through the
-    walker, and its final norm must be vLLM's fused add+norm (float32 sum) to stay identical."""
+    decode step, and its final norm must be vLLM's fused add+norm (float32 sum) to stay identical."""
     from transformers import AutoTokenizer
 
     from vllm_early_exit.tools.assets import chat_prompt, sharegpt_prompts

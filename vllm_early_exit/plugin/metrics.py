@@ -4,8 +4,10 @@ The counters live in the worker processes, ``/metrics`` is served by the API
 server process. ``vllm serve --enable-early-exit`` therefore creates a folder
 (``$VLLM_EARLY_EXIT_METRICS_DIR``, inherited by the engine processes) where the
 first tensor-parallel rank of each engine keeps its counters in a small
-memory-mapped file, updated in place every decode step; a Prometheus collector
-in the API server reads the files when ``/metrics`` is scraped.
+memory-mapped file (``CounterFile`` in ``model_executor/early_exit/stats.py``: on
+the CPU the model counts in that file itself, elsewhere it copies its device
+counters there at most every second); a Prometheus collector in the API server
+reads the files when ``/metrics`` is scraped.
 
 Exposed names (label ``model_name``; ``layer`` is 0-based):
 
@@ -20,57 +22,14 @@ Exposed names (label ``model_name``; ``layer`` is 0-based):
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
+from vllm_early_exit.model_executor.early_exit.stats import METRICS_DIR_ENV, read_counter_files
 
-from vllm_early_exit.model_executor.early_exit.stats import ExitStats
-
-ENV_DIR = "VLLM_EARLY_EXIT_METRICS_DIR"
-
-
-class SharedCounters:
-    """The worker side: the counters of one engine in a memory-mapped int64 array.
-
-    Layout: ``[full_depth_tokens, exits after layer 0, ..., exits after layer N-1]``.
-    """
-
-    def __init__(self, folder: Path, model_name: str, num_layers: int, skip_layers: tuple[int, ...] = ()) -> None:
-        stem = folder / f"engine-{os.getpid()}"
-        meta = {"model_name": model_name, "num_layers": num_layers, "skip_layers": list(skip_layers)}
-        stem.with_suffix(".json").write_text(json.dumps(meta))
-        self.values = np.lib.format.open_memmap(
-            stem.with_suffix(".npy"), mode="w+", dtype=np.int64, shape=(num_layers + 1,)
-        )
-
-    @classmethod
-    def from_env(cls, model_name: str, num_layers: int, skip_layers: tuple[int, ...] = ()) -> "SharedCounters | None":
-        folder = os.environ.get(ENV_DIR)
-        return cls(Path(folder), model_name, num_layers, skip_layers) if folder else None
-
-    def publish(self, stats: ExitStats) -> None:
-        self.values[0] = stats.full_depth_tokens
-        self.values[1:] = stats.exits_per_layer
-
-
-def read_counters(folder: Path) -> dict[str, ExitStats]:
-    """Counters of every engine in ``folder``, summed per model name."""
-    totals: dict[str, ExitStats] = {}
-    for meta_path in sorted(folder.glob("engine-*.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
-            values = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
-        except (OSError, ValueError):
-            continue  # an engine that is still creating its files
-        stats = totals.setdefault(meta["model_name"], ExitStats(meta["num_layers"], skip_layers=tuple(meta.get("skip_layers", ()))))
-        stats.full_depth_tokens += int(values[0])
-        for layer, count in enumerate(values[1:]):
-            stats.exits_per_layer[layer] += int(count)
-    return totals
+ENV_DIR = METRICS_DIR_ENV
 
 
 class EarlyExitCollector:
@@ -101,7 +60,7 @@ class EarlyExitCollector:
             ),
             "depth": GaugeMetricFamily("vllm:early_exit_num_layers", "Layers of the model.", labels=["model_name"]),
         }
-        for model, stats in read_counters(self.folder).items():
+        for model, stats in read_counter_files(self.folder).items():
             families["decode"].add_metric([model], stats.decode_tokens)
             families["early"].add_metric([model], stats.early_exit_tokens)
             families["full"].add_metric([model], stats.full_depth_tokens)

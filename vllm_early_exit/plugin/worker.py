@@ -20,7 +20,7 @@ class EarlyExitWorkerExtension:
     def _early_exit_model(self):
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         inner = getattr(model, "model", None)
-        if not hasattr(inner, "exit_stats"):
+        if not hasattr(inner, "exit_counters"):
             raise RuntimeError(
                 f"{type(model).__name__} is not the early-exit model; "
                 "start vLLM with early exit enabled to read its statistics."
@@ -28,10 +28,10 @@ class EarlyExitWorkerExtension:
         return inner
 
     def early_exit_stats(self) -> dict[str, Any]:
-        return self._early_exit_model().exit_stats.to_dict()
+        return self._early_exit_model().exit_counters.snapshot().to_dict()
 
     def reset_early_exit_stats(self) -> None:
-        self._early_exit_model().exit_stats.reset()
+        self._early_exit_model().exit_counters.reset()
 
     def early_exit_layer_groups(self) -> list[dict[str, Any]]:
         """The compiled layer groups (``compile``) and whether each has been compiled, the whole

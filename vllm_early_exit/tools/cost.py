@@ -164,12 +164,12 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
     draw of the per-token exits in ``stats``: the step stops after layer ``l`` with probability
     ``F(l)^batch - F(l-1)^batch`` (``F``: share of tokens gone by ``l``). A step reads, once for
     all its rows, the layers down to its deepest row, the fill of the rest, every check it
-    reaches, and the LM head: once per full-vocabulary check reached plus once for sampling when
-    some row went the full depth (a row that left was sampled from its check's logits); with
-    deferred confirmations (a shortlist), once for a step that leaves early (its confirmation also
-    samples) and twice for a full-depth step of several rows (the rows waiting are confirmed
-    once as many wait as the step runs, the rest sampled at the end), as the engine counted on
-    SmolLM2 at batch 2-32 (1.44-2.05 products a step against 1.46-2.0 by this rule)."""
+    reaches, and LM-head products: without a shortlist one per full-vocabulary check reached,
+    plus one for sampling when some row went the full depth (a row that left is sampled from its
+    check's logits); with a shortlist, one confirmation at each check where some row leaves
+    (``1 - (1 - q_c)^batch`` for a check where a share ``q_c`` of the tokens leaves) and the
+    sampling product when some row went the full depth; one product for sampling alone when the
+    checks read no logits (a forced exit, saturation)."""
     from vllm_early_exit.model_executor.early_exit.signals import make_signal
 
     layout = _Layout(weights, settings)
@@ -178,23 +178,21 @@ def batch_bytes(weights: WeightBytes, settings: dict[str, Any], stats: dict[str,
         return float(weights.plain)
     reads_logits = make_signal(settings.get("signal", "max_prob")).reads_logits
     single = not reads_logits or _check_reads(weights, settings, True) == (0.0, 0)  # sampling alone
-    deferred = not single and bool(settings.get("shortlist"))
+    two_stage = not single and bool(settings.get("shortlist"))
+    ends = _ends(stats["exits_per_layer"], stats["full_depth_tokens"])
     total, gone, before = 0.0, 0, 0.0
     last = weights.num_layers - 1
-    for layer, count in enumerate(_ends(stats["exits_per_layer"], stats["full_depth_tokens"])):
+    for layer, count in enumerate(ends):
         gone += count
         share = (gone / tokens) ** batch - before
         before += share
         if share <= 0.0:
             continue
         reads = layout.reached(layer)
-        if single:
-            heads = 1
-        elif deferred:
-            heads = 2 if layer == last and batch > 1 else 1
-        else:
-            heads = sum(full for _, full in reads) + (layer == last)
+        heads = 0 if two_stage else 1 if single else sum(full for _, full in reads) + (layer == last)
         total += share * (_stack_bytes(weights, layer, layout.skipped) + sum(cheap for cheap, _ in reads) + heads * weights.lm_head)
+    if two_stage:  # a confirmation where some row leaves, the sampling product where some row went on
+        total += sum(1.0 - (1.0 - count / tokens) ** batch for count in ends if count) * weights.lm_head
     return total
 
 

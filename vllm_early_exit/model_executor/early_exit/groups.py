@@ -1,12 +1,11 @@
-"""Compiled layer groups: the decoder layers between two decision points as one compiled unit.
+"""Compiled layer groups: the segments of the engine's plan, each one compiled unit.
 
-With ``compile: true`` the decoder stack is cut at every point where the host
-may decide something (after each check layer, around each skipped layer, and
-before each check layer when the signal reads the stream entering it). Each run
-of layers between two cuts is a ``LayerGroup``, compiled by vLLM's own
-``support_torch_compile`` machinery (inductor; on CUDA split at attention into
-piecewise CUDA graphs, never one full graph: the decisions between groups are
-Python). The exit decision itself stays between groups, on the host.
+With ``compile`` the decoder stack is cut at the engine's decision points
+(``plan.py``: after each check layer, around each skipped layer, and before each
+check layer when the signal reads the stream entering it). Each segment is a
+``LayerGroup``, compiled by vLLM's own ``support_torch_compile`` machinery
+(inductor; on CUDA split at attention into piecewise CUDA graphs). The decisions
+stay between groups (``step.py``).
 
 Rows that left earlier in the step stay in the batch, frozen: ``keep`` is 0 for
 them, and ``kv_fill.run_layers_holding`` holds them at the stream they entered
@@ -18,7 +17,7 @@ graph serves every step.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,31 +26,6 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CompilationMode, VllmConfig
 
 from vllm_early_exit.model_executor.early_exit.kv_fill import run_layers_holding
-
-
-def group_bounds(
-    start: int,
-    end: int,
-    check_layers: Iterable[int],
-    skip_layers: Iterable[int],
-    cut_before_checks: bool,
-) -> list[tuple[int, int]]:
-    """``[(first, stop), ...]`` covering layers ``start..end-1``, cut where the host decides.
-
-    A cut follows every check layer; every skipped layer is a group of its own
-    (a decode step fills its K/V instead of running it); with
-    ``cut_before_checks`` a cut also precedes every check layer, so the stream
-    entering it can be read.
-    """
-    cuts = {start, end}
-    for layer in check_layers:
-        cuts.add(layer + 1)
-        if cut_before_checks:
-            cuts.add(layer)
-    for layer in skip_layers:
-        cuts.update((layer, layer + 1))
-    points = sorted(c for c in cuts if start <= c <= end)
-    return list(zip(points, points[1:]))
 
 
 def compiling(vllm_config: VllmConfig) -> bool:
@@ -131,7 +105,6 @@ class CompiledStack:
         prefix: str,
     ) -> None:
         self.bounds = bounds
-        self.ends = frozenset(stop - 1 for _, stop in bounds)
         self.groups: dict[tuple[int, int], LayerGroup] = {}
         for first, stop in bounds:
             with set_model_tag(f"early_exit_layers_{first}_{stop}"):
@@ -149,9 +122,9 @@ class CompiledStack:
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._warmed_up = False
 
-    def covers(self, points: Iterable[int]) -> bool:
-        """True when every layer in ``points`` ends a group (the step's decisions fit the cuts)."""
-        return all(point in self.ends for point in points)
+    def has(self, bounds: tuple[int, int]) -> bool:
+        """True when layers ``bounds`` are one compiled group."""
+        return bounds in self.groups
 
     def run(
         self,

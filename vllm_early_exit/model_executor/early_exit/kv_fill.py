@@ -9,25 +9,17 @@ below writes exactly that rule:
 
 * ``KVPropagator.fill``: the stream through each layer's input norm, its K/V
   projection and rotary, written by vLLM's own cache-update op (a pure-decode
-  step whose rows all left, or a skipped layer in a pure-decode step). The
+  step whose rows have all left, or a skipped layer in a pure-decode step). The
   projections are built once from the loaded weights (``build_kv_projections``):
   the k and v rows of every layer's ``qkv_proj`` with the layer's input-norm
   weight folded in, stacked (``FoldedKV``), so a fill reads no q rows (40% of
   ``qkv_proj``'s bytes on SmolLM2, 25% on Qwen2.5-Coder-1.5B) and all its layers
   take one product, one rotary call and one cache write each;
-* ``KVPropagator.fill`` with ``rows``: the same for some rows of the step, written
-  at their slots of the step's slot mapping: rows whose deferred exit is confirmed
-  after they ran deeper layers (``deferred.py``) get those layers' K/V again;
-* ``freeze_rows``: rows that left while others go on get hidden state 0 and
-  residual ``s``, so every deeper layer's fused add+norm sees ``s`` and its own
-  attention writes their K/V from it (eager walk);
-* ``run_layer``: a layer where only the running rows take the MLP (frozen rows
-  keep ``s``);
-* ``run_layers_holding`` (compiled groups): after each layer the frozen rows'
-  hidden state is zeroed and their residual set back to ``s``;
-* ``skip_layer`` / ``holding``: decode rows of a mixed step (prefill rows run
-  every layer) pass a skipped layer held at their stream, which its attention
-  writes as their K/V.
+* ``run_layers_holding``: a run of layers in which the rows that left (or that
+  pass a skipped layer beside prompt rows) are held at their stream: after each
+  layer their hidden state is zeroed and their residual set back to it, so every
+  deeper layer's fused add+norm sees it and its own attention writes their K/V
+  from it.
 
 Every attention backend that implements ``do_kv_cache_update`` (CPU, FlashAttention,
 FlashInfer) keeps working, since the cache is written by vLLM's op or attention.
@@ -39,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.attention.attention import get_attention_context, unified_kv_cache_update
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
@@ -66,19 +58,10 @@ def _project_kv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return attn.qkv_proj(x)[0][:, attn.q_size :]
 
 
-def _write_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """Writes ``[rows, kv_heads, head_dim]`` K/V into the layer's paged cache with vLLM's op.
-
-    ``rows``: the step's token rows that ``k`` and ``v`` belong to (None: every row, in order);
-    their slots are taken from the step's slot mapping and written by the backend's own
-    ``do_kv_cache_update``, as vLLM's op does for the whole step.
-    """
-    if rows is None:
-        unified_kv_cache_update(k, v, attn.attn.layer_name)
-        return
-    _, layer, kv_cache, slot_mapping = get_attention_context(attn.attn.layer_name)
-    if slot_mapping is not None:
-        layer.impl.do_kv_cache_update(layer, k, v, kv_cache, slot_mapping[rows])
+def _write_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes ``[rows, kv_heads, head_dim]`` K/V of every row of the step into the layer's
+    paged cache with vLLM's op (at the step's slot mapping)."""
+    unified_kv_cache_update(k, v, attn.attn.layer_name)
 
 
 def _kv_rows(attn: nn.Module) -> torch.Tensor | None:
@@ -186,12 +169,10 @@ class FoldedKV:
         heads = (self.num_kv_heads, self.head_dim)
         return k.view(rows, count, *heads), kv[:, :, 1].unflatten(-1, heads)
 
-    def fill(
-        self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int, rows: torch.Tensor | None
-    ) -> None:
+    def fill(self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int) -> None:
         k, v = self.project(positions, stream, first, stop)
         for offset, index in enumerate(range(first, stop)):
-            _write_kv(self.layers[index].self_attn, k[:, offset], v[:, offset], rows)
+            _write_kv(self.layers[index].self_attn, k[:, offset], v[:, offset])
 
     @property
     def packed_starts(self) -> list[int]:
@@ -232,20 +213,12 @@ class KVPropagator:
         if not self._built:
             self.build_kv_projections()
 
-    def fill(
-        self,
-        positions: torch.Tensor,
-        stream: torch.Tensor,
-        first: int,
-        stop: int,
-        rows: torch.Tensor | None = None,
-    ) -> None:
-        """Writes the K/V of layers ``first..stop - 1`` from ``stream``: every row's, or with
-        ``rows`` those token rows' (``positions`` and ``stream`` are then theirs alone)."""
+    def fill(self, positions: torch.Tensor, stream: torch.Tensor, first: int, stop: int) -> None:
+        """Writes the K/V of layers ``first..stop - 1`` of every row of the step from ``stream``."""
         if first >= stop:
             return
         if self.folded is not None:
-            self.folded.fill(positions, stream, first, stop, rows)
+            self.folded.fill(positions, stream, first, stop)
             return
         for index in range(first, stop):
             layer = self.layers[index]
@@ -253,63 +226,7 @@ class KVPropagator:
             k, v = _project_kv(attn, layer.input_layernorm(stream)).split([attn.kv_size, attn.kv_size], dim=-1)
             k, _ = attn.rotary_emb(positions, k.contiguous())  # rotary of k alone (no q)
             heads = (-1, attn.num_kv_heads, attn.head_dim)
-            _write_kv(attn, k.view(heads), v.view(heads), rows)
-
-
-def freeze_rows(
-    hidden_states: torch.Tensor, residual: torch.Tensor, stream: torch.Tensor, rows: torch.Tensor
-) -> None:
-    """Holds ``rows`` at ``stream`` (in place): deeper layers write their K/V from it."""
-    hidden_states[rows] = 0
-    residual[rows] = stream[rows]
-
-
-def run_layer(
-    layer: nn.Module,
-    positions: torch.Tensor,
-    hidden_states: torch.Tensor,
-    residual: torch.Tensor | None,
-    running: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoder layer; only ``running`` rows take the MLP (None: every row, vLLM's own forward).
-
-    Attention runs for every row: for frozen rows it writes K/V from their held
-    stream, which is what state propagation writes.
-    """
-    if running is None:
-        return layer(positions, hidden_states, residual)
-    hidden_states, residual = layer.input_layernorm(hidden_states, residual)
-    hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states)
-    hidden, res = layer.post_attention_layernorm(hidden_states[running], residual[running])
-    hidden = layer.mlp(hidden)
-    out = torch.zeros_like(hidden_states).index_copy_(0, running, hidden)
-    return out, residual.index_copy_(0, running, res)
-
-
-def skip_layer(
-    layer: nn.Module,
-    positions: torch.Tensor,
-    hidden_states: torch.Tensor,
-    residual: torch.Tensor | None,
-    stream: torch.Tensor,
-    skipping: torch.Tensor,
-    running: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer that ``skipping`` rows pass unchanged while the other rows run it.
-
-    ``stream``: every row's stream entering the layer (a tensor of its own). The
-    layer's attention writes the skipping rows' K/V from it, as a fill would.
-    """
-    hidden_states, residual = run_layer(layer, positions, hidden_states, residual, running)
-    freeze_rows(hidden_states, residual, stream, skipping)
-    return hidden_states, residual
-
-
-def holding(keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A compiled group's row mask with ``rows`` held at their stream as well."""
-    held = keep.clone()
-    held[rows] = 0
-    return held
+            _write_kv(attn, k.view(heads), v.view(heads))
 
 
 def run_layers_holding(

@@ -3,6 +3,9 @@
 ``all`` and ``quorum`` decide for the whole step (vLLM runs one batch through
 the stack); ``per_token`` lets each confident row leave on its own while the
 others go on, so a request's depth no longer depends on what it is batched with.
+
+A policy sees every row of the step (fixed shapes): ``deciding`` marks the rows
+whose vote counts (decode rows still running), and only they can leave.
 """
 
 from __future__ import annotations
@@ -18,29 +21,30 @@ class ExitPolicy(ABC):
     """True when rows leave one by one; False when the step leaves as a whole."""
 
     @abstractmethod
-    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
-        """``confident``: boolean ``[rows]`` of the rows still running. Returns the rows that leave."""
+    def rows_to_exit(self, confident: torch.Tensor, deciding: torch.Tensor) -> torch.Tensor:
+        """``confident``, ``deciding``: boolean ``[rows]``. Returns the rows that leave (within ``deciding``)."""
 
 
 class AllPolicy(ExitPolicy):
-    """Strict consensus: every logits row must be confident."""
+    """Strict consensus: every deciding row must be confident."""
 
     name = "all"
 
-    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
-        return confident.all().expand_as(confident)
+    def rows_to_exit(self, confident: torch.Tensor, deciding: torch.Tensor) -> torch.Tensor:
+        return deciding & (confident | ~deciding).all()
 
 
 class QuorumPolicy(ExitPolicy):
-    """Leave when at least a share ``quorum`` of the rows is confident."""
+    """Leave when at least a share ``quorum`` of the deciding rows is confident."""
 
     name = "quorum"
 
     def __init__(self, quorum: float) -> None:
         self.quorum = quorum
 
-    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
-        return (confident.float().mean() >= self.quorum).expand_as(confident)
+    def rows_to_exit(self, confident: torch.Tensor, deciding: torch.Tensor) -> torch.Tensor:
+        share = (confident & deciding).sum() / deciding.sum().clamp(min=1)
+        return deciding & (share >= self.quorum)
 
 
 class PerTokenPolicy(ExitPolicy):
@@ -49,8 +53,8 @@ class PerTokenPolicy(ExitPolicy):
     name = "per_token"
     per_row = True
 
-    def rows_to_exit(self, confident: torch.Tensor) -> torch.Tensor:
-        return confident
+    def rows_to_exit(self, confident: torch.Tensor, deciding: torch.Tensor) -> torch.Tensor:
+        return confident & deciding
 
 
 def make_policy(name: str, quorum: float) -> ExitPolicy:

@@ -18,9 +18,9 @@ stack (its *depth code*, by position) and turns the recompute into a replay:
   layers: it went to the end).
 
 In the recompute's step, rows of generated tokens with a code ``c >= 1`` become
-*pinned* decode rows: the walker takes them down the stack like decode rows and
+*pinned* decode rows: the decode step takes them down the stack like decode rows and
 makes them leave exactly after layer ``c - 1``, whatever the signal says
-(``StepState.pin``), so every deeper layer gets the same propagated K/V as
+(``RowState.pin``), so every deeper layer gets the same propagated K/V as
 before. The recompute's last token, whose own decision was never made, is a
 live decode row under ``per_token`` (as in the decode step it stands for);
 under ``all`` / ``quorum`` it runs at full depth, as every decode row of a step
@@ -48,8 +48,9 @@ import torch
 
 from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch
 
-FLUSH_EVERY = 64
-"""Walked steps between host reads of the depth codes."""
+FLUSH_EVERY = 1024
+"""Walked steps between host reads of the depth codes: the record's one wait for the device,
+once in this many steps (the codes it holds meanwhile take ``rows`` x 2 bytes a step)."""
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,45 @@
-"""Early-exit counters, kept by the model and logged periodically by the engine.
+"""Early-exit counters: kept on the device during steps, read on the host when asked.
 
-The model counts, for every decode step, how many tokens left after each layer
-and how many went the full depth. They are read from Python through
-``plugin/worker.py`` and served on ``/metrics`` through ``plugin/metrics.py``.
+``ExitCounters`` is what the model counts with. What depends on the rows' own
+decisions (tokens that left after each layer, tokens that went the full depth,
+tokens sampled from their check's logits) is added to one int64 tensor on the
+step's device inside the step, with no host read; what the host decided itself
+(where a step stopped, which LM-head products it took, unchecked and replayed
+steps) is counted in Python. ``ExitCounters.snapshot`` reads both into an
+``ExitStats`` in one copy: ``get_exit_stats`` (``plugin/worker.py``), the
+periodic log line and the server's ``/metrics`` read that.
+
+``/metrics`` is served by the API server, the counters live in the engine's
+worker. When ``$VLLM_EARLY_EXIT_METRICS_DIR`` names a folder (``vllm serve
+--enable-early-exit`` creates one, ``plugin/metrics.py``), the first rank keeps
+the per-row counters in a memory-mapped file there (``CounterFile``): on the CPU
+the counter tensor is that file, so it is always current; on other devices it is
+copied there at most every ``PUBLISH_INTERVAL_S`` seconds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 logger = logging.getLogger("vllm_early_exit")
 
+METRICS_DIR_ENV = "VLLM_EARLY_EXIT_METRICS_DIR"
+PUBLISH_INTERVAL_S = 1.0
+"""Seconds between copies of device counters to the metrics file (devices other than the CPU)."""
+
 @dataclass
 class ExitStats:
-    """Counters over pure-decode tokens.
+    """Counters over pure-decode tokens, as read from the model (``ExitCounters.snapshot``).
 
     ``exits_per_layer[l]`` counts tokens that left after layer ``l`` (0-based),
     so they computed ``l + 1`` layers less the ``skip_layers`` up to ``l``;
@@ -34,9 +57,6 @@ class ExitStats:
     full_readouts: int = 0
     """Full-vocabulary readouts the checks took: each reads the whole LM head once, for
     however many rows (with a shortlist: the confirmations)."""
-    deferred_exits: int = 0
-    """Tokens whose exit was confirmed after deeper layers had run (``deferred.py``): the
-    K/V of those layers was written again from the stream they left with."""
     step_exits_per_layer: list[int] = field(default_factory=list)
     """Pure-decode steps whose every row had left after layer ``l``: the stack ran no deeper.
     A step's cost on a weight-bound machine follows its deepest row (``tools/cost.py``)."""
@@ -54,36 +74,9 @@ class ExitStats:
         if not self.step_exits_per_layer:
             self.step_exits_per_layer = [0] * self.num_layers
 
-    def reset(self) -> None:
-        """Sets every counter back to zero (in place: the model's walkers hold this object)."""
-        self.exits_per_layer = [0] * self.num_layers
-        self.full_depth_tokens = 0
-        self.sampled_from_checks = 0
-        self.replayed_tokens = 0
-        self.full_readouts = 0
-        self.deferred_exits = 0
-        self.step_exits_per_layer = [0] * self.num_layers
-        self.full_depth_steps = 0
-        self.sampling_products = 0
-        self.unchecked_steps = 0
-
-    def record(self, exit_layer: int | None, tokens: int) -> None:
-        """Counts ``tokens`` decode tokens that left after ``exit_layer`` (None: full depth)."""
-        if exit_layer is None:
-            self.full_depth_tokens += tokens
-        else:
-            self.exits_per_layer[exit_layer] += tokens
-
-    def record_step(self, exit_layer: int | None) -> None:
-        """Counts one pure-decode step that ran no deeper than ``exit_layer`` (None: every layer)."""
-        if exit_layer is None:
-            self.full_depth_steps += 1
-        else:
-            self.step_exits_per_layer[exit_layer] += 1
-
     @property
     def decode_steps(self) -> int:
-        """Pure-decode steps counted by :meth:`record_step`."""
+        """Pure-decode steps counted (``step_exits_per_layer`` and ``full_depth_steps``)."""
         return sum(self.step_exits_per_layer) + self.full_depth_steps
 
     @property
@@ -127,7 +120,6 @@ class ExitStats:
             "sampled_from_checks": self.sampled_from_checks,
             "replayed_tokens": self.replayed_tokens,
             "full_readouts": self.full_readouts,
-            "deferred_exits": self.deferred_exits,
             "step_exits_per_layer": list(self.step_exits_per_layer),
             "full_depth_steps": self.full_depth_steps,
             "decode_steps": self.decode_steps,
@@ -145,7 +137,6 @@ class ExitStats:
             sampled_from_checks=data.get("sampled_from_checks", 0),
             replayed_tokens=data.get("replayed_tokens", 0),
             full_readouts=data.get("full_readouts", 0),
-            deferred_exits=data.get("deferred_exits", 0),
             step_exits_per_layer=list(data.get("step_exits_per_layer", ())),
             full_depth_steps=data.get("full_depth_steps", 0),
             sampling_products=data.get("sampling_products", 0),
@@ -168,10 +159,145 @@ class PeriodicStatsLogger:
         self.enabled = enabled and interval_s > 0
         self._last = time.monotonic()
 
-    def maybe_log(self, stats: ExitStats) -> None:
-        if not self.enabled:
-            return
+    def due(self, now: float) -> bool:
+        return self.enabled and now - self._last >= self.interval_s
+
+    def log(self, stats: ExitStats, now: float) -> None:
+        self._last = now
+        logger.info("Early exit: %s", stats.summary())
+
+
+class CounterFile:
+    """The per-row counters of one engine in a memory-mapped int64 file, for ``/metrics``.
+
+    ``engine-<pid>.npy`` holds ``[exits after layer 0, ..., exits after layer N-1, full-depth
+    tokens, tokens sampled from checks]``; ``engine-<pid>.json`` the model's name, its layers
+    and its skipped layers.
+    """
+
+    def __init__(self, folder: Path, model_name: str, num_layers: int, skip_layers: tuple[int, ...] = ()) -> None:
+        stem = folder / f"engine-{os.getpid()}"
+        meta = {"model_name": model_name, "num_layers": num_layers, "skip_layers": list(skip_layers)}
+        stem.with_suffix(".json").write_text(json.dumps(meta))
+        self.values = np.lib.format.open_memmap(
+            stem.with_suffix(".npy"), mode="w+", dtype=np.int64, shape=(num_layers + 2,)
+        )
+
+    @classmethod
+    def from_env(cls, model_name: str, num_layers: int, skip_layers: tuple[int, ...] = ()) -> "CounterFile | None":
+        """The file in ``$VLLM_EARLY_EXIT_METRICS_DIR``, or None when the server did not ask for one."""
+        folder = os.environ.get(METRICS_DIR_ENV)
+        return cls(Path(folder), model_name, num_layers, skip_layers) if folder else None
+
+
+def read_counter_files(folder: Path) -> dict[str, ExitStats]:
+    """The per-row counters of every engine in ``folder``, summed per model name."""
+    totals: dict[str, ExitStats] = {}
+    for meta_path in sorted(folder.glob("engine-*.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            values = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
+        except (OSError, ValueError):
+            continue  # an engine that is still creating its files
+        layers = meta["num_layers"]
+        stats = totals.setdefault(
+            meta["model_name"], ExitStats(layers, skip_layers=tuple(meta.get("skip_layers", ())))
+        )
+        for layer, count in enumerate(values[:layers]):
+            stats.exits_per_layer[layer] += int(count)
+        stats.full_depth_tokens += int(values[layers])
+        stats.sampled_from_checks += int(values[layers + 1])
+    return totals
+
+
+class ExitCounters:
+    """The model's counters: per-row counts in a device tensor, the host's own counts in Python."""
+
+    def __init__(
+        self, num_layers: int, skip_layers: tuple[int, ...] = (), file: CounterFile | None = None,
+        log_interval_s: float = 0.0, device: torch.device | None = None,
+    ) -> None:
+        self.num_layers = num_layers
+        self.skip_layers = tuple(skip_layers)
+        self.file = file
+        device = torch.get_default_device() if device is None else device
+        self.rows = (
+            torch.from_numpy(file.values)
+            if file is not None and device.type == "cpu"
+            else torch.zeros(num_layers + 2, dtype=torch.long, device=device)
+        )
+        """``[exits after each layer..., full-depth tokens, tokens sampled from checks]`` on the
+        model's device (on the CPU with server metrics: the metrics file itself). Made with the
+        model, outside inference mode, so that resetting it from an RPC may write it."""
+        self.logger = PeriodicStatsLogger(log_interval_s, enabled=log_interval_s > 0)
+        self.sources: list[Callable[[ExitCounters], None]] = []
+        """Counts kept elsewhere on the device (a step captured with conditional nodes counts its
+        steps there, ``graphs.ProgramRun.fold``), added in before the counters are read."""
+        self._published = time.monotonic()
+        self._reset_host()
+
+    def _reset_host(self) -> None:
+        self.step_exits_per_layer = [0] * self.num_layers
+        self.full_depth_steps = 0
+        self.unchecked_steps = 0
+        self.full_readouts = 0
+        self.sampling_products = 0
+        self.replayed_tokens = 0
+
+    # --- inside a step: device counts, no host read ---------------------------------------
+
+    def exits(self, layer: int, rows: torch.Tensor) -> None:
+        """``rows`` (boolean ``[rows]``) left after ``layer``."""
+        self.rows[layer] += rows.sum()
+
+    def full_depth(self, rows: torch.Tensor) -> None:
+        """``rows`` ran every layer."""
+        self.rows[self.num_layers] += rows.sum()
+
+    def sampled(self, rows: torch.Tensor) -> None:
+        """``rows`` are sampled from the logits their check read."""
+        self.rows[self.num_layers + 1] += rows.sum()
+
+    # --- the host's own counts -------------------------------------------------------------
+
+    def step(self, exit_layer: int | None) -> None:
+        """One pure-decode step that ran no deeper than ``exit_layer`` (None: every layer)."""
+        if exit_layer is None:
+            self.full_depth_steps += 1
+        else:
+            self.step_exits_per_layer[exit_layer] += 1
+
+    # --- reading -------------------------------------------------------------------------
+
+    def snapshot(self) -> ExitStats:
+        """Every counter, read in one copy."""
+        for source in self.sources:
+            source(self)
+        values = self.rows.cpu().tolist()
+        return ExitStats(
+            num_layers=self.num_layers,
+            exits_per_layer=values[: self.num_layers],
+            full_depth_tokens=values[self.num_layers],
+            skip_layers=self.skip_layers,
+            sampled_from_checks=values[self.num_layers + 1],
+            replayed_tokens=self.replayed_tokens,
+            full_readouts=self.full_readouts,
+            step_exits_per_layer=list(self.step_exits_per_layer),
+            full_depth_steps=self.full_depth_steps,
+            sampling_products=self.sampling_products,
+            unchecked_steps=self.unchecked_steps,
+        )
+
+    def reset(self) -> None:
+        self.rows.zero_()
+        self._reset_host()
+
+    def after_step(self) -> None:
+        """The periodic log line, and the metrics file where the counters are not that file."""
         now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            self._last = now
-            logger.info("Early exit: %s", stats.summary())
+        if self.logger.due(now):
+            self.logger.log(self.snapshot(), now)
+        publish = self.file is not None and self.rows.device.type != "cpu"
+        if publish and now - self._published >= PUBLISH_INTERVAL_S:
+            self._published = now
+            self.file.values[:] = self.rows.cpu().numpy()

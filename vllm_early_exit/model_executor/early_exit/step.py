@@ -1,186 +1,293 @@
-"""The state a decode step carries from layer to layer, shared by the walkers.
+"""A step with decode rows: run a segment, check, leave or go on.
 
-A step's rows are all its tokens (prefill, decode and padding). Decode rows are
-the ones that may leave; ``remaining`` tracks those still running. Per-row
-request settings (``RowSettings``) arrive indexed by token row.
+``DecodeStep.run`` walks the segments of a ``StepPlan`` (``plan.py``) over a
+``RowState`` (``rows.py``). Every row stays in the step to its end and every
+tensor keeps the step's shape; a segment runs its layers for every row, with the
+rows that left held at their exit stream. The step is a chain of *branches*
+(``branches.py``): device work that reads nothing on the host, updates the row
+state in place and ends by writing one flag (``DecodeStep.work``):
+
+* ``run``: a segment's layers, then, at a decision point, its check: the signal
+  reads every row (``checks.py``), the policy picks the rows that leave (with
+  depth budgets and replayed exits), ``RowState.leave`` records the exits, and
+  the flag says whether any row still runs. With a shortlist the check stops
+  after its first stage, and the flag says whether some row may leave;
+* ``confirm`` (a shortlist): the full-vocabulary confirmation, then the exits;
+* ``forced`` (a shortlist's gate stayed shut): the exits of budgets and replays;
+* ``exit``: every row has left after layer L: the deeper layers get their K/V by
+  state propagation (``kv_fill.KVPropagator``), then the final norm;
+* ``finish``: the final norm after the last layer.
+
+``DecodeStep.run`` is the host's part: it takes a branch, reads the flag when the
+branch asks for it (``RowState.read_flag``, the step's only wait for the device:
+once per decision point, a shortlist's confirmation counted as a decision of its
+own) and picks the next branch. On a GPU the same branches are CUDA graphs
+(``graphs.py``). What the host knows without a read it does not read: a forced
+exit every row takes, and in a step that also computes prompt tokens the stack
+never ends early, so the host reads only a shortlist's gate there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch
-from vllm_early_exit.model_executor.early_exit.deferred import DeferredExits
+from vllm_early_exit.model_executor.early_exit.branches import CONFIRM, EXIT, FINISH, FORCED, RUN, Branch, BranchPlan
+from vllm_early_exit.model_executor.early_exit.checks import ExitCheck
+from vllm_early_exit.model_executor.early_exit.groups import CompiledStack
+from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, run_layers_holding
+from vllm_early_exit.model_executor.early_exit.plan import Segment, StepPlan
+from vllm_early_exit.model_executor.early_exit.policies import ExitPolicy
+from vllm_early_exit.model_executor.early_exit.requests import RowSettings
+from vllm_early_exit.model_executor.early_exit.rows import RowState
+from vllm_early_exit.model_executor.early_exit.stats import ExitCounters
 
 
-@dataclass(frozen=True)
-class RowSettings:
-    """The step's per-row settings, when any row has its own."""
+@dataclass
+class StepLog:
+    """What the host knows of a step after its walk."""
 
-    allowed: torch.Tensor | None
-    """False for rows whose request turned early exit off (``[rows]``), or None when all may leave."""
-    thresholds: torch.Tensor | None
-    """Per-row thresholds (float32, ``[rows]``), or None when every row uses the engine's."""
-    last_layers: torch.Tensor | None = None
-    """Per row, the last layer its depth budget allows (``max_layers - 1``; rows without
-    a budget get a layer past the stack), or None when no row has a budget."""
-    budget_layers: frozenset[int] = frozenset()
-    """The layers after which some row's budget ends."""
+    pure: bool
+    rows: int
+    decisions: int = 0
+    """Decision points reached, a shortlist's confirmation counted as one of its own."""
+    host_reads: int = 0
+    """Flags the host read."""
+    ended_after: int | None = None
+    """The layer after which every row had left (None: the step reached the last layer)."""
+    exits_without_logits: bool = False
+    """Some decision let rows leave without reading their full-vocabulary logits."""
 
     @property
-    def any_off(self) -> bool:
-        """True when some row's request turned early exit off."""
-        return self.allowed is not None
-
-    def on_token_rows(self, batch: DecodeBatch, num_rows: int) -> "RowSettings":
-        """These settings (one row per decode token) moved onto the step's token rows."""
-        if batch.pure:
-            return self
-
-        def scatter(values: torch.Tensor | None) -> torch.Tensor | None:
-            if values is None:
-                return None
-            out = values.new_zeros(num_rows)
-            out[batch.rows] = values
-            return out
-
-        return RowSettings(
-            allowed=scatter(self.allowed),
-            thresholds=scatter(self.thresholds),
-            last_layers=scatter(self.last_layers),
-            budget_layers=self.budget_layers,
-        )
+    def logits_complete(self) -> bool:
+        """Every row left with its sampling logits (the LM head need not run for this step)."""
+        return self.pure and self.ended_after is not None and not self.exits_without_logits
 
 
-NO_ROW_SETTINGS = RowSettings(None, None)
-
-
-@dataclass(frozen=True)
-class Exit:
-    """Rows that leave after a check layer."""
-
-    leaving: torch.Tensor
-    """Their token rows."""
-    stream: torch.Tensor
-    """Every row's residual stream after the layer (a tensor of its own)."""
-    everyone: bool
-    """True when the step is pure decode and no row is left running."""
-
-
-class StepState:
-    """Hidden state, residual and row bookkeeping of one step's walk down the stack."""
+class DecodeStep:
+    """Walks a step's rows down layers ``start..end-1`` (see the module docstring)."""
 
     def __init__(
         self,
-        hidden_states: torch.Tensor,
-        positions: torch.Tensor,
-        batch: DecodeBatch,
-        settings: RowSettings,
-        points: frozenset[int],
-        num_layers: int,
-        defers: bool = False,
+        layers: Sequence[nn.Module],
+        start: int,
+        end: int,
+        check: ExitCheck,
+        policy: ExitPolicy,
+        kv: KVPropagator,
+        counters: ExitCounters,
+        norm: nn.Module,
+        stack: CompiledStack | None = None,
     ) -> None:
-        self.hidden_states = hidden_states
-        self.residual: torch.Tensor | None = None
-        self.positions = positions
-        self.batch = batch
-        self.settings = settings
-        self.points = points
-        """Layers after which a decision may follow (check layers and budget ends)."""
-        rows = batch.num_tokens
-        self._logits_rows = rows
-        self.decode_rows = torch.arange(rows, device=positions.device) if batch.pure else batch.rows
-        self.remaining: torch.Tensor | None = None if batch.pure else batch.rows
-        """Decode rows still running; None while every row of a pure-decode step runs
-        (per-row tensors are then sliced, not gathered)."""
-        self.previous: torch.Tensor | None = None
-        """The stream entering the current check layer, for signals that read it."""
-        self.emitted: list[tuple[torch.Tensor, torch.Tensor]] = []
-        """(rows, stream they emit) for rows that left through an exit head."""
-        num_rows = hidden_states.shape[0]
-        self.depths = torch.full((num_rows,), num_layers, dtype=torch.int16, device=positions.device)
-        """Per token row, the depth code of its walk (``replay.py``): last layer run + 1."""
-        self.pinned: torch.Tensor | None = None
-        """Per token row, the layer after which a replayed row leaves (-1: decides live)."""
-        if batch.pinned is not None:
-            self.pinned = torch.full((num_rows,), -1, dtype=torch.long, device=positions.device)
-            self.pinned[batch.rows] = torch.tensor(batch.pinned, dtype=torch.long, device=positions.device)
-        self.pending: DeferredExits | None = (
-            DeferredExits() if defers and batch.pure and self.pinned is None and settings.last_layers is None else None
+        self.layers, self.start, self.end = layers, start, end
+        self.check, self.policy, self.kv, self.counters, self.norm = check, policy, kv, counters, norm
+        self.stack = stack
+        self.first_check = min(check.check_layers, default=None)
+        """The step's first check reads the full vocabulary (``vocab_top_k`` keeps its top tokens)."""
+        self._branches: dict[tuple, BranchPlan] = {}
+
+    @property
+    def full_checks(self) -> frozenset[int]:
+        """The check layers whose readout is the full vocabulary (with ``vocab_top_k``, the first)."""
+        check = self.check
+        if not check.signal.reads_logits:
+            return frozenset()
+        return frozenset(layer for layer in check.check_layers if check.reads_full_logits(layer == self.first_check))
+
+    def certain(self, rows: RowState) -> bool:
+        """Every row leaves at the first check whatever it reads (a forced exit, no request
+        threshold of its own, no request with early exit off): known on the host."""
+        return self.certain_of(rows.settings)
+
+    def certain_of(self, settings: RowSettings) -> bool:
+        return self.check.certain(settings.own_thresholds) and not settings.any_off
+
+    def branches(self, plan: StepPlan, rows: RowState, forced_points: frozenset[int]) -> BranchPlan:
+        """The branch chain of this step (``branches.py``), made once per kind of step."""
+        key = (plan, rows.pure, self.certain(rows), forced_points)
+        if key not in self._branches:
+            self._branches[key] = BranchPlan.of(
+                plan, pure=rows.pure, two_stage=self.check.two_stage, certain=key[2],
+                full_checks=self.full_checks, forced_points=forced_points,
+            )
+        return self._branches[key]
+
+    # --- the executor: the host's part ---------------------------------------------------
+
+    def run(self, branches: BranchPlan, rows: RowState, log: StepLog) -> torch.Tensor:
+        """The stack's output for every row: its last stream through the final norm."""
+        branch: Branch | None = branches.start
+        width = None
+        while branch is not None:
+            self.count(branch, log)
+            self.tally(branch, log.pure)
+            self.work(branch, rows, width)
+            flag = None
+            if branch.reads_flag:
+                log.host_reads += 1
+                if branch.gate:  # the confirmation reads just the rows that passed
+                    width = rows.read_count()
+                    flag = width > 0
+                else:
+                    flag = rows.read_flag()
+            branch = branch.next(flag)
+        return rows.output
+
+    def count(self, branch: Branch, log: StepLog) -> None:
+        """What the host learns of the step by taking ``branch``."""
+        log.decisions += branch.decisions
+        if branch.kind == CONFIRM:
+            # A confirmation reads the rows that passed the first stage: rows that a budget or
+            # a quorum takes along leave without their logits.
+            unread = branch.forced_point or self.policy.name == "quorum"
+            log.exits_without_logits |= unread or not branch.full_readout
+        elif branch.kind == RUN and branch.segment.decision:
+            log.exits_without_logits |= not branch.gate and not branch.full_readout
+        elif branch.kind == FORCED:
+            log.exits_without_logits = True
+        elif branch.kind == EXIT:
+            log.ended_after = branch.layer
+
+    def tally(self, branch: Branch, pure: bool) -> None:
+        """The engine's counters of taking ``branch`` (``graphs.ProgramRun.fold`` counts the same
+        on the device when the host does not walk the branches)."""
+        self.counters.full_readouts += branch.full_readout
+        if branch.kind == EXIT:
+            self.counters.step(branch.layer)
+        elif branch.kind == FINISH and pure:
+            self.counters.step(None)
+
+    # --- the branches: device work, no host read -----------------------------------------
+
+    def work(self, branch: Branch, rows: RowState, width: int | None = None) -> None:
+        """One branch's device work: it reads nothing on the host, updates ``rows`` in place and
+        ends by writing ``rows.flag`` (``exit`` and ``finish``: ``rows.output``). ``width``: how many
+        rows a confirmation reads, as its gate counted them (None: every row, as a graph does)."""
+        if branch.kind == RUN:
+            self.segment(branch.segment, rows, gate=branch.gate)
+        elif branch.kind == CONFIRM:
+            self.confirm(branch.segment, rows, width)
+        elif branch.kind == FORCED:
+            self.leave_forced(branch.layer, rows)
+        elif branch.kind == EXIT:
+            self.exit(branch.layer, rows)
+        else:
+            self.finish(rows)
+
+    def segment(self, segment: Segment, rows: RowState, gate: bool = False) -> None:
+        """The segment's layers for every row (frozen rows held at their stream), then its
+        decision, or with ``gate`` its check's first stage."""
+        if segment.reads_previous:
+            rows.previous.copy_(rows.stream())
+        self.run_layers(segment, rows)
+        if gate:
+            self.first_stage(segment, rows)
+        elif segment.decision:
+            self.decide(segment, rows)
+
+    def run_layers(self, segment: Segment, rows: RowState) -> None:
+        keep = rows.keep
+        if segment.skipped:
+            if rows.pure:  # no row runs a skipped layer: its K/V comes from the stream
+                self.kv.fill(rows.positions, rows.stream(), segment.first, segment.stop)
+                return
+            keep = keep * (~rows.decode).unsqueeze(1)  # prompt rows run it; decode rows pass at their stream
+        if self.stack is not None and self.stack.has(segment.bounds):
+            out = self.stack.run(segment.bounds, rows.positions, rows.hidden_states, rows.residual, keep)
+        else:
+            layers = self.layers[segment.first : segment.stop]
+            out = run_layers_holding(layers, rows.positions, rows.hidden_states, rows.residual, keep)
+        rows.advance(*out)
+
+    def decide(self, segment: Segment, rows: RowState) -> None:
+        """A one-stage decision: the check's reading (if the segment ends at a check layer), the
+        policy with budgets and pins, the exits; ``rows.flag``: does any row still run."""
+        stream = rows.stream()
+        exit_stream = self.exit_stream(segment, stream)
+        confident, logits = torch.zeros_like(rows.running), None
+        if segment.check and self.certain(rows):
+            confident = torch.ones_like(rows.running)
+        elif segment.check:
+            confident, logits = self.read(segment, rows, stream, exit_stream)
+        self.leave(segment.last, rows, confident, stream, logits, exit_stream)
+
+    def first_stage(self, segment: Segment, rows: RowState) -> None:
+        """A shortlist's first stage: ``rows.passing`` and, in ``rows.flag``, whether some row's
+        confirmation could let it leave (the policy counting passing and forced rows)."""
+        layer = segment.last
+        stream = rows.stream()
+        exit_stream = self.exit_stream(segment, stream)
+        settings, deciding = rows.settings, rows.deciding()
+        passing = self.check.first_stage(
+            layer, stream, stream if exit_stream is None else exit_stream, rows.previous, settings.thresholds
         )
-        """The exits waiting for their confirmation (``deferred.py``), in steps that defer them."""
+        rows.passing.copy_(passing & settings.allowed & deciding)
+        votes = rows.passing | rows.forced(layer) if layer in settings.budget_layers else rows.passing
+        gate = self.policy.rows_to_exit(votes, deciding) & rows.passing
+        rows.count.copy_(gate.sum())
+        rows.flag.copy_(rows.count > 0)
 
-    def stream(self) -> torch.Tensor:
-        """Every row's residual stream, as a new tensor (vLLM's fused add+norm may work in place)."""
-        if self.residual is None:  # before the first layer
-            return self.hidden_states.clone()
-        return self.hidden_states + self.residual
+    def confirm(self, segment: Segment, rows: RowState, width: int | None = None) -> None:
+        """A shortlist's confirmation: the full readout of the rows that passed the first stage
+        (``width`` of them, gathered; None: every row), confident where both stages are, then the
+        exits; ``rows.flag``: does any row still run."""
+        stream = rows.stream()
+        exit_stream = self.exit_stream(segment, stream)
+        if width is None:
+            confident, logits = self.read(segment, rows, stream, exit_stream)
+            self.leave(segment.last, rows, confident & rows.passing, stream, logits, exit_stream)
+            return
+        # The passing rows first (a stable sort of a 0/1 key), then the first ``width`` of them.
+        read = torch.argsort((~rows.passing).to(torch.int8), stable=True)[:width]
+        confident_read, logits = self.read(segment, rows, stream, exit_stream, read)
+        confident = torch.zeros_like(rows.passing).index_copy_(0, read, confident_read)
+        self.leave(segment.last, rows, confident & rows.passing, stream, logits, exit_stream, read)
 
-    @property
-    def candidates(self) -> torch.Tensor:
-        """Decode rows still running."""
-        return self.decode_rows if self.remaining is None else self.remaining
+    def read(
+        self, segment: Segment, rows: RowState, stream: torch.Tensor, exit_stream: torch.Tensor | None,
+        read: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The check's verdict and the full-vocabulary logits it read (or None), of every row or
+        of the rows ``read``."""
+        readout_stream = stream if exit_stream is None else exit_stream
+        previous, thresholds = rows.previous, rows.settings.thresholds
+        if read is not None:
+            stream, readout_stream, thresholds = stream[read], readout_stream[read], thresholds[read]
+            previous = None if previous is None else previous[read]
+        reading = self.check.read(
+            segment.last, stream, readout_stream, previous, thresholds, first=segment.last == self.first_check,
+        )
+        return reading.confident, reading.logits
 
-    @property
-    def running_rows(self) -> int:
-        return self._logits_rows if self.remaining is None else self.remaining.numel()
+    def leave_forced(self, layer: int, rows: RowState) -> None:
+        """The rows a budget or a pin makes leave after ``layer`` when no row passed the first stage."""
+        self.leave(layer, rows, torch.zeros_like(rows.running), rows.stream(), None, None)
 
-    def of_candidates(self, per_row: torch.Tensor | None) -> torch.Tensor | None:
-        """The candidates' rows of a per-row tensor."""
-        if per_row is None:
+    def leave(
+        self, layer: int, rows: RowState, confident: torch.Tensor, stream: torch.Tensor,
+        logits: torch.Tensor | None, exit_stream: torch.Tensor | None, read: torch.Tensor | None = None,
+    ) -> None:
+        settings, deciding = rows.settings, rows.deciding()
+        votes = confident & settings.allowed
+        if layer in settings.budget_layers:
+            votes = votes | rows.forced(layer)
+        leave = rows.pin(self.policy.rows_to_exit(votes, deciding), layer)
+        rows.leave(leave, layer, stream, logits, exit_stream, read)
+
+    def exit_stream(self, segment: Segment, stream: torch.Tensor) -> torch.Tensor | None:
+        """Every row's stream through the check layer's exit head (None: no heads, or no check)."""
+        if not segment.check or self.check.heads is None:
             return None
-        return per_row[: self._logits_rows] if self.remaining is None else per_row[self.remaining]
+        return self.check.exit_stream(segment.last, stream)
 
-    def candidate_settings(self, layer: int) -> dict[str, torch.Tensor | None]:
-        """The candidates' own thresholds, permissions and budgets at ``layer``."""
-        settings = self.settings
-        last = self.of_candidates(settings.last_layers)
-        return {
-            "thresholds": self.of_candidates(settings.thresholds),
-            "allowed": self.of_candidates(settings.allowed),
-            "forced": None if last is None else last <= layer,
-        }
+    def exit(self, layer: int, rows: RowState) -> None:
+        """Every row left by ``layer``: the deeper layers' K/V from each row's stream, then the norm."""
+        self.kv.fill(rows.positions, rows.stream(), layer + 1, self.end)
+        rows.output.copy_(self.norm(*rows.finish(counted=False))[0])
 
-    def ensure_residual(self) -> None:
-        if self.residual is None:  # only skipped layers so far
-            self.residual = torch.zeros_like(self.hidden_states)
-
-    def pin(self, leave: torch.Tensor | None, layer: int) -> torch.Tensor | None:
-        """The policy's ``leave`` mask over the candidates, with replayed rows leaving exactly
-        after their recorded layer (None stays None when no row is pinned)."""
-        if self.pinned is None:
-            return leave
-        pinned = self.of_candidates(self.pinned)
-        here = pinned == layer
-        return here if leave is None else torch.where(pinned >= 0, here, leave)
-
-    def live(self, rows: torch.Tensor) -> int:
-        """How many of ``rows`` decide live (the host syncs only in replay steps)."""
-        return rows.numel() if self.pinned is None else int((self.pinned[rows] < 0).sum())
-
-    def decode_depths(self) -> torch.Tensor:
-        """The depth codes of the decode rows, in decode-row order."""
-        return self.depths[: self._logits_rows] if self.batch.pure else self.depths[self.batch.rows]
-
-    def left(self, leave: torch.Tensor) -> None:
-        """The candidates marked in ``leave`` are no longer running."""
-        self.remaining = self.candidates[~leave]
-
-    def final_stream(self, stream: torch.Tensor) -> torch.Tensor:
-        """Every row's last stream when all left after one check (``stream``: the check's);
-        rows that left through a head emit the head's stream."""
-        for leaving, exit_stream in self.emitted:
-            stream[leaving] = exit_stream
-        return stream
-
-    def final_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden state and residual at the end of the stack, in vLLM's fused layout: the final
-        norm then adds them as vLLM's own forward does (in float32 where the norm does).
-        Rows that left through a head hold the head's stream."""
-        self.ensure_residual()
-        for leaving, exit_stream in self.emitted:
-            self.hidden_states[leaving] = 0
-            self.residual[leaving] = exit_stream
-        return self.hidden_states, self.residual
+    def finish(self, rows: RowState) -> None:
+        """The walk reached the last layer: the rows still running went the full depth."""
+        rows.output.copy_(self.norm(*rows.finish(counted=True))[0])

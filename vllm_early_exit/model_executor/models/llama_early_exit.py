@@ -2,15 +2,18 @@
 
 ``EarlyExitLlamaForCausalLM`` is vLLM's ``LlamaForCausalLM`` with its decoder
 stack replaced by ``EarlyExitLlamaModel`` (through the ``_init_model`` hook).
-Steps without decode tokens and vLLM's dummy runs take the full stack; steps
-with decode tokens are walked down the stack by a walker (``early_exit/walkers.py``:
-eager, or compiled groups with ``compile``), which lets decode rows leave after a
-check layer or at their request's depth budget and skip the ``skip_layers``.
-``compute_logits`` reuses the logits of rows that left through a full-vocabulary
-check (``early_exit/exit_logits.py``). Weights, weight loading and sampling are vLLM's.
+Steps without decode tokens and vLLM's dummy runs take the full stack; a step
+with decode tokens is walked down the stack by ``DecodeStep`` (``early_exit/step.py``)
+on fixed shapes: run a segment of layers, check, leave or go on. Before the walk
+the model reads, on the host, what the runner holds for the step
+(``early_exit/runner.py``): its decode rows and the requests' own settings, which
+it keeps in persistent buffers (``early_exit/requests.py``). ``compute_logits``
+reuses the logits rows left with. Weights, weight loading and sampling are vLLM's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,19 +23,21 @@ from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 from vllm_early_exit.config import EarlyExitConfig
-from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch, current_step_metadata, decode_batch
-from vllm_early_exit.model_executor.early_exit.decision import ExitDecider, LogitReadout
-from vllm_early_exit.model_executor.early_exit.groups import CompiledStack, compiling, group_bounds
+from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch
+from vllm_early_exit.model_executor.early_exit.checks import ExitCheck, LogitReadout
+from vllm_early_exit.model_executor.early_exit.groups import CompiledStack, compiling
 from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, check_kv_fill_supported
-from vllm_early_exit.model_executor.early_exit.replay import ExitRecord, note_step, with_replay
-from vllm_early_exit.model_executor.early_exit.stats import ExitStats, PeriodicStatsLogger
-from vllm_early_exit.model_executor.early_exit.step import NO_ROW_SETTINGS, RowSettings, StepState
-from vllm_early_exit.model_executor.early_exit.walkers import EagerWalker, GroupedWalker, Walker
-from vllm_early_exit.plugin.metrics import SharedCounters
-from vllm_early_exit.plugin.requests import RequestRows
+from vllm_early_exit.model_executor.early_exit.plan import StepPlan, plan
+from vllm_early_exit.model_executor.early_exit.policies import make_policy
+from vllm_early_exit.model_executor.early_exit.replay import ExitRecord, note_step
+from vllm_early_exit.model_executor.early_exit.requests import RequestTable, RowSettings
+from vllm_early_exit.model_executor.early_exit.rows import RowState
+from vllm_early_exit.model_executor.early_exit.runner import RunnerView
+from vllm_early_exit.model_executor.early_exit.stats import CounterFile, ExitCounters
+from vllm_early_exit.model_executor.early_exit.step import DecodeStep, StepLog
 
 
-@ignore_torch_compile  # the decisions are Python between layers: only ``LayerGroup``s compile
+@ignore_torch_compile  # the decisions sit between segments: only ``LayerGroup``s compile
 class EarlyExitLlamaModel(LlamaModel):
     """``LlamaModel`` whose decode tokens may leave the layer stack early."""
 
@@ -47,42 +52,53 @@ class EarlyExitLlamaModel(LlamaModel):
         config = EarlyExitConfig.from_additional_config(vllm_config.additional_config)
         num_layers = self.config.num_hidden_layers
         self.exit_config = config
-        self.exit_stats = ExitStats(num_layers, skip_layers=config.skip_layers)
-        self.decider = ExitDecider(config, num_layers, self.exit_stats)
+        self.check = ExitCheck(config, num_layers)
+        self.policy = make_policy(config.policy, config.quorum)
         first_rank = get_tensor_model_parallel_rank() == 0
-        self.stats_logger = PeriodicStatsLogger(config.log_interval_s, enabled=config.enabled and first_rank)
         served = vllm_config.model_config.served_model_name
-        self.shared_counters = (
-            SharedCounters.from_env(served if isinstance(served, str) else served[0], num_layers, config.skip_layers)
+        counter_file = (
+            CounterFile.from_env(served if isinstance(served, str) else served[0], num_layers, config.skip_layers)
             if config.enabled and first_rank
             else None
         )
-        self.request_rows = RequestRows.of_loading_runner() if config.enabled else None
-        self.pure_decode_rows: int | None = None
-        """The last step's token rows when it was pure decode (its logits rows), else None."""
-        self.exit_record = (
-            ExitRecord(num_layers, self.request_rows.runner.requests) if self.request_rows is not None else None
+        self.exit_counters = ExitCounters(
+            num_layers, config.skip_layers, counter_file, config.log_interval_s if config.enabled and first_rank else 0
+        )
+        self.runner = RunnerView.of_loading_runner() if config.enabled else None
+        self.exit_record = ExitRecord(num_layers, self.runner.live_requests) if self.runner is not None else None
+        scheduler = vllm_config.scheduler_config
+        self.requests = RequestTable(
+            max(scheduler.max_num_seqs, scheduler.max_num_batched_tokens), num_layers, config.threshold,
+            torch.get_default_device(),  # the device vLLM builds the model on
         )
         if config.enabled:
             check_kv_fill_supported(self.layers[self.start_layer : self.end_layer])
+        self._plans: dict[frozenset[int], StepPlan] = {}
+        self.engine_plan = self.plan_with(frozenset())
         self.compiled_stack = (
-            CompiledStack(vllm_config, self.layers, self._group_bounds(), prefix)
+            CompiledStack(vllm_config, self.layers, self.engine_plan.bounds, prefix)
             if config.may_compile and compiling(vllm_config)
             else None
         )
-        self.kv_propagator = KVPropagator(self.layers, self.start_layer, self.end_layer, self.decider.check_layers)
-        parts = (self.layers, self.start_layer, self.end_layer, self.decider, self.kv_propagator, self.exit_stats)
-        self.eager_walker = EagerWalker(*parts)
-        self.grouped_walker = (
-            GroupedWalker(*parts, stack=self.compiled_stack) if self.compiled_stack is not None else None
+        self.kv_propagator = KVPropagator(self.layers, self.start_layer, self.end_layer, self.check.check_layers)
+        self.decode_step = DecodeStep(
+            self.layers, self.start_layer, self.end_layer, self.check, self.policy, self.kv_propagator,
+            self.exit_counters, self.norm, self.compiled_stack,
         )
+        self.last_step: StepLog | None = None
+        """What the host knows of the last step with decode rows (None: a full-depth step)."""
+        self.step_logits: tuple[StepLog, torch.Tensor, torch.Tensor] | None = None
+        """The last pure-decode step's kept logits (its log, the logits, which rows took them)."""
 
-    def _group_bounds(self) -> list[tuple[int, int]]:
-        decider = self.decider
-        return group_bounds(
-            self.start_layer, self.end_layer, decider.check_layers, decider.skip_layers,
-            cut_before_checks=decider.needs_previous,
-        )
+    def plan_with(self, extra_points: frozenset[int]) -> StepPlan:
+        """The step plan with the engine's decision points and ``extra_points`` (budget ends,
+        replayed exits), made once per set of points."""
+        if extra_points not in self._plans:
+            self._plans[extra_points] = plan(
+                self.start_layer, self.end_layer, self.check.check_layers, self.exit_config.skip_layers,
+                extra_points, cut_before_checks=self.check.reads_previous,
+            )
+        return self._plans[extra_points]
 
     def forward(
         self,
@@ -92,62 +108,89 @@ class EarlyExitLlamaModel(LlamaModel):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
-        self.decider.begin_step()
-        if self.decider.enabled:
-            self.kv_propagator.ensure_kv_projections()
-        batch = self._decode_batch(positions.device) if self.decider.enabled else None
-        self.pure_decode_rows = batch.num_tokens if batch is not None and batch.pure else None
-        if batch is None:
+        step = self.prepare_step(positions)
+        return self.run_step(step, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def run_step(self, step, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        """A prepared step (``prepare_step``) walked eagerly, or every layer when it is None."""
+        if step is None:
             return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        settings = self._row_settings(batch, positions.device)
-        unchecked = self._over_exit_batch(batch, settings)
-        if unchecked or self._keeps_full_depth(batch, settings):
-            self.exit_stats.unchecked_steps += unchecked
-            if batch.pure:
-                self.exit_stats.record_step(None)
-            self._count(None, batch.num_live)
-            return self._full_depth(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        batch, settings = step
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        settings = settings.on_token_rows(batch, hidden_states.shape[0])
-        points = self.decider.check_layers | settings.budget_layers | batch.pinned_layers
-        state = StepState(
-            hidden_states, positions, batch, settings, points, self.config.num_hidden_layers, self.decider.defers
+        num_rows = positions.shape[0]
+        rows = RowState(
+            hidden_states, positions, self._decode_rows(batch, num_rows, positions.device), settings,
+            self.config.num_hidden_layers, self.exit_counters, self._pins(batch, num_rows, positions.device),
+            pure=batch.pure,
         )
-        hidden_states = self._walker(points).walk(state)
-        self.decider.exit_logits.seal(batch.num_tokens if batch.pure else None)
+        points = settings.budget_layers | batch.pinned_layers
+        branches = self.decode_step.branches(self.plan_with(points), rows, points)
+        return self.walk(batch, rows, lambda log: self.decode_step.run(branches, rows, log))
+
+    def prepare_step(self, positions: torch.Tensor) -> tuple[DecodeBatch, RowSettings] | None:
+        """The host's work before a step (no device read): its decode rows and their settings;
+        None when the step runs every layer for every row (counted when it has decode rows)."""
+        self.last_step, self.step_logits = None, None
+        if self.runner is None:
+            return None
+        self.kv_propagator.ensure_kv_projections()
+        batch, replayed = self.runner.decode_batch(
+            self.exit_record, self.policy.per_row, bool(self.exit_config.skip_layers), positions.device
+        )
+        if batch is None:
+            return None
+        self.exit_counters.replayed_tokens += replayed
+        self.runner.write_settings(self.requests)
+        num_rows = positions.shape[0]
+        settings = (
+            self.requests.rows(num_rows, batch.num_tokens)
+            if batch.pure
+            else self.requests.scattered(num_rows, batch.rows, batch.request_indices)
+        )
+        if self._runs_full_depth(batch, settings):
+            self._count_full_depth(batch)
+            return None
+        return batch, settings
+
+    def walk(self, batch: DecodeBatch, rows: RowState, run: Callable[[StepLog], torch.Tensor]) -> torch.Tensor:
+        """Runs a step's branches (``run``: eagerly, or replaying graphs) and records it."""
+        log = StepLog(batch.pure, batch.num_tokens)
+        hidden_states = run(log)
+        self.last_step = log
+        if batch.pure and rows.logits is not None:
+            self.step_logits = (log, rows.logits, rows.taken)
         if batch.num_live:
-            note_step(self.exit_record, self.request_rows.input_batch, batch, state.decode_depths())
-        self._publish()
+            depths = rows.depths[: batch.num_tokens] if batch.pure else rows.depths[batch.rows]
+            note_step(self.exit_record, self.runner.input_batch, batch, depths.clone())
+        self.exit_counters.after_step()
         return hidden_states
 
-    def _decode_batch(self, device: torch.device) -> DecodeBatch | None:
-        """The step's decode rows, with the replayed rows of recomputes after preemption (``replay.py``)."""
-        if self.request_rows is None:
-            return None  # no step is taken as decode without the runner's batch (``batch.py``)
-        meta, input_batch = current_step_metadata(), self.request_rows.input_batch
-        batch = decode_batch(meta, input_batch)
-        if meta is None:
-            return batch
-        per_row = self.decider.policy.per_row
-        replay = self.exit_record.replay(meta, input_batch, skips=bool(self.decider.skip_layers), live_last=per_row)
-        if replay is None:
-            return batch
-        self.exit_stats.replayed_tokens += sum(p >= 0 for p in replay.pinned)
-        return with_replay(batch, replay, meta, keep_live=per_row, device=device)
+    @staticmethod
+    def _decode_rows(batch: DecodeBatch, num_rows: int, device: torch.device) -> torch.Tensor:
+        """The decode rows of the step as a mask over its token rows."""
+        if batch.pure:
+            return torch.arange(num_rows, device=device) < batch.num_tokens
+        decode = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        decode[batch.rows] = True
+        return decode
 
-    def _row_settings(self, batch: DecodeBatch, device: torch.device) -> RowSettings:
-        """The decode rows' own request settings (one row per decode token)."""
-        if self.request_rows is None:
-            return NO_ROW_SETTINGS
-        settings = self.request_rows.settings(
-            batch.request_indices, self.decider.threshold, self.config.num_hidden_layers, device
-        )
-        return NO_ROW_SETTINGS if settings is None else settings
+    @staticmethod
+    def _pins(batch: DecodeBatch, num_rows: int, device: torch.device) -> torch.Tensor | None:
+        """Per token row, the layer a replayed row leaves after (-1: it decides live)."""
+        if batch.pinned is None:
+            return None
+        pinned = torch.full((num_rows,), -1, dtype=torch.long, device=device)
+        pinned[batch.rows] = torch.tensor(batch.pinned, dtype=torch.long, device=device)
+        return pinned
 
-    def _keeps_full_depth(self, batch: DecodeBatch, settings: RowSettings) -> bool:
-        if self.decider.policy.per_row:
+    def _runs_full_depth(self, batch: DecodeBatch, settings: RowSettings) -> bool:
+        """Steps that run every layer for every row with no check."""
+        if self._over_exit_batch(batch, settings):
+            self.exit_counters.unchecked_steps += 1
+            return True
+        if self.policy.per_row:
             # Skipping is for every decode row: a request with early exit off keeps its step full depth.
-            return settings.any_off and bool(self.decider.skip_layers)
+            return settings.any_off and bool(self.exit_config.skip_layers)
         # The step leaves as a whole: not while it prefills too (but for replayed rows of a
         # recompute, ``replay.py``), nor when a request turned early exit off.
         return settings.any_off or not (batch.pure or batch.num_live == 0)
@@ -158,11 +201,14 @@ class EarlyExitLlamaModel(LlamaModel):
         limit = self.exit_config.max_exit_batch
         return limit is not None and batch.num_tokens > limit and batch.pinned is None and not settings.budget_layers
 
-    def _walker(self, points: frozenset[int]) -> Walker:
-        """Compiled groups when the step's decision points all fall on their cuts
-        (a per-request budget elsewhere walks the layers one by one)."""
-        grouped = self.grouped_walker
-        return grouped if grouped is not None and self.compiled_stack.covers(points) else self.eager_walker
+    def _count_full_depth(self, batch: DecodeBatch) -> None:
+        """A step with decode rows that runs every layer for every row: counted as such."""
+        counters = self.exit_counters
+        self.last_step = StepLog(batch.pure, batch.num_tokens)
+        if batch.pure:
+            counters.step(None)
+        counters.rows[self.config.num_hidden_layers] += batch.num_live
+        counters.after_step()
 
     def _full_depth(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
         """Every layer for every row: vLLM's own forward, or the compiled whole stack."""
@@ -174,14 +220,14 @@ class EarlyExitLlamaModel(LlamaModel):
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
-    def _count(self, exit_layer: int | None, rows: int) -> None:
-        self.exit_stats.record(exit_layer, rows)
-        self._publish()
-
-    def _publish(self) -> None:
-        self.stats_logger.maybe_log(self.exit_stats)
-        if self.shared_counters is not None:
-            self.shared_counters.publish(self.exit_stats)
+    def take_step_logits(self, num_rows: int) -> tuple[bool, torch.Tensor, torch.Tensor] | None:
+        """The kept logits of the last step, once, if it was a pure-decode step of ``num_rows``
+        logits rows: (whether every row took them, the logits, which rows took them)."""
+        kept, self.step_logits = self.step_logits, None
+        if kept is None or kept[0].rows != num_rows:
+            return None
+        log, logits, taken = kept
+        return log.logits_complete, logits[:num_rows], taken[:num_rows]
 
 
 class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
@@ -193,9 +239,7 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self.model.decider.bind_readout(
-            LogitReadout(self.model.norm, self.lm_head, self.logits_processor)
-        )
+        self.model.check.bind_readout(LogitReadout(self.model.norm, self.lm_head, self.logits_processor))
 
     def load_weights(self, weights):
         """vLLM's loading, then the K/V-only projections state propagation fills with
@@ -206,13 +250,18 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         return loaded
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """vLLM's logits, but rows that left through a full-vocabulary check keep that check's logits."""
-        stats = self.model.exit_stats
-        logits, reused, computed = self.model.decider.exit_logits.logits(hidden_states, super().compute_logits)
-        stats.sampled_from_checks += reused
-        if computed and self.model.pure_decode_rows == hidden_states.shape[0]:
-            stats.sampling_products += 1
-        return logits
+        """vLLM's logits, but rows that left through a full-vocabulary check keep that check's logits
+        (when every row did, the LM head does not run)."""
+        kept = self.model.take_step_logits(hidden_states.shape[0])
+        if kept is None:
+            if self.model.last_step is not None and self.model.last_step.pure:
+                self.model.exit_counters.sampling_products += 1
+            return super().compute_logits(hidden_states)
+        complete, logits, taken = kept
+        if complete:
+            return logits
+        self.model.exit_counters.sampling_products += 1
+        return torch.where(taken.unsqueeze(1), logits, super().compute_logits(hidden_states))
 
     def _init_model(
         self,

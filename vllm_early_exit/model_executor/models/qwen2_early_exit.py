@@ -11,7 +11,7 @@ config by the start-up checks (``plugin/checks.py`` calls
 config travels to the engine and worker processes).
 
 Why not a subclass of vLLM's ``Qwen2ForCausalLM``: the early-exit model is a
-``LlamaModel`` subclass (walkers, K/V fill, compiled groups, exit logits); a
+``LlamaModel`` subclass (the decode step, K/V fill, compiled groups, kept logits); a
 Qwen2 copy would repeat all of it for a one-flag difference. Why not a second
 registered architecture: the plugin picks the architecture from
 ``additional_config`` before the model's config is read, so one architecture for

@@ -1,0 +1,176 @@
+"""The rows of one step on their way down the stack: the one place a row leaves.
+
+Every row of the step stays in it to its end, so every tensor keeps the step's
+shape, and every update is made in place: the state lives at the same addresses
+from the first layer to the last, as CUDA graphs captured between decision
+points need (``graphs.py``). A row that leaves after layer L is *frozen*: its
+hidden state becomes 0 and its residual the stream it left with, and every later
+segment holds it there (``kv_fill.run_layers_holding``), so each deeper layer's
+attention writes its K/V from that stream, which is what state propagation
+writes. ``RowState.leave`` records everything an exit means, on the device and
+for every row at once: the depth it reached, the frozen stream, the stream it
+emits (its exit head's), the logits it is sampled from, and the counters.
+
+Which rows decide: the decode rows that are still running (``running``). Prompt
+rows of a mixed step and padding rows never leave. A replayed row of a recompute
+after preemption (``pinned >= 0``) leaves exactly after its recorded layer and is
+not counted as an exit again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_early_exit.model_executor.early_exit.requests import RowSettings
+from vllm_early_exit.model_executor.early_exit.stats import ExitCounters
+
+
+class RowState:
+    """Hidden state, residual and the rows' exit bookkeeping of one step (``[rows]`` tensors)."""
+
+    def __init__(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        decode: torch.Tensor,
+        settings: RowSettings,
+        num_layers: int,
+        counters: ExitCounters,
+        pinned: torch.Tensor | None = None,
+        pure: bool = True,
+    ) -> None:
+        self.hidden_states = hidden_states.clone()
+        self.residual = torch.zeros_like(hidden_states)
+        self.positions = positions
+        self.settings = settings
+        self.counters = counters
+        self.pure = pure
+        """No prompt row: the stack may end early when no row runs."""
+        self.num_layers = num_layers
+        self.decode = decode
+        """Decode rows (boolean ``[rows]``): the rows that may leave."""
+        self.running = decode.clone()
+        """Decode rows still running."""
+        self.pinned = pinned
+        """Per row, the layer after which a replayed row leaves (-1: it decides live); None: none."""
+        self.live = decode if pinned is None else decode & (pinned < 0)
+        """Decode rows that decide live (counted as exits)."""
+        self.depths = torch.full_like(decode, num_layers, dtype=torch.int16)
+        """Per row, the depth code of its walk (``replay.py``): last layer run + 1."""
+        self.keep = hidden_states.new_ones(hidden_states.shape[0], 1)
+        """1.0 for rows that run the next layers, 0.0 for frozen rows."""
+        self.previous = torch.empty_like(hidden_states)
+        """The stream entering the current check layer, for signals that read it."""
+        self.passing = torch.zeros_like(decode)
+        """Rows that passed the current check's first stage (a shortlist), waiting for its confirmation."""
+        self.flag = torch.zeros((), dtype=torch.bool, device=decode.device)
+        """What the host reads after a branch: does any row still run (or pass the first stage)."""
+        self.count = torch.zeros((), dtype=torch.long, device=decode.device)
+        """After a shortlist's first stage: how many rows its confirmation reads."""
+        self.output = torch.empty_like(hidden_states)
+        """The stack's output: every row's last stream through the final norm."""
+        self.logits: torch.Tensor | None = None
+        """Per row, the full-vocabulary logits it left with (``taken``), for sampling."""
+        self.taken = torch.zeros_like(decode)
+        self.emitted: torch.Tensor | None = None
+        """Per row, the stream it emits when it left through an exit head (``emits``)."""
+        self.emits = torch.zeros_like(decode)
+
+    def load(self, hidden_states: torch.Tensor, decode: torch.Tensor) -> None:
+        """Starts another pure-decode step in these tensors (a captured step's persistent rows):
+        its embeddings and its decode rows; every other tensor as a new ``RowState`` has it."""
+        self.hidden_states.copy_(hidden_states)
+        self.residual.zero_()
+        self.decode.copy_(decode)
+        self.running.copy_(decode)
+        self.depths.fill_(self.num_layers)
+        self.keep.fill_(1.0)
+        self.passing.zero_()
+        self.flag.zero_()
+        self.count.zero_()
+        self.taken.zero_()
+        self.emits.zero_()
+
+    def stream(self) -> torch.Tensor:
+        """Every row's residual stream, as a new tensor (vLLM's fused add+norm may work in place)."""
+        return self.hidden_states + self.residual
+
+    def advance(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> None:
+        """The state after a segment's layers."""
+        self.hidden_states.copy_(hidden_states)
+        self.residual.copy_(residual)
+
+    def deciding(self) -> torch.Tensor:
+        """The rows whose vote counts at a decision: decode rows still running that decide live."""
+        return self.running & self.live
+
+    def forced(self, layer: int) -> torch.Tensor:
+        """Rows whose depth budget ends after ``layer``: they leave whether confident or not."""
+        return self.running & (self.settings.last_layers <= layer)
+
+    def pin(self, leave: torch.Tensor, layer: int) -> torch.Tensor:
+        """``leave`` with replayed rows leaving exactly after their recorded layer."""
+        if self.pinned is None:
+            return leave
+        return torch.where(self.pinned >= 0, self.running & (self.pinned == layer), leave)
+
+    def leave(
+        self,
+        leave: torch.Tensor,
+        layer: int,
+        stream: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        exit_stream: torch.Tensor | None = None,
+        read: torch.Tensor | None = None,
+    ) -> None:
+        """Rows in ``leave`` (a subset of ``running``) leave after ``layer`` at ``stream``.
+
+        ``logits``: the full-vocabulary logits read at this layer, of every row or, with ``read``
+        (row indices), of those rows (the leaving rows are sampled from theirs in a pure-decode
+        step); ``exit_stream``: every row's stream through the layer's exit head (the leaving rows
+        emit theirs). Ends by setting ``flag``: does any row still run."""
+        column = leave.unsqueeze(1)
+        self.depths.masked_fill_(leave, layer + 1)
+        self.hidden_states.masked_fill_(column, 0.0)
+        self.residual.copy_(torch.where(column, stream, self.residual))
+        self.keep.masked_fill_(column, 0.0)
+        self.running &= ~leave
+        live = leave & self.live
+        self.counters.exits(layer, live)
+        if exit_stream is not None:
+            if self.emitted is None:
+                self.emitted = torch.zeros_like(exit_stream)
+            self.emitted.copy_(torch.where(column, exit_stream, self.emitted))
+            self.emits |= leave
+        if logits is not None and self.pure:
+            if self.logits is None:
+                self.logits = logits.new_zeros(leave.shape[0], logits.shape[1])
+            if read is None:
+                self.logits.copy_(torch.where(column, logits, self.logits))
+                taken = leave
+            else:
+                taken = torch.zeros_like(leave).index_fill_(0, read, True) & leave
+                kept = torch.where(taken[read].unsqueeze(1), logits, self.logits.index_select(0, read))
+                self.logits.index_copy_(0, read, kept)
+            self.taken |= taken
+            self.counters.sampled(taken & self.live)
+        self.flag.copy_(self.running.any())
+
+    def read_flag(self) -> bool:
+        """The step's one host read per decision."""
+        return bool(self.flag.item())
+
+    def read_count(self) -> int:
+        """A shortlist gate's one host read: how many rows its confirmation reads (0: it is shut)."""
+        return int(self.count.item())
+
+    def finish(self, counted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden state and residual at the end of the stack, in vLLM's fused layout (the final
+        norm adds them as vLLM's own forward does); rows that left through a head hold its stream.
+        ``counted``: the walk reached the last layer, and the rows still running went the full depth."""
+        if counted:
+            self.counters.full_depth(self.running & self.live)
+        if self.emitted is None:
+            return self.hidden_states, self.residual
+        column = self.emits.unsqueeze(1)
+        return torch.where(column, 0.0, self.hidden_states), torch.where(column, self.emitted, self.residual)
