@@ -687,7 +687,9 @@ def correctness_spec(group: dict, case: dict, args) -> dict:
         {"name": "compiled", "early_exit": {**case["rule"], "compile": True}, "rows": mixed_rows,
          "engine": {"enforce_eager": False}},
     ]
-
+    if args.cuda_graphs:  # the captured step (early_exit.cuda_graphs) against the compiled one
+        engines.append({"name": "graphed", "early_exit": {**case["rule"], "compile": True, "cuda_graphs": args.cuda_graphs},
+                        "rows": mixed_rows, "engine": {"enforce_eager": False}})
     if not exact:  # the compile-vs-eager noise of plain vLLM itself, for compiled_eq_eager in bf16
         engines.append({"name": "plain_compiled", "early_exit": None, "engine": {"enforce_eager": False}})
     return {"name": group["name"], "model": str(group["path"]), "common": common, "engines": engines,
@@ -735,6 +737,7 @@ class GroupChecks:
             ("threshold_eq_reference", ("plain", "threshold_mixed"), self.threshold),
             ("request_off_eq_plain", ("plain", "threshold_mixed"), self.request_off),
             ("compiled_eq_eager", ("threshold_mixed", "compiled"), self.compiled),
+            ("graphed_eq_compiled", ("compiled", "graphed"), self.graphed),
         ):
             if name in self.done or not all(n in by for n in needs):
                 continue
@@ -742,8 +745,9 @@ class GroupChecks:
             self.run_check(name, fn, [by[n] for n in needs], by)
 
     def finish(self, outcome: str) -> None:
-        for name in ("plain_run_to_run", "exits_off_eq_plain", "forced_eq_reference", "threshold_eq_reference",
-                     "request_off_eq_plain", "compiled_eq_eager"):
+        names = ["plain_run_to_run", "exits_off_eq_plain", "forced_eq_reference", "threshold_eq_reference",
+                 "request_off_eq_plain", "compiled_eq_eager"] + (["graphed_eq_compiled"] if self.args.cuda_graphs else [])
+        for name in names:
             if name not in self.done:  # out of time: not run; the worker died: an error
                 self.done.add(name)
                 status = "not run" if "time budget" in outcome else "error"
@@ -830,6 +834,14 @@ class GroupChecks:
         self.judged("request_off_eq_plain", [mixed["outputs"][0][i] for i in rows],
                     [plain["outputs"][0][i] for i in rows], self.noise(plain), "plain run to run",
                     f"rows beside them left early {exited} times", ok=exited > 0)
+
+    def graphed(self, compiled, graphed, by) -> None:
+        """The step captured as CUDA graphs (``cuda_graphs``) decodes as the compiled step does."""
+        same = graphed["stats"]["exits_per_layer"] == compiled["stats"]["exits_per_layer"]
+        self.judged("graphed_eq_compiled", graphed["outputs"][0], compiled["outputs"][0], self.noise(by["plain"]),
+                    "plain run to run", f"exit counts {'equal' if same else 'differ'}: graphed "
+                    f"{graphed['stats']['exits_per_layer']}, compiled {compiled['stats']['exits_per_layer']}",
+                    ok=same or not self.exact, stats=graphed["stats"])
 
     def compiled(self, mixed, compiled, by) -> None:
         noise, noise_from = None, "plain compiled vs plain eager"
@@ -921,6 +933,8 @@ def speed_spec(args) -> dict:
     if args.device == "cuda":
         common["gpu_memory_utilization"] = 0.28
     extra = {"compile": True} if compiled else {}
+    if compiled and args.cuda_graphs:
+        extra["cuda_graphs"] = args.cuda_graphs
     eager = {} if compiled else {"enforce_eager": True}
     engines = [
         {"name": "plain", "early_exit": None, "engine": eager},
@@ -1098,6 +1112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shortlist", default=None,
                    help="a shortlist file (`python -m vllm_early_exit shortlist`): the never-firing checks score it "
                         "first (never_shortlist); without one they prune to 256 tokens (never_top_k)")
+    p.add_argument("--cuda-graphs", choices=("branches", "conditional"), default=None,
+                   help="capture the early-exit engines' decode steps (early_exit.cuda_graphs); adds the "
+                   "graphed_eq_compiled check")
     p.add_argument("--smollm2", default=SMOLLM2)
     p.add_argument("--llama8b", default=LLAMA8B)
     args = p.parse_args(argv)

@@ -113,3 +113,17 @@ def test_conditional_nodes_say_why_they_are_missing_here():
     if not torch.cuda.is_available():
         assert not available and why == "no CUDA device"
 
+
+def test_captured_steps_are_refused_where_there_is_no_cuda(tiny_llama):
+    """``cuda_graphs`` stops start-up with the plugin's message on a machine without CUDA."""
+    import pytest
+    import torch
+
+    from vllm_early_exit import EarlyExitUnsupportedError
+
+    from .test_settings import _start
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(EarlyExitUnsupportedError, match=r"early_exit.cuda_graphs='branches' is unsupported here: .*not CUDA"):
+        _start(tiny_llama, additional_config={"early_exit": {"cuda_graphs": "branches"}})

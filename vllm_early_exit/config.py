@@ -70,6 +70,12 @@ THRESHOLD_RANGES: dict[str, tuple[float, float, str]] = {
 # Signals that read a trained heads folder.
 HEAD_SIGNALS = ("head", "gate")
 
+# How a pure-decode step is captured on a GPU (``model_executor/early_exit/graphs.py``).
+CUDA_GRAPH_MODES: dict[str, str] = {
+    "branches": "one CUDA graph per branch of the step, the host reading one flag per decision point",
+    "conditional": "the whole step as one CUDA graph whose branches are conditional nodes (torch >= 2.12, one rank)",
+}
+
 POLICIES: dict[str, str] = {
     "all": "the step leaves at a layer only when every logits row is confident there",
     "quorum": "the step leaves when at least a share `quorum` of the rows is confident",
@@ -166,6 +172,10 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "max_exit_batch", None, _optional(lambda v: _is_int(v) and v >= 1),
         "expected a number of decode rows >= 1, or null to check steps of any size",
+    ),
+    Field(
+        "cuda_graphs", None, _optional(lambda v: v in CUDA_GRAPH_MODES),
+        f"allowed values are {sorted(CUDA_GRAPH_MODES)} or null (piecewise graphs of the compiled groups)",
     ),
 )
 
@@ -268,6 +278,11 @@ class EarlyExitConfig:
             leave early and the checks cost more than they save). Optional: a
             request's tokens then depend on how many requests decode beside it.
             None (the default): check steps of any size.
+        cuda_graphs: on a GPU, capture each pure-decode step of vLLM's captured batch sizes
+            inside vLLM's full-graph mode: ``"branches"`` (one graph per branch, one host
+            read per decision point) or ``"conditional"`` (one graph, conditional nodes).
+            None (the default): compiled groups with piecewise graphs. Experimental: not
+            yet measured on a GPU.
     """
 
     enabled: bool = True
@@ -284,6 +299,7 @@ class EarlyExitConfig:
     skip_layers: tuple[int, ...] = ()
     compile: bool | None = None
     max_exit_batch: int | None = None
+    cuda_graphs: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None, source: str = ENGINE_SETTINGS) -> "EarlyExitConfig":

@@ -84,6 +84,7 @@ def verify_and_update(vllm_config) -> None:
             "row could get another request's adapter. Start without LoRA or without early exit."
         )
     _choose_model_runner(vllm_config)
+    _check_cuda_graphs(vllm_config, settings)
     _set_execution_mode(vllm_config, settings)
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = WORKER_EXTENSION
@@ -148,6 +149,30 @@ def _compiles_by_default() -> bool:
     return current_platform.is_cpu()
 
 
+def _check_cuda_graphs(vllm_config, settings: EarlyExitConfig) -> None:
+    """``cuda_graphs`` needs a CUDA device, compiled groups, and for ``"conditional"`` graph
+    conditional nodes on one rank (NCCL collectives do not instantiate beside them)."""
+    mode = settings.cuda_graphs
+    if mode is None:
+        return
+    from vllm.platforms import current_platform
+
+    def refuse(reason: str) -> None:
+        raise EarlyExitUnsupportedError(f"early_exit.cuda_graphs={mode!r} is unsupported here: {reason}.")
+
+    if not current_platform.is_cuda():
+        refuse("it captures CUDA graphs and this platform is not CUDA (leave cuda_graphs unset)")
+    if vllm_config.model_config.enforce_eager or settings.compile is False:
+        refuse("it needs the compiled groups and vLLM's CUDA graphs (drop enforce_eager and compile: false)")
+    if mode == "conditional":
+        import torch
+
+        if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+            refuse(f"torch {torch.__version__} has no CUDA graph conditional nodes (torch >= 2.12); use 'branches'")
+        if vllm_config.parallel_config.tensor_parallel_size > 1:
+            refuse("NCCL collectives do not instantiate beside conditional nodes; use 'branches' with tensor parallelism")
+
+
 def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
     """Eager, or compiled layer groups with piecewise CUDA graphs (never one whole-model graph).
 
@@ -160,7 +185,7 @@ def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
         eager_because = "early exit is off (early_exit.enabled is false)"
     elif settings.compile is False:
         eager_because = "early_exit.compile is false"
-    elif settings.compile is None and not _compiles_by_default():
+    elif settings.compile is None and settings.cuda_graphs is None and not _compiles_by_default():
         eager_because = "early_exit.compile is unset, and compiled groups are the default on CPU only"
     else:
         eager_because = None
@@ -176,6 +201,11 @@ def _set_execution_mode(vllm_config, settings: EarlyExitConfig) -> None:
     from vllm.config import CUDAGraphMode
 
     compilation = vllm_config.compilation_config
+    if settings.cuda_graphs is not None:
+        # vLLM's default graph mode: full graphs of uniform decode batches are where the
+        # plugin captures its steps (``plugin/graphs.py``), piecewise graphs for the rest.
+        logger.info("Early exit captures its decode steps as CUDA graphs (cuda_graphs=%s).", settings.cuda_graphs)
+        return
     if compilation.cudagraph_mode is None or compilation.cudagraph_mode.has_full_cudagraphs():
         # On platforms without graphs vLLM turns this off again.
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE

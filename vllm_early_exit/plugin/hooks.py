@@ -7,6 +7,8 @@
 * ``MODELS_CONFIG_MAP`` gets an entry for the early-exit architecture. vLLM
   calls it while it builds the ``VllmConfig``: the start-up checks and engine
   settings of ``checks.py``.
+* ``CUDAGraphWrapper.__call__`` is wrapped (``graphs.py``): with ``cuda_graphs``,
+  an early-exit model's captured steps replay where vLLM replays its full graph.
 * ``SamplingParams._verify_args`` is wrapped to check the form of a request's own
   settings (``extra_args["early_exit"]`` or the flat ``vllm_xargs`` keys) when its
   ``SamplingParams`` is made, before it meets an engine.
@@ -194,6 +196,9 @@ def install_hooks() -> None:
         AsyncLLM.generate = _wrap_generate(AsyncLLM.generate)
     if ARCHITECTURE not in MODELS_CONFIG_MAP:
         MODELS_CONFIG_MAP[ARCHITECTURE] = _model_config_hook()
+    from vllm_early_exit.plugin.graphs import install_graph_dispatch
     from vllm_early_exit.plugin.prefix_cache import install_prefix_cache_guard
+
+    install_graph_dispatch()  # cuda_graphs: the model's captured steps where vLLM replays its full graph
 
     install_prefix_cache_guard()  # prefix cache of early-exit engines: full-depth blocks only

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_early_exit.model_executor.early_exit.branches import EXIT, FINISH, Branch, BranchPlan
+from vllm_early_exit.model_executor.early_exit.rows import RowState
 
 MAX_IF_NODES = 31
 """Conditional nodes one capture may hold (torch 2.12)."""
@@ -242,3 +243,71 @@ class ConditionalStepGraph(StepGraphs):
         self.graph.replay()
         return rows.output
 
+
+class GraphedSteps:
+    """A model's captured decode steps, by vLLM's batch descriptor (one per captured batch size).
+
+    Called (``plugin/graphs.py``) where vLLM would replay its full CUDA graph of the model: for
+    a uniform decode batch, on vLLM's persistent inputs and attention metadata. The first call
+    per descriptor (vLLM's capture phase) captures the step's branches on persistent rows
+    (``mode``: ``"branches"``, one graph per branch; ``"conditional"``, one graph with IF nodes)
+    and the full-depth forward as one graph. Later calls prepare the step on the host
+    (``prepare_step``) and replay: the branches when the step is the captured kind (pure
+    decode, no depth budget or replayed row, the same forced-exit certainty), the full-depth
+    graph when every row runs every layer, else the step runs uncaptured (as it would without
+    graphs).
+    """
+
+    MODES = ("branches", "conditional")
+
+    def __init__(self, model, mode: str) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"early-exit CUDA graphs {mode!r} is invalid: allowed values are {list(self.MODES)}")
+        self.model = model
+        self.mode = mode
+        self.entries: dict = {}
+
+    def __call__(self, descriptor, pool, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        entry = self.entries.get(descriptor)
+        if entry is None:
+            entry = self.entries[descriptor] = self._capture(pool, input_ids, positions, intermediate_tensors, **kwargs)
+        model = self.model
+        step = model.prepare_step(positions)
+        if step is None:
+            entry["full"].replay()
+            return entry["full_output"]
+        batch, settings = step
+        rows: RowState = entry["rows"]
+        step_kind = batch.pure and batch.pinned is None and not settings.budget_layers
+        if not step_kind or model.decode_step.certain_of(settings) != entry["certain"]:
+            return model.run_step(step, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        rows.load(model.embed_input_ids(input_ids), torch.arange(positions.shape[0], device=positions.device) < batch.num_tokens)
+        graphs: StepGraphs = entry["graphs"]
+        decode_step = model.decode_step
+
+        def replay(log):
+            if isinstance(graphs, BranchGraphs):
+                return graphs.replay(rows, lambda branch: (decode_step.count(branch, log), decode_step.tally(branch, True)))
+            return graphs.replay(rows)
+
+        return model.walk(batch, rows, replay)
+
+    def _capture(self, pool, input_ids, positions, intermediate_tensors, **kwargs) -> dict:
+        from vllm.compilation.monitor import validate_cudagraph_capturing_enabled
+
+        validate_cudagraph_capturing_enabled()
+        model = self.model
+        rows = model.capture_rows(input_ids, positions)
+        chain = model.decode_step.branches(model.engine_plan, rows, frozenset())
+        graphs: StepGraphs = BranchGraphs() if self.mode == "branches" else ConditionalStepGraph()
+        graphs.capture(chain, lambda branch: model.decode_step.work(branch, rows), rows, pool)
+        if isinstance(graphs, ConditionalStepGraph):
+            model.exit_counters.sources.append(lambda counters: graphs.run.fold(counters, True))
+        full = torch.cuda.CUDAGraph()
+        model._full_depth(input_ids, positions, intermediate_tensors, None, **kwargs)  # warm it up
+        with torch.cuda.graph(full, pool=pool):
+            output = model._full_depth(input_ids, positions, intermediate_tensors, None, **kwargs)
+        return {
+            "rows": rows, "graphs": graphs, "certain": model.decode_step.certain(rows),
+            "full": full, "full_output": output,
+        }

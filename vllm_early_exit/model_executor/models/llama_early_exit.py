@@ -25,6 +25,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm_early_exit.config import EarlyExitConfig
 from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch
 from vllm_early_exit.model_executor.early_exit.checks import ExitCheck, LogitReadout
+from vllm_early_exit.model_executor.early_exit.graphs import GraphedSteps
 from vllm_early_exit.model_executor.early_exit.groups import CompiledStack, compiling
 from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, check_kv_fill_supported
 from vllm_early_exit.model_executor.early_exit.plan import StepPlan, plan
@@ -165,6 +166,16 @@ class EarlyExitLlamaModel(LlamaModel):
         self.exit_counters.after_step()
         return hidden_states
 
+    def capture_rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> RowState:
+        """The persistent rows a captured pure-decode step of ``len(positions)`` rows runs on
+        (every row a decode row, each row's settings from the request table's slots)."""
+        num_rows = positions.shape[0]
+        decode = torch.ones(num_rows, dtype=torch.bool, device=positions.device)
+        return RowState(
+            self.embed_input_ids(input_ids), positions, decode, self.requests.rows(num_rows, num_rows),
+            self.config.num_hidden_layers, self.exit_counters,
+        )
+
     @staticmethod
     def _decode_rows(batch: DecodeBatch, num_rows: int, device: torch.device) -> torch.Tensor:
         """The decode rows of the step as a mask over its token rows."""
@@ -240,6 +251,9 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.model.check.bind_readout(LogitReadout(self.model.norm, self.lm_head, self.logits_processor))
+        mode = self.model.exit_config.cuda_graphs
+        self.graphed_steps = GraphedSteps(self.model, mode) if mode and self.model.runner is not None else None
+        """With ``cuda_graphs``: the captured decode steps vLLM's full-graph wrapper replays (``plugin/graphs.py``)."""
 
     def load_weights(self, weights):
         """vLLM's loading, then the K/V-only projections state propagation fills with
