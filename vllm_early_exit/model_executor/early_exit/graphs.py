@@ -31,6 +31,7 @@ a host test on the CPU), which is how the CPU tests check the program.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,14 +170,16 @@ class ProgramRun:
                 counters.full_depth_steps += count
 
 
-class StepGraphs:
+class StepGraphs(ABC):
     """Captured decode steps of one batch size: ``capture`` once, then ``replay`` per step."""
 
+    @abstractmethod
     def capture(self, chain: BranchPlan, take: Callable[[Branch], None], rows, pool) -> None:
-        raise NotImplementedError
+        """Runs every branch of ``chain`` once eagerly (``take``), then captures it on ``rows``."""
 
+    @abstractmethod
     def replay(self, rows) -> torch.Tensor:
-        raise NotImplementedError
+        """One step on ``rows`` (its inputs loaded): the stack's output."""
 
 
 class BranchGraphs(StepGraphs):
