@@ -159,7 +159,11 @@ def test_gpu_check_profile_smoke_run_on_cpu(tmp_path):
         assert "error" not in row and row["ms_per_step"] > 0, row
         host = row["host_ms_per_step"]
         assert host["model.forward"] > 0 and host["model.compute_logits"] > 0, row
-        assert ("ee.decide" in host) == (name != "plain"), (name, host)
-    assert rows["forced_50"]["calls_per_step"]["ee.kv_fill"] > 0  # every decode step fills the deeper layers
-    assert "ee.kv_fill" not in rows["never_shortlist"]["calls_per_step"]  # nothing leaves
+        assert ("ee.segment" in host) == (name != "plain"), (name, host)
+    forced, never = rows["forced_50"]["calls_per_step"], rows["never_shortlist"]["calls_per_step"]
+    assert forced["ee.kv_fill"] > 0  # every decode step fills the deeper layers
+    assert "ee.flag_read" not in forced and "ee.gate_read" not in forced  # known to leave: no host read
+    assert "ee.kv_fill" not in never  # nothing leaves
+    assert never["ee.gate_read"] == never["ee.first_stage"] > 0  # one read per check: its shortlist gate
+    assert "ee.flag_read" not in never  # no gate opened, so no confirmation and no second read
     assert "## Profile" in (out / "gpu_check.md").read_text()
