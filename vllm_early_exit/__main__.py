@@ -46,6 +46,10 @@ COMMANDS: dict[str, Command] = {
         "vllm_early_exit.tools.train_heads", "train exit heads and gates on the model's own predictions",
         ("train-heads --out heads/ --layers 20,22,24,26,28",),
     ),
+    "finetune": Command(
+        "vllm_early_exit.tools.finetune", "make a model exit-ready: self-distilled exits, the original as reference",
+        ("finetune --out runs/smollm2-exit --tokens 500000", "finetune --out runs/smollm2-exit --resume"),
+    ),
     "calibrate": Command(
         "vllm_early_exit.tools.calibrate", "the threshold that keeps a target agreement (Learn-then-Test)",
         ("calibrate --signal max_prob --exit-layers 26,28 --target-agreement 0.95 --prompts 160 --out ee.json",),
