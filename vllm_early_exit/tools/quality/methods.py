@@ -49,6 +49,9 @@ class Options:
     out: Path
     smoke: bool = False
     merge: bool = False
+    reference: str | None = None
+    """The checkpoint plain vLLM runs: the references and the full model's choices come from it
+    (None: ``model``; for an exit-ready model, the original it was tuned from)."""
 
 
 def _heads_layers(heads: str, signal: str) -> list[int]:
