@@ -31,12 +31,12 @@ from typing import Any
 
 from vllm.exceptions import VLLMValidationError
 
+from vllm_early_exit.architecture import ARCHITECTURE, MODEL_CLASS
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError, RequestEarlyExit
 from vllm_early_exit.plugin.checks import request_limits, verify_and_update
 from vllm_early_exit.plugin.cli import _wrap_add_cli_args, _wrap_from_cli_args, settings_source, wants_early_exit
 
-ARCHITECTURE = "EarlyExitLlamaForCausalLM"
-MODEL_CLASS = "vllm_early_exit.model_executor.models.llama_early_exit:EarlyExitLlamaForCausalLM"
+__all__ = ["ARCHITECTURE", "MODEL_CLASS", "EarlyExitRequestError", "check_request", "install_hooks", "select_architecture"]
 
 
 def select_architecture(hf_overrides: Any) -> Any:

@@ -185,8 +185,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m vllm_early_exit.tools.calibrate``: the same command on its own."""
-    from vllm_early_exit.tools import calibrate as package
+    import sys
 
+    package = sys.modules[__package__]  # the package that holds this module is loaded already
     parser = argparse.ArgumentParser(prog="python -m vllm_early_exit calibrate",
                                      description=package.__doc__.split("\n\n")[0])
     add_arguments(parser)
