@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from vllm_early_exit.tools.optional import require
+
 
 def convert_gguf(
     gguf_path: str | Path, target: str | Path, *, dtype: str = "float32", architecture: str | None = None
@@ -23,6 +25,8 @@ def convert_gguf(
         return target
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    require("gguf")  # transformers reads the file with them: name the extra rather than fail inside it
+    require("accelerate")
     import time
 
     import torch
