@@ -9,9 +9,7 @@ from typing import Any
 
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError
 from vllm_early_exit.tools.calibrate.ltt import (
-    DEFAULT_BATCH,
     DEFAULT_THRESHOLDS,
-    REPORTED_BATCHES,
     STRICTER,
     CalibrationError,
     build_settings,
@@ -21,6 +19,7 @@ from vllm_early_exit.tools.calibrate.ltt import (
     strict_order,
 )
 from vllm_early_exit.tools.calibrate.runs import calibrate
+from vllm_early_exit.tools.calibrate.speed import DEFAULT_BATCH, REPORTED_BATCHES
 
 EXIT_NO_THRESHOLD = 3
 
