@@ -22,15 +22,15 @@ MAX_LINES = 450
 
 
 def modules() -> dict[str, Path]:
-    """Dotted name -> file, for the package and the scripts (named from ``scripts/``)."""
+    """Dotted name -> file: the package's modules (``vllm_early_exit.x``) and the scripts' (named
+    as they import each other, from ``scripts/``: ``gpu_check``, ``gpu_checks.report``)."""
     found: dict[str, Path] = {}
-    for base, prefix in ((ROOT, ""), (ROOT / "scripts", "")):
-        folder = ROOT / "vllm_early_exit" if base == ROOT else base
+    for base, folder in ((ROOT, ROOT / "vllm_early_exit"), (ROOT / "scripts", ROOT / "scripts")):
         for path in sorted(folder.rglob("*.py")):
             parts = list(path.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            found[prefix + ".".join(parts)] = path
+            found[".".join(parts)] = path
     return found
 
 
