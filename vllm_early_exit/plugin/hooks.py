@@ -38,7 +38,9 @@ from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyE
 from vllm_early_exit.plugin.checks import request_limits, verify_and_update
 from vllm_early_exit.plugin.cli import _wrap_add_cli_args, _wrap_from_cli_args, settings_source, wants_early_exit
 
-__all__ = ["ARCHITECTURE", "MODEL_CLASS", "EarlyExitRequestError", "check_request", "install_hooks", "select_architecture"]
+__all__ = [
+    "ARCHITECTURE", "MODEL_CLASS", "EarlyExitRequestError", "check_request", "install_hooks", "select_architecture",
+]
 
 
 def select_architecture(hf_overrides: Any) -> Any:
