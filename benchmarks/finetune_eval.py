@@ -27,6 +27,7 @@ from vllm_early_exit.tools.finetune.evaluate import evaluate
 from vllm_early_exit.tools.finetune.readouts import ExitReadouts
 from vllm_early_exit.tools.finetune.report import plot
 from vllm_early_exit.tools.finetune.settings import default_exit_layers
+from vllm_early_exit.tools.optional import draw
 
 RESULTS = Path("benchmarks/results/finetune")
 
@@ -106,8 +107,7 @@ def main() -> None:
     if args.run:
         for name in ("finetune_report.json", "finetune_report.md"):
             shutil.copy(args.run / name, args.out / name)
-        drawn = plot({run_report["settings"]["method"]: run_report}, args.out / "finetune_curve.png")
-        print(f"curve: {drawn or 'not drawn (matplotlib is not installed)'}")
+        draw(plot, {run_report["settings"]["method"]: run_report}, args.out / "finetune_curve.png")
     shutil.rmtree(cache, ignore_errors=True)
 
 

@@ -136,10 +136,7 @@ def write_markdown(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(path: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def write_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary(result)
@@ -194,8 +191,10 @@ def main(argv=None) -> int:
             result["runs"].setdefault(name, {})[cache] = run(model, early_exit, replay, batch, args.tokens, blocks)
             path.write_text(json.dumps(result))
     write_markdown(out / "preemption.md", result)
-    write_plot(out / "preemption.png", result)
     print((out / "preemption.md").read_text())
+    from vllm_early_exit.tools.optional import draw
+
+    draw(write_plot, result, out / "preemption.png")  # last: the results are written and printed
     return 0
 
 

@@ -144,10 +144,7 @@ def write_markdown(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(path: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def write_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     eng = result["engines"]
@@ -228,8 +225,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prefix_cache.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(out / "prefix_cache.md", result)
-    write_plot(out / "prefix_cache.png", result)
     print((out / "prefix_cache.md").read_text())
+    from vllm_early_exit.tools.optional import draw
+
+    draw(write_plot, result, out / "prefix_cache.png")  # last: the results are written and printed
     return 0
 
 

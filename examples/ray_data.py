@@ -137,5 +137,8 @@ def main(model: str) -> None:
 
 if __name__ == "__main__":  # vLLM spawns engine processes: keep the guard
     from vllm_early_exit.tools.assets import smollm2_checkpoint
+    from vllm_early_exit.tools.optional import require
+
+    require("ray")  # without Ray: the command that installs it, not a traceback
 
     main(sys.argv[1] if len(sys.argv) > 1 else str(smollm2_checkpoint()))

@@ -27,7 +27,10 @@ import sys
 import urllib.request
 from typing import Any
 
-from ray import serve
+from vllm_early_exit.tools.optional import require
+
+require("ray")  # without Ray: the command that installs it, not a traceback
+from ray import serve  # noqa: E402
 
 # Engine arguments that suit vLLM's CPU build; pass your own for a GPU.
 CPU_ENGINE_KWARGS = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True}

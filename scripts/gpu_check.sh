@@ -3,7 +3,8 @@
 # compiled, against plain vLLM and the HF reference), speed (Llama-3.1-8B shape, dummy bf16
 # weights, plain vLLM vs forced exit at 50% depth and never-firing checks, beside plain vLLM on
 # the V1 runner with piecewise graphs) and, when asked, a profile of where a step's host time goes.
-# The work is scripts/gpu_check.py; results go to $OUT/gpu_check.{json,md} as each check finishes.
+# The work is scripts/gpu_check.py (its parts: scripts/gpu_checks/); results go to
+# $OUT/gpu_check.{json,md} as each check finishes.
 #
 # usage: [GPU_CHECK_BUDGET_S=470] bash scripts/gpu_check.sh [--only correctness|speed|profile] [--smoke] [...]
 #        (any gpu_check.py option; the run is killed 45 s after its budget)

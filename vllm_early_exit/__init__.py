@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vllm_early_exit.plugin.hooks import ARCHITECTURE, MODEL_CLASS, install_hooks
+    from vllm_early_exit.architecture import ARCHITECTURE, MODEL_CLASS
+    from vllm_early_exit.plugin.hooks import install_hooks
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

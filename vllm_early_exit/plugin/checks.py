@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from vllm_early_exit.architecture import ARCHITECTURE
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError, EngineLimits
 from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 from vllm_early_exit.model_executor.early_exit.shortlist import check_shortlist, read_shortlist
@@ -101,8 +102,6 @@ def request_limits(vllm_config) -> EngineLimits | None:
     Read where vLLM admits a request (``hooks._wrap_validate_params``); the settings
     passed the start-up checks above when the engine was built.
     """
-    from vllm_early_exit.plugin.hooks import ARCHITECTURE
-
     model_config = vllm_config.model_config
     if getattr(model_config, "architecture", None) != ARCHITECTURE:
         return None

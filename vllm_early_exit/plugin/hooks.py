@@ -7,6 +7,8 @@
 * ``MODELS_CONFIG_MAP`` gets an entry for the early-exit architecture. vLLM
   calls it while it builds the ``VllmConfig``: the start-up checks and engine
   settings of ``checks.py``.
+* The V1 model runner's ``load_model`` is wrapped (``loading.py``): the runner hands itself to
+  the early-exit model it builds, which reads its requests and batch before each step.
 * ``CUDAGraphWrapper.__call__`` is wrapped (``graphs.py``): with ``cuda_graphs``,
   an early-exit model's captured steps replay where vLLM replays its full graph.
 * ``SamplingParams._verify_args`` is wrapped to check the form of a request's own
@@ -31,12 +33,14 @@ from typing import Any
 
 from vllm.exceptions import VLLMValidationError
 
+from vllm_early_exit.architecture import ARCHITECTURE, MODEL_CLASS
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError, EarlyExitUnsupportedError, RequestEarlyExit
 from vllm_early_exit.plugin.checks import request_limits, verify_and_update
 from vllm_early_exit.plugin.cli import _wrap_add_cli_args, _wrap_from_cli_args, settings_source, wants_early_exit
 
-ARCHITECTURE = "EarlyExitLlamaForCausalLM"
-MODEL_CLASS = "vllm_early_exit.model_executor.models.llama_early_exit:EarlyExitLlamaForCausalLM"
+__all__ = [
+    "ARCHITECTURE", "MODEL_CLASS", "EarlyExitRequestError", "check_request", "install_hooks", "select_architecture",
+]
 
 
 def select_architecture(hf_overrides: Any) -> Any:
@@ -197,7 +201,10 @@ def install_hooks() -> None:
     if ARCHITECTURE not in MODELS_CONFIG_MAP:
         MODELS_CONFIG_MAP[ARCHITECTURE] = _model_config_hook()
     from vllm_early_exit.plugin.graphs import install_graph_dispatch
+    from vllm_early_exit.plugin.loading import install_runner_hook
     from vllm_early_exit.plugin.prefix_cache import install_prefix_cache_guard
+
+    install_runner_hook()  # vLLM's V1 runner hands itself to the model it builds
 
     install_graph_dispatch()  # cuda_graphs: the model's captured steps where vLLM replays its full graph
 

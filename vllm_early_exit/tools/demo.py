@@ -27,6 +27,7 @@ from vllm_early_exit.tools import console
 from vllm_early_exit.tools.agreement import Agreement, full_model_choices, token_agreement
 from vllm_early_exit.tools.assets import cache_dir, chat_prompt, sharegpt_prompts, smollm2_checkpoint
 from vllm_early_exit.tools.engines import build_engine, machine_info, shutdown_engines
+from vllm_early_exit.tools.optional import draw
 
 CALIBRATED = {
     "signal": "max_prob", "threshold": 0.995, "exit_layers": [26, 28], "policy": "per_token", "max_exit_batch": 2,
@@ -180,10 +181,8 @@ def format_table(summary: dict) -> list[str]:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Speed relative to plain vLLM against token agreement, one point per engine and workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Speed relative to plain vLLM against token agreement, one point per engine and workload
+    (matplotlib; through ``optional.draw``)."""
     import matplotlib.pyplot as plt
 
     markers = {"together": "s", "alone": "o"}
@@ -269,20 +268,26 @@ def run(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": args.dtype,
         "settings": settings, "legs": summary_legs, "machine": machine_info(),
     }
-    out = args.out if args.out is not None else cache_dir() / "demo"
-    out.mkdir(parents=True, exist_ok=True)
     summary["seconds"] = time.monotonic() - begin
+    return report(summary, args.out if args.out is not None else cache_dir() / "demo")
+
+
+def report(summary: dict, out: Path) -> dict:
+    """The demo's results: ``demo.json`` first, then the table, then the plot (the only step that
+    needs matplotlib; where it is missing one line names the command that installs it)."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(summary, out / "demo.png")
 
     console.say()
-    for name, s in settings.items():
+    for name, s in summary["settings"].items():
         console.say(f"{name:12}{describe({k: v for k, v in s.items() if k != 'log_interval_s'})}")
     console.say()
     for line in format_table(summary):
         console.say(line)
     console.say()
     console.say("token agreement: the share of generated tokens the full model picks after the same prefix")
-    console.say(f"plot: {out / 'demo.png'} (speed against agreement); numbers: {out / 'demo.json'}")
+    console.say(f"numbers: {out / 'demo.json'}")
+    if draw(plot, summary, out / "demo.png", say=console.say):
+        console.say(f"plot: {out / 'demo.png'} (speed against agreement)")
     console.say(f"took {console.duration(summary['seconds'])}")
     return summary

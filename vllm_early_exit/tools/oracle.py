@@ -23,9 +23,10 @@ prompts, with greedy decoding:
    on the same positions beside it. The gap between the two is what a better
    exit signal could win; the oracle itself is what these readouts allow.
 
-Results go to JSON, Markdown and a PNG, written after the depth budgets and
-after every skip set scored, so a stopped run keeps what it measured;
-``--resume`` continues it (same model, prompts and lengths).
+Results go to JSON and Markdown (``oracle_report.py``), written after the depth budgets
+and after every skip set scored, so a stopped run keeps what it measured; ``--resume``
+continues it (same model, prompts and lengths). The PNG is drawn last, once the results
+are written and printed (without matplotlib it is skipped with the command that installs it).
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ from pathlib import Path
 
 import torch
 
-from vllm_early_exit.tools.engines import build_engine, shutdown_engine
-from vllm_early_exit.tools.resume import saved_results, write_json
+from vllm_early_exit.tools.oracle_depths import (  # noqa: F401 (the per-sequence part's names, re-exported)
+    budget_outputs, min_depths, reference_outputs, run_budgets,
+)
+from vllm_early_exit.tools.optional import draw
+from vllm_early_exit.tools.oracle_report import plot, token_oracle_lines, write_report  # noqa: F401 (importable here too)
+from vllm_early_exit.tools.resume import saved_results
 
 DEFAULT_OUT = Path("benchmarks/results")
 ORACLE_AGREEMENTS = (0.99, 0.95, 0.9)
@@ -81,61 +86,6 @@ class SkipStep:
     """Share of decode tokens (teacher-forced) the skip set keeps right."""
     identical: float
     """Share of sequences whose output the skip set reproduces exactly."""
-
-
-# --- 1. per-sequence minimum depth, through the real engine ------------------------
-
-
-def budget_outputs(llm, prompts: list[list[int]], max_tokens: int, num_layers: int) -> list[list[list[int]]]:
-    """outputs[p][d - 1]: prompt p decoded with the depth budget ``max_layers = d``."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    requests, params = [], []
-    for prompt in prompts:
-        for depth in range(1, num_layers + 1):
-            requests.append(TokensPrompt(prompt_token_ids=prompt))
-            params.append(SamplingParams(
-                max_tokens=max_tokens, temperature=0.0, detokenize=False,
-                extra_args={"early_exit": {"max_layers": depth}},
-            ))
-    # Prompt pass once per prompt first, so the budget runs read the prompt's K/V from
-    # vLLM's prefix cache instead of computing it once per depth.
-    llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in prompts],
-        SamplingParams(max_tokens=1, detokenize=False),
-        use_tqdm=False,
-    )
-    results = llm.generate(requests, params, use_tqdm=True)
-    tokens = [list(r.outputs[0].token_ids) for r in results]
-    return [tokens[i * num_layers : (i + 1) * num_layers] for i in range(len(prompts))]
-
-
-def min_depths(outputs: list[list[list[int]]], targets: list[list[int]] | None = None) -> list[int]:
-    """Per prompt, the smallest depth whose output equals the target output (default: the model's
-    own full-depth output, the last). A prompt that no depth reproduces (a tuned model whose
-    full depth differs from its reference's) counts every layer."""
-    targets = targets if targets is not None else [per_depth[-1] for per_depth in outputs]
-    return [next((d + 1 for d, out in enumerate(per_depth) if out == target), len(per_depth))
-            for per_depth, target in zip(outputs, targets)]
-
-
-def reference_outputs(reference: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """The greedy outputs of plain vLLM on ``reference``: what the figures are measured against."""
-    import gc
-
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    longest = max(len(p) for p in prompts) + max_tokens
-    llm = build_engine(reference, max_model_len=longest + 8, skip_tokenizer_init=True, enforce_eager=True,
-                       label="plain vLLM (reference)")
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False)
-    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    shutdown_engine(llm)
-    del llm
-    gc.collect()
-    return [list(r.outputs[0].token_ids) for r in results]
 
 
 # --- 2. best static skip set, teacher-forced --------------------------------------
@@ -368,7 +318,7 @@ def analyse(
         scores = dict(previous.get("scores", {}))
         targets = previous["outputs_full_depth"]
     else:
-        outputs = _budget_runs(model_dir, prompts, max_tokens, num_layers)
+        outputs = run_budgets(model_dir, prompts, max_tokens, num_layers)
         scores = {}
         targets = ([per_depth[-1] for per_depth in outputs] if reference is None
                    else reference_outputs(reference, prompts, max_tokens))
@@ -410,25 +360,6 @@ def analyse(
     return report
 
 
-def _budget_runs(model_dir: str, prompts: list[list[int]], max_tokens: int, num_layers: int):
-    """Every prompt decoded at every depth budget by the real engine (``budget_outputs``)."""
-    import gc
-
-    # Budgets hold under per_token also for decode rows of steps that prefill other
-    # requests, so the requests may reach the engine in any order and mix (no
-    # ``generate_together`` needed).
-    longest = max(len(p) for p in prompts) + max_tokens
-    llm = build_engine(
-        model_dir, max_model_len=longest + 8, skip_tokenizer_init=True, enable_prefix_caching=True,
-        early_exit={"exit_layers": [], "policy": "per_token", "log_interval_s": 0, "compile": False},
-    )
-    outputs = budget_outputs(llm, prompts, max_tokens, num_layers)
-    shutdown_engine(llm)
-    del llm
-    gc.collect()
-    return outputs
-
-
 def resumed_report(out_dir: Path, expected: dict) -> dict | None:
     """The report in ``out_dir`` to continue, or None when there is none; refuses another run's."""
     path = out_dir / "oracle.json"
@@ -436,103 +367,6 @@ def resumed_report(out_dir: Path, expected: dict) -> dict | None:
     if previous is not None and "outputs_per_depth" not in previous:
         raise SystemExit(f"oracle --resume: {path} was written by an older version (no outputs_per_depth); run without --resume.")
     return previous
-
-
-def write_report(report: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "oracle.json", report)
-    layers = report["num_layers"]
-    lines = [
-        "# Oracle depth",
-        "",
-        f"{report['prompts']} held-out ShareGPT prompts, {report['max_tokens']} greedy tokens, "
-        f"{layers}-layer model ({report.get('model', '')}).",
-        *(() if report.get("reference", report.get("model")) == report.get("model") else (
-            "",
-            f"Every figure is measured against the greedy outputs of the reference {report['reference']}: "
-            f"the model's own full depth reproduces {100 * report['full_depth_identical']:.1f}% of them "
-            "exactly (a sequence no depth reproduces counts every layer).",
-        )),
-        "",
-        f"- Per-sequence oracle: the smallest depth whose output is identical to full depth averages "
-        f"**{report['mean_min_depth']:.2f} of {layers} layers ({100 * report['mean_min_depth_fraction']:.1f}%)**.",
-        f"- Largest static skip set that keeps every output identical: {report['largest_identical_skip_set']}.",
-        "",
-        *(() if report.get("complete", True) else (
-            f"**Partial results**: {len(report['scores'])} skip sets scored so far "
-            "(`--resume` continues the run).", "",
-        )),
-        "| skip set (greedy) | decode tokens right (teacher-forced) | outputs identical |",
-        "|---|---|---|",
-    ]
-    for step in report["skip_path"]:
-        lines.append(f"| {step['skip_layers']} | {step['token_agreement']:.3f} | {step['identical']:.3f} |")
-    lines += token_oracle_lines(report.get("token_oracle"), layers)
-    (out_dir / "oracle.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens = report.get("token_oracle")
-    fig, axes = plt.subplots(1, 3 if tokens else 2, figsize=(16 if tokens else 11, 4))
-    left, right = axes[:2]
-    left.hist(report["min_depths"], bins=range(1, layers + 2), align="left", color="tab:blue")
-    left.axvline(report["mean_min_depth"], color="k", linestyle="--", label="mean")
-    left.set(xlabel="oracle depth (layers)", ylabel="sequences", title="Per-sequence minimum depth")
-    left.legend()
-    sizes = [len(s["skip_layers"]) for s in report["skip_path"]]
-    right.plot(sizes, [s["token_agreement"] for s in report["skip_path"]], "o-", label="decode tokens right")
-    right.plot(sizes, [s["identical"] for s in report["skip_path"]], "s-", label="outputs identical")
-    right.set(xlabel="layers skipped (greedy)", ylabel="share", ylim=(0, 1.02), title="Static skip sets")
-    right.legend()
-    if tokens:
-        curve = [(a, d) for a, d in tokens["oracle_curve"] if d is not None]
-        axes[2].plot([d for _, d in curve], [a for a, _ in curve], "-", color="k", label="per-token oracle")
-        axes[2].plot([r["depth"] for r in tokens["max_prob"]], [r["token_agreement"] for r in tokens["max_prob"]],
-                     "o--", color="tab:red", label=f"max_prob at {len(tokens['check_layers'])} check layers")
-        axes[2].set(xlabel="depth (share of layers)", ylabel="token agreement (teacher-forced)",
-                    title="Per-token exits", xlim=(0, 1.02))
-        axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "oracle.png", dpi=120)
-    plt.close(fig)
-
-
-def token_oracle_lines(tokens: dict | None, layers: int) -> list[str]:
-    """The per-token oracle's section of ``oracle.md`` (none for a report without it)."""
-    if not tokens:
-        return []
-
-    def share(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f} ({value * layers:.2f} layers)"
-
-    lines = [
-        "",
-        "## Per-token oracle (teacher-forced)",
-        "",
-        f"Every layer runs at each of the {tokens['positions']} decode positions of the full-depth outputs; a "
-        "layer's plain readout (final norm and LM head) is right where its top token is the full-depth token. "
-        "The oracle knows each token's first right layer and leaves there; below agreement 1 it also lets the "
-        "tokens whose first right layer is deepest leave after the first layer, wrong. `max_prob`: the per-token "
-        f"rule at check layers {tokens['check_layers']} on the same positions. Teacher-forced (a wrong token does "
-        "not change later positions, deeper layers' K/V come from full computation): a bound on what an exit "
-        "signal can reach with these readouts, not an engine measurement.",
-        "",
-        "| token agreement | oracle depth | max_prob depth |",
-        "|---|---|---|",
-        f"| every token right | {share(tokens['depth_every_token_right'])} | - |",
-    ]
-    for agreement, depth in tokens["oracle_depth"].items():
-        lines.append(f"| >= {agreement} | {share(depth)} | {share(tokens['max_prob_depth'][agreement])} |")
-    lines += ["", "| max_prob threshold | token agreement | depth |", "|---|---|---|"]
-    lines += [f"| {r['threshold']} | {r['token_agreement']:.4f} | {r['depth']:.3f} |" for r in tokens["max_prob"]]
-    per_layer = tokens["readout_agreement_per_layer"]
-    lines += ["", "Readout right per layer (share of positions): " + ", ".join(
-        f"{index}: {value:.2f}" for index, value in enumerate(per_layer) if index >= len(per_layer) // 3
-    ) + "."]
-    return lines
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -564,4 +398,5 @@ def run(args: argparse.Namespace) -> dict:
         check_layers=check_layers, thresholds=thresholds, reference=args.reference,
     )
     print((args.out / "oracle.md").read_text())
+    draw(plot, report, args.out / "oracle.png")
     return report

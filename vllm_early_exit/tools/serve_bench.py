@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_early_exit.tools.engines import check_engines_fit, machine_info
+from vllm_early_exit.tools.optional import draw
 from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
 from vllm_early_exit.tools.serving import VLLM, fetch_metrics, free_port, metric_value, running_server
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     report = run_benchmark(setup, Path(args.out), args.resume)
     print((Path(args.out) / "serve_bench.md").read_text())
+    draw(plot, report, Path(args.out) / "serve_bench.png")  # last: the results are written and printed
     return report
 
 
@@ -307,13 +309,9 @@ def write_report(report: dict, out_dir: Path) -> None:
             f"{pair('median_tpot_ms')} | {pair('median_ttft_ms')} | {pair('median_itl_ms')} |"
         )
     (out_dir / "serve_bench.md").write_text("\n".join(lines) + "\n")
-    plot(report, out_dir / "serve_bench.png")
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["rows"] if "ratio_output_throughput" in r]

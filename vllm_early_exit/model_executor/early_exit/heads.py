@@ -31,11 +31,14 @@ from typing import Any
 import torch
 
 from vllm_early_exit.errors import EarlyExitConfigError
+from vllm_early_exit.files import (  # the format and its reader live in the leaf module the settings read too
+    HEADS_CONFIG_FILE as CONFIG_FILE,
+    HEADS_FORMAT as FORMAT,
+    HEADS_VERSION as VERSION,
+    HEADS_WEIGHTS_FILE as WEIGHTS_FILE,
+    read_metadata,
+)
 
-FORMAT = "vllm-early-exit-heads"
-VERSION = 1
-CONFIG_FILE = "heads.json"
-WEIGHTS_FILE = "heads.safetensors"
 GATE_FEATURES = ("max_prob", "margin", "entropy", "saturation")
 
 
@@ -166,25 +169,3 @@ class ExitHeads:
         """Probability per row that this layer's token equals the full model's."""
         weight, bias = self.gates[layer]
         return torch.sigmoid(features.float() @ weight.float() + bias.float())
-
-
-def read_metadata(folder: Path) -> dict[str, Any]:
-    """``heads.json`` of a heads folder, with a clear error when it is not one."""
-    config = folder / CONFIG_FILE
-    try:
-        meta = json.loads(config.read_text())
-    except OSError as exc:
-        raise EarlyExitConfigError(
-            f"early_exit.heads={str(folder)!r} is not a heads folder: cannot read {CONFIG_FILE} "
-            f"({exc.strerror}). Create one with `python -m vllm_early_exit train-heads`."
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise EarlyExitConfigError(f"early_exit.heads={str(folder)!r}: {CONFIG_FILE} is not valid JSON ({exc}).") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise EarlyExitConfigError(
-            f"early_exit.heads={str(folder)!r}: {CONFIG_FILE} is not a {FORMAT} v{VERSION} file "
-            f"(format={meta.get('format')!r}, version={meta.get('version')!r})."
-        )
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise EarlyExitConfigError(f"early_exit.heads={str(folder)!r}: {WEIGHTS_FILE} is missing.")
-    return meta

@@ -3,9 +3,11 @@
 vLLM hands a model no per-request parameters and does not say which tokens are
 decode tokens: its V1 model runner keeps the request table
 (``runner.requests[req_id].sampling_params``), the row order of a step and the
-prompt lengths (``runner.input_batch``). ``RunnerView`` finds that runner once,
-while it constructs the model (the model is built inside ``runner.load_model``),
-and before each step, on the host and without reading device data:
+prompt lengths (``runner.input_batch``). The model is built inside the runner's
+``load_model``, which the plugin wraps (``plugin/loading.py``) so that the runner hands
+itself over for the length of the call (``loading``); the model takes it from there while it
+is constructed (``RunnerView.of_loading_runner``). Before each step, on the host and without
+reading device data, the view:
 
 * writes the per-request settings of the batch's slots into the model's
   ``RequestTable`` (only the slots whose request changed);
@@ -16,7 +18,9 @@ and before each step, on the host and without reading device data:
 from __future__ import annotations
 
 import logging
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -31,6 +35,26 @@ CACHE_LIMIT = 4096
 """Requests whose parsed settings are kept (the cache is cleared when it grows past this)."""
 
 
+_LOADING: ContextVar[object | None] = ContextVar("early_exit_loading_runner", default=None)
+"""The model runner whose ``load_model`` is running in this thread (set by ``loading``)."""
+
+
+@contextmanager
+def loading(runner) -> Iterator[None]:
+    """While the body runs, ``runner`` is the runner that builds the model (the load hook,
+    ``plugin/loading.py``, wraps vLLM's ``load_model`` in this)."""
+    token = _LOADING.set(runner)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def is_v1_runner(runner) -> bool:
+    """Whether ``runner`` holds what the model reads: V1's request table and persistent batch."""
+    return hasattr(runner, "input_batch") and hasattr(runner, "requests")
+
+
 class RunnerView:
     """The model runner that loads the model: its batch layout and its requests' settings."""
 
@@ -40,13 +64,11 @@ class RunnerView:
 
     @classmethod
     def of_loading_runner(cls) -> "RunnerView":
-        """The model runner up the call stack (the one loading this model); refuses to start without one."""
-        frame = sys._getframe(1)
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if hasattr(candidate, "input_batch") and hasattr(candidate, "requests"):
-                return cls(candidate)
-            frame = frame.f_back
+        """The model runner that is building this model (handed over by the load hook); refuses
+        to start without a V1 runner."""
+        runner = _LOADING.get()
+        if is_v1_runner(runner):
+            return cls(runner)
         raise EarlyExitUnsupportedError(
             "early exit could not find vLLM's V1 model runner while the model was loading, so "
             "per-request settings (enabled, threshold, max_layers) could not reach the model. "
@@ -98,4 +120,4 @@ class RunnerView:
         return with_replay(batch, replay, meta, keep_live=per_row, device=device), replayed
 
 
-__all__ = ["DecodeBatch", "RunnerView"]
+__all__ = ["DecodeBatch", "RunnerView", "is_v1_runner", "loading"]

@@ -16,56 +16,20 @@ The file: ``{"format": "vllm-early-exit-shortlist", "version": 1,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from vllm_early_exit.errors import EarlyExitConfigError
+from vllm_early_exit.files import (  # the file format lives in the leaf module the settings read too
+    SHORTLIST_FORMAT as FORMAT,
+    SHORTLIST_VERSION as VERSION,
+    check_shortlist,
+    read_shortlist,
+    write_shortlist,
+)
 from vllm_early_exit.model_executor.early_exit.gemm import platform_linear
 
-FORMAT = "vllm-early-exit-shortlist"
-VERSION = 1
-
-
-def read_shortlist(path: str | Path) -> dict[str, Any]:
-    """The shortlist file's content, with a clear error when it is not one."""
-    where = str(path)
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise EarlyExitConfigError(
-            f"early_exit.shortlist={where!r} cannot be read ({exc.strerror}). "
-            "Create one with `python -m vllm_early_exit shortlist --model MODEL`."
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise EarlyExitConfigError(f"early_exit.shortlist={where!r} is not valid JSON ({exc}).") from None
-    tokens = data.get("tokens") if isinstance(data, dict) else None
-    if data.get("format") != FORMAT or not isinstance(tokens, list) or not tokens:
-        raise EarlyExitConfigError(
-            f"early_exit.shortlist={where!r} is not a shortlist file (format {FORMAT!r} with a list of tokens)."
-        )
-    return data
-
-
-def write_shortlist(path: str | Path, tokens: list[int], vocab_size: int, source: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "version": VERSION, "vocab_size": vocab_size, "tokens": tokens, "source": source}
-    path.write_text(json.dumps(data) + "\n")
-    return path
-
-
-def check_shortlist(data: dict[str, Any], vocab_size: int, where: str) -> None:
-    """Refuses a shortlist made for another vocabulary."""
-    if data.get("vocab_size") != vocab_size or max(data["tokens"]) >= vocab_size or min(data["tokens"]) < 0:
-        raise EarlyExitConfigError(
-            f"early_exit.shortlist={where!r} was made for a vocabulary of {data.get('vocab_size')} tokens, "
-            f"but the served model has {vocab_size}. Make one for this model with "
-            "`python -m vllm_early_exit shortlist --model MODEL`."
-        )
+__all__ = ["FORMAT", "VERSION", "Shortlist", "check_shortlist", "read_shortlist", "write_shortlist"]
 
 
 class Shortlist:

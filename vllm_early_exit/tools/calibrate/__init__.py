@@ -51,11 +51,7 @@ depth in deployment too; calibration counts them (report: ``mixed_step_tokens``)
 
 from vllm_early_exit.tools.calibrate.cli import EXIT_NO_THRESHOLD, add_arguments, load_prompts, main, run
 from vllm_early_exit.tools.calibrate.ltt import (
-    DEFAULT_BATCH,
     DEFAULT_THRESHOLDS,
-    NO_FASTER,
-    REPORTED_BATCHES,
-    SPEED_MARGIN,
     STRICTER,
     CalibrationError,
     ThresholdResult,
@@ -68,7 +64,6 @@ from vllm_early_exit.tools.calibrate.ltt import (
     finish,
     format_table,
     report_path,
-    speed_verdict,
     strict_order,
 )
 from vllm_early_exit.tools.calibrate.runs import (
@@ -79,6 +74,7 @@ from vllm_early_exit.tools.calibrate.runs import (
     measure,
     score_outputs,
 )
+from vllm_early_exit.tools.calibrate.speed import DEFAULT_BATCH, NO_FASTER, REPORTED_BATCHES, SPEED_MARGIN, speed_verdict
 
 __all__ = [
     "DEFAULT_BATCH", "DEFAULT_THRESHOLDS", "EXIT_NO_THRESHOLD", "MAX_BATCH", "NO_FASTER", "PREFILL_TOKENS",

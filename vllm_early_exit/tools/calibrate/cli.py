@@ -9,9 +9,7 @@ from typing import Any
 
 from vllm_early_exit.config import EarlyExitConfig, EarlyExitConfigError
 from vllm_early_exit.tools.calibrate.ltt import (
-    DEFAULT_BATCH,
     DEFAULT_THRESHOLDS,
-    REPORTED_BATCHES,
     STRICTER,
     CalibrationError,
     build_settings,
@@ -21,6 +19,7 @@ from vllm_early_exit.tools.calibrate.ltt import (
     strict_order,
 )
 from vllm_early_exit.tools.calibrate.runs import calibrate
+from vllm_early_exit.tools.calibrate.speed import DEFAULT_BATCH, REPORTED_BATCHES
 
 EXIT_NO_THRESHOLD = 3
 
@@ -188,8 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m vllm_early_exit.tools.calibrate``: the same command on its own."""
-    from vllm_early_exit.tools import calibrate as package
+    import sys
 
+    package = sys.modules[__package__]  # the package that holds this module is loaded already
     parser = argparse.ArgumentParser(prog="python -m vllm_early_exit calibrate",
                                      description=package.__doc__.split("\n\n")[0])
     add_arguments(parser)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from vllm_early_exit.tools.calibrate.ltt import (
-    DEFAULT_BATCH,
     DEFAULT_THRESHOLDS,
     CalibrationError,
     ThresholdRun,
@@ -28,6 +27,7 @@ from vllm_early_exit.tools.calibrate.ltt import (
     finish,
     strict_order,
 )
+from vllm_early_exit.tools.calibrate.speed import DEFAULT_BATCH
 from vllm_early_exit.tools.cost import WeightBytes
 from vllm_early_exit.tools.engines import build_engine, generate_together, shutdown_engine
 from vllm_early_exit.tools.resume import as_saved, saved_results, write_json

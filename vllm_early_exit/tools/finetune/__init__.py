@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     from vllm_early_exit.tools.engines import shutdown_engine
     from vllm_early_exit.tools.finetune.data import prompt_ids, teacher_data
     from vllm_early_exit.tools.finetune.training import export, train
+    from vllm_early_exit.tools.optional import require
 
     try:
         model = Path(args.model) if args.model else smollm2_checkpoint()
@@ -178,6 +179,8 @@ def run(args: argparse.Namespace) -> dict:
         settings = settings_from_args(args)
         config = model_config(model)
         settings.check(config.num_hidden_layers)
+        if settings.method == "lora":
+            require("peft")
         if args.threads is not None:
             if args.threads < 1:
                 raise FinetuneError(f"--threads {args.threads} must be >= 1")
@@ -207,9 +210,11 @@ def run(args: argparse.Namespace) -> dict:
     with console.phase("merging the best checkpoint into the exit-ready model"):
         target = export(out, model, settings, report)
     from vllm_early_exit.tools.finetune.report import plot
+    from vllm_early_exit.tools.optional import draw
 
     console.say(f"report: {out / 'finetune_report.md'}")
-    drawn = plot({settings.method: report}, out / "finetune_curve.png")
-    console.say(f"curve: {drawn}" if drawn else "curve: not drawn (matplotlib is not installed: pip install matplotlib)")
     console.say(f"exit-ready model: {target}")
+    drawn = draw(plot, {settings.method: report}, out / "finetune_curve.png", say=console.say)
+    if drawn:
+        console.say(f"curve: {drawn}")
     return {"model": str(target), "best_step": report["best_step"], "tokens": report["tokens"]}

@@ -1,6 +1,6 @@
 """``finetune_report.json`` and ``finetune_report.md``, rewritten at every evaluation, and the
 curve (``finetune_curve.png``: held-out agreement and depth against tokens trained), drawn
-after the figures are written and only where matplotlib is installed."""
+after the figures are written."""
 
 from __future__ import annotations
 
@@ -59,16 +59,11 @@ def write_report(report: dict, out: Path) -> None:
         tmp.rename(out / name)
 
 
-def plot(reports: dict[str, dict], path: Path) -> Path | None:
-    """Full-depth agreement and depth at 0.95 against tokens, one line per run; None where
-    matplotlib is missing (the figures are in the JSON and Markdown already)."""
-    try:
-        import matplotlib
+def plot(reports: dict[str, dict], path: Path) -> None:
+    """Full-depth agreement and depth at 0.95 against tokens, one line per run (drawn through
+    ``optional.draw``, after the figures are written)."""
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, report in reports.items():
         tokens = [h["tokens"] / 1e6 for h in report["history"]]
@@ -90,4 +85,3 @@ def plot(reports: dict[str, dict], path: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path

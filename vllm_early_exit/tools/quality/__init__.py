@@ -81,7 +81,7 @@ from vllm_early_exit.tools.quality.methods import (
     skip_sets_from_influence,
     skip_settings,
 )
-from vllm_early_exit.tools.quality.report import markdown, plot_agreement, plot_exits, write_report
+from vllm_early_exit.tools.quality.report import draw_plots, markdown, plot_agreement, plot_exits, write_report
 from vllm_early_exit.tools.quality.results import METHOD_ORDER, Results, in_method_order, merge_previous
 from vllm_early_exit.tools.quality.scores import (
     DEPTH_TARGET,
@@ -99,7 +99,8 @@ __all__ = [
     "METHODS",
     "METHOD_ORDER", "OPERATING_TARGET", "SMOKE_SIZES", "SMOKE_THRESHOLDS", "TARGETS", "THRESHOLD_SIGNALS", "Bench",
     "HumanEval", "Options", "Point", "Results", "add_arguments", "block_influence", "free", "frontier",
-    "humaneval_code", "humaneval_problems", "humaneval_program", "in_method_order", "lcs_length", "markdown",
+    "draw_plots", "humaneval_code", "humaneval_problems", "humaneval_program", "in_method_order", "lcs_length",
+    "markdown",
     "merge_previous", "method_settings", "options_from_args", "parse_skip_sets", "parse_thresholds",
     "pick_operating_point", "plot_agreement", "plot_exits", "rouge_l", "run", "run_benchmark", "run_program",
     "skip_order", "skip_sets_from_influence", "skip_settings", "sweep_skip_sets", "sweep_threshold_signal",

@@ -9,6 +9,7 @@ from pathlib import Path
 from vllm_early_exit.tools.assets import default_heads_dir, smollm2_checkpoint
 from vllm_early_exit.tools.quality.benchmark import run_benchmark
 from vllm_early_exit.tools.quality.methods import DEFAULT_THRESHOLDS, METHODS, Options, parse_skip_sets
+from vllm_early_exit.tools.quality.report import draw_plots
 
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -111,4 +112,5 @@ def options_from_args(args: argparse.Namespace) -> Options:
 def run(args: argparse.Namespace) -> dict:
     report = run_benchmark(options_from_args(args))
     print((Path(args.out) / "quality.md").read_text())
+    draw_plots(report, Path(args.out))  # last: the results are written and printed
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_early_exit.tools.optional import draw
 from vllm_early_exit.tools.quality.scores import DEPTH_TARGET, OPERATING_TARGET, TARGETS
 
 
@@ -118,21 +119,26 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
+    """``quality.json`` and ``quality.md`` of a report, whole or partial (the plots: ``draw_plots``)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     (out / "quality.md").write_text(markdown(report))
-    plot_agreement(report, "token_agreement", "token agreement (full model's choice)", out / "quality_agreement.png")
-    plot_agreement(report, "prefix", "agreement up to the first divergence", out / "quality_prefix.png")
-    plot_exits(report, out / "quality_exits.png")
 
 
-def _pyplot():
-    import matplotlib
+def draw_plots(report: dict, out: Path) -> None:
+    """The three plots, drawn after the results are written and printed (skipped, with the command
+    that installs matplotlib, where it is missing)."""
+    def agreement(key: str, ylabel: str):
+        return lambda data, path: plot_agreement(data, key, ylabel, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    plots = (
+        (agreement("token_agreement", "token agreement (full model's choice)"), "quality_agreement.png"),
+        (agreement("prefix", "agreement up to the first divergence"), "quality_prefix.png"),
+        (plot_exits, "quality_exits.png"),
+    )
+    for plot, name in plots:
+        if draw(plot, report, out / name) is None:
+            return  # one line has said that matplotlib is missing
 
 
 def _title(report: dict) -> str:
@@ -142,7 +148,8 @@ def _title(report: dict) -> str:
 
 def plot_agreement(report: dict, key: str, ylabel: str, path: Path) -> None:
     """``key`` vs mean depth, one curve per method, anchored at full depth."""
-    plt = _pyplot()
+    import matplotlib.pyplot as plt
+
     points = report["points"]
     full = next(p for p in points if p["setting"] is None)
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -163,7 +170,8 @@ def plot_agreement(report: dict, key: str, ylabel: str, path: Path) -> None:
 
 def plot_exits(report: dict, path: Path) -> None:
     """Exit-layer histograms (share of decode tokens per exit layer) of the operating points."""
-    plt = _pyplot()
+    import matplotlib.pyplot as plt
+
     L = report["setup"]["num_layers"]
     chosen = [
         p for p in report["points"]
