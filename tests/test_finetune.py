@@ -24,7 +24,7 @@ from .conftest import make_tiny_llama, one_process_env, run_engine
 EXITS = "1,3"
 PROMPTS = [f"Tell me about item number {i} in the list, please." for i in range(20)]
 BASE = ["--prompts", "16", "--held-out", "4", "--max-tokens", "10", "--exit-layers", EXITS,
-        "--batch-size", "4", "--eval-every", "4", "--lr", "3e-3", "--anchor-weight", "1", "--ceiling", "0.5"]
+        "--batch-size", "4", "--eval-every", "4", "--lr", "3e-3", "--exit-weight", "1", "--anchor-weight", "1", "--ceiling", "0.5"]
 
 
 def finetune(model, out, *options, check=True) -> subprocess.CompletedProcess:

