@@ -1,11 +1,14 @@
 """What a decode step asks of the host, per setting: aten ops and host-reading ops per pure-decode step.
 
-Each setting runs in a fresh process (SmolLM2, eager so every op is visible, the
-engine in that process), decodes 24 tokens for 1 and then 8 ShareGPT prompts at
-once, and counts with ``vllm_early_exit.tools.step_ops`` around the model's
-``forward`` and ``compute_logits``. Writes ``step_ops.json`` and ``step_ops.md``.
+Each setting runs in a fresh process (SmolLM2, the engine in that process),
+decodes 24 tokens for 1 and then 8 ShareGPT prompts at once, and counts with
+``vllm_early_exit.tools.step_ops`` around the model's ``forward`` and
+``compute_logits``. Eager by default, so every op is visible; with ``--compiled``
+the engines compile (plain vLLM its model, early exit its segments with their
+checks) and the ops counted are those the host runs outside compiled units,
+beside the compiled calls per step. Writes ``step_ops.json`` and ``step_ops.md``.
 
-    .venv/bin/python benchmarks/step_ops.py [--out benchmarks/results/step_ops] [--only never,forced_50]
+    .venv/bin/python benchmarks/step_ops.py [--out benchmarks/results/step_ops] [--only never,forced_50] [--compiled]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ SETTINGS: dict[str, dict | None] = {
     "never": {"threshold": 1.0, "exit_layers": CHECKS},
     "forced_50": {"exit_layers": [14], "threshold": 0.0, "policy": "all"},
     "per_token": {"signal": "max_prob", "threshold": 0.9, "exit_layers": CHECKS, "policy": "per_token"},
+    "never_shortlist": {"threshold": 1.0, "exit_layers": CHECKS, "shortlist": "SHORTLIST"},
     "per_token_shortlist": {
         "signal": "max_prob", "threshold": 0.9, "exit_layers": CHECKS, "policy": "per_token", "shortlist": "SHORTLIST",
     },
@@ -31,7 +35,7 @@ BATCHES = (1, 8)
 NEW_TOKENS = 24
 
 
-def measure(name: str, settings: dict | None) -> dict:
+def measure(name: str, settings: dict | None, compiled: bool = False) -> dict:
     """In this process: one engine with ``settings``, its op counts per batch size."""
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -50,8 +54,10 @@ def measure(name: str, settings: dict | None) -> dict:
         from vllm_early_exit.model_executor.models.llama_early_exit import EarlyExitLlamaForCausalLM as model_cls
     recorder = StepRecorder()
     recorder.install(model_cls)
-    engine = {"dtype": "float32", "max_model_len": 1024, "kv_cache_gib": 1, "enforce_eager": True}
-    llm = build_engine(model, early_exit=None if settings is None else {**settings, "log_interval_s": 0}, **engine)
+    engine = {"dtype": "float32", "max_model_len": 1024, "kv_cache_gib": 1, "enforce_eager": not compiled}
+    if settings is not None:
+        settings = {**settings, "log_interval_s": 0, "compile": compiled}
+    llm = build_engine(model, early_exit=settings, **engine)
     tokenizer = AutoTokenizer.from_pretrained(model)
     texts = sharegpt_prompts(max(BATCHES))
     prompts = [
@@ -59,7 +65,7 @@ def measure(name: str, settings: dict | None) -> dict:
         for t in texts
     ]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    result = {"engine": name, "settings": settings, "batches": {}}
+    result = {"engine": name, "settings": settings, "compiled": compiled, "batches": {}}
     for batch in BATCHES:
         recorder.steps.clear()
         llm.generate(prompts[:batch], params, use_tqdm=False)
@@ -68,16 +74,22 @@ def measure(name: str, settings: dict | None) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
+    compiled = any(r.get("compiled") for r in results)
+    how = (
+        "compiled: `aten ops` are the eager ops outside compiled units, `compiled calls` the calls of compiled units"
+        if compiled
+        else "eager (every op visible)"
+    )
     lines = [
         "# Host work per pure-decode step",
         "",
-        "SmolLM2-135M, eager (every op visible), 24 new tokens, batch 1 and 8 ShareGPT prompts at once. "
+        f"SmolLM2-135M, {how}, 24 new tokens, batch 1 and 8 ShareGPT prompts at once. "
         "`host reads`: ops that make the host wait for device data or give a data-dependent shape "
         "(`vllm_early_exit/tools/step_ops.py`), per pure-decode step (mean / largest); `decisions`: the "
         "decision points the step reached. Checks at layers " + ", ".join(map(str, CHECKS)) + ".",
         "",
-        "| engine | batch | aten ops | host reads (mean / max) | decisions | reads by name |",
-        "|---|---|---|---|---|---|",
+        "| engine | batch | aten ops | compiled calls | ops between them | host reads (mean / max) | decisions | reads by name |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for batch, s in r["batches"].items():
@@ -86,9 +98,16 @@ def markdown(results: list[dict]) -> str:
             names = ", ".join(f"{k} {v:.1f}" for k, v in s["host_reads_by_name"].items()) or "none"
             decisions = "" if s["decisions_per_step"] is None else f"{s['decisions_per_step']:.1f}"
             lines.append(
-                f"| {r['engine']} | {batch} | {s['ops_per_step']:.0f} | {s['host_reads_per_step']:.1f} / "
+                f"| {r['engine']} | {batch} | {s['ops_per_step']:.0f} | {s.get('compiled_calls_per_step', 0):.1f} | "
+                f"{s.get('ops_between_compiled_calls_per_step', 0):.0f} | "
+                f"{s['host_reads_per_step']:.1f} / "
                 f"{s['max_host_reads']} | {decisions} | {names} |"
             )
+    lines += ["", "Ops per step by name (the most frequent first):", ""]
+    for r in results:
+        for batch, s in r["batches"].items():
+            top = ", ".join(f"{k} {v:.1f}" for k, v in list(s.get("ops_by_name", {}).items())[:25])
+            lines.append(f"- {r['engine']}, batch {batch}: {top}")
     return "\n".join(lines) + "\n"
 
 
@@ -96,10 +115,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/step_ops")
     parser.add_argument("--only", default=None, help="comma-separated settings (default: all)")
+    parser.add_argument("--compiled", action="store_true", help="compiled engines (count ops outside compiled units)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one setting
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, SETTINGS[args.one])))
+        print(json.dumps(measure(args.one, SETTINGS[args.one], args.compiled)))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +129,7 @@ def main() -> None:
     for name in names:
         print(f"step_ops: {name} ...", flush=True)
         proc = subprocess.run(
-            [sys.executable, __file__, "--one", name], capture_output=True, text=True, env=env, check=False
+            [sys.executable, __file__, "--one", name, *(["--compiled"] if args.compiled else [])], capture_output=True, text=True, env=env, check=False
         )
         if proc.returncode != 0:
             raise SystemExit(f"step_ops: {name} failed:\n{proc.stderr[-4000:]}")

@@ -98,3 +98,21 @@ def test_steps_beside_a_replayed_preemption(tiny_llama):
     )
     check_steps(result, most_decisions=len(CHECKS))
     assert result["stats"][0]["replayed_tokens"] > 0
+
+
+def test_compiled_shortlist_checks_run_nothing_between_their_units(tiny_llama, shortlist_file):
+    """Compiled, a check through a shortlist sits inside its segment's unit (``CheckedGroup``):
+    between two compiled calls of a pure-decode step the host runs no aten op, only the read of
+    the gate's count; a check that never fires costs one call and one read."""
+    settings = {
+        "exit_layers": CHECKS, "threshold": 1.0, "shortlist": str(shortlist_file), "compile": True, "log_interval_s": 0,
+    }
+    prompts = tiny_prompts(3, seed=6)
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True, enforce_eager=False
+    )
+    for step in pure_steps(result):
+        assert step["compiled_calls"] == len(CHECKS) + 1, step  # one unit per segment
+        assert step["between"] == 0, step["names"]
+        assert step["host_reads"] == {"item": len(CHECKS)}, step
+    assert result["stats"][0]["early_exit_tokens"] == 0

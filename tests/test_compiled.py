@@ -20,6 +20,16 @@ def _groups(*bounds: tuple[int, int]) -> list[dict]:
     return [*({"layers": [first, stop], "compiled": True} for first, stop in bounds), whole]
 
 
+def check_alone_and_batched(result: dict, traces: list, num_layers: int) -> None:
+    """Groups cut after the checks at layers 1 and 3; tokens and exits of each prompt alone and
+    of all together are the reference's."""
+    assert result["layer_groups"] == _groups((0, 2), (2, 4), (4, 6))
+    expected = [t.tokens for t in traces]
+    assert result["outputs"] == expected
+    assert result["outputs_batched"] == expected
+    assert result["stats"][0]["exits_per_layer"] == [2 * n for n in exit_counts(traces, num_layers)]
+
+
 def test_compiled_per_token_matches_reference_alone_and_batched(tiny_llama, reference, mixed_traces):
     """Rows that leave stay frozen inside the compiled groups that follow; the others go on."""
     prompts, traces = mixed_traces
@@ -27,11 +37,7 @@ def test_compiled_per_token_matches_reference_alone_and_batched(tiny_llama, refe
     result = run_engine(
         tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched="both", **COMPILED_ENGINE
     )
-    assert result["layer_groups"] == _groups((0, 2), (2, 4), (4, 6))
-    expected = [t.tokens for t in traces]
-    assert result["outputs"] == expected
-    assert result["outputs_batched"] == expected
-    assert result["stats"][0]["exits_per_layer"] == [2 * n for n in exit_counts(traces, reference.num_layers)]
+    check_alone_and_batched(result, traces, reference.num_layers)
 
 
 def test_compiled_groups_with_skipped_layer_in_mixed_steps(tiny_llama, reference):
@@ -98,3 +104,20 @@ def test_each_layer_range_has_its_own_compile_cache_key():
     assert bounds == [(0, 4), (4, 5), (5, 9), (9, 10), (10, 19), (19, 20), (20, 30)]
     keys = {_model_hash_key(group_class(first, stop).forward) for first, stop in bounds}
     assert len(keys) == len(bounds)
+
+
+def test_compiled_two_stage_checks_match_reference(tiny_llama, reference, even_shortlist):
+    """A shortlist's first stage runs inside its segment's compiled unit (``CheckedGroup``):
+    per_token, batched, the gates open and shut as the reference's two-stage checks decide."""
+    from .conftest import EVEN_TOKENS, tiny_prompts
+
+    rule = {"exit_layers": (1, 3), "threshold": 0.2}
+    prompts = tiny_prompts(4, seed=7)
+    traces = [reference.generate(p, NEW_TOKENS, **rule, shortlist=EVEN_TOKENS) for p in prompts]
+    settings = {"exit_layers": [1, 3], "threshold": 0.2, "policy": "per_token", "shortlist": str(even_shortlist),
+                "compile": True}
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched="both", **COMPILED_ENGINE
+    )
+    check_alone_and_batched(result, traces, reference.num_layers)
+    assert result["stats"][0]["early_exit_tokens"] > 0

@@ -75,9 +75,11 @@ def test_heads_change_decisions_and_match_reference(tiny_llama, reference, heads
     assert [t.tokens for t in plain_rule] != [t.tokens for t in traces]
 
 
-def test_two_stage_checks_read_through_the_heads(tiny_llama, reference, heads_dir, even_shortlist):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_stage_checks_read_through_the_heads(tiny_llama, reference, heads_dir, even_shortlist, compiled):
     """per_token, head signal and a shortlist, batched: both stages read each row's head stream
-    at the check, and a row that leaves emits it, as the reference does."""
+    at the check, and a row that leaves emits it, as the reference does (compiled: the first
+    stage reads the head inside its segment's compiled unit)."""
     heads = ExitHeads.load(heads_dir)
     prompts = tiny_prompts(4, seed=11)
     rule = {"exit_layers": LAYERS, "threshold": THRESHOLD, "heads": heads.weights, "shortlist": EVEN_TOKENS}
@@ -85,8 +87,10 @@ def test_two_stage_checks_read_through_the_heads(tiny_llama, reference, heads_di
     margins = [abs(c - THRESHOLD) for t in traces for step in t.confidences for c in step.values()]
     assert min(margins) > 1e-3, "a decision sits at the threshold; pick another seed"
     settings = {"heads": str(heads_dir), "signal": "head", "exit_layers": list(LAYERS), "threshold": THRESHOLD,
-                "policy": "per_token", "shortlist": str(even_shortlist)}
-    result = run_engine(tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True)
+                "policy": "per_token", "shortlist": str(even_shortlist), "compile": compiled}
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True, enforce_eager=not compiled
+    )
     assert result["outputs"] == [t.tokens for t in traces]
     stats = result["stats"][0]
     assert stats["exits_per_layer"] == exit_counts(traces, reference.num_layers)

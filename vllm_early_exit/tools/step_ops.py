@@ -10,9 +10,13 @@ and a graph cannot replay a shape it did not capture. ``OpCounter`` is a
 ``compute_logits`` in a real engine (the model must run in the caller's process:
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and keeps one record per step.
 
-Compiled code (torch.compile's graphs) runs its kernels without aten dispatch:
-count an eager engine to see every op. A host read inside compiled code would
-have failed compilation (vLLM compiles with ``fullgraph=True``).
+In a compiled engine the recorder also counts the calls of compiled units
+(vLLM's ``support_torch_compile`` modules that compile: the early-exit model's
+groups and checked groups, its whole stack, plain vLLM's ``LlamaModel``) and
+counts no op inside them, so ``ops`` is then the eager aten ops the host runs
+outside compiled code: what a step does between its compiled calls. A host read
+inside compiled code would have failed compilation (vLLM compiles with
+``fullgraph=True``); count an eager engine to see every op.
 """
 
 from __future__ import annotations
@@ -92,6 +96,10 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.compiled_calls = 0
+        self.gaps: list[int] = [0]
+        """Ops before the first compiled call, between each two, and after the last."""
+        self.names: Counter[str] = Counter()
         self.host_reads: Counter[str] = Counter()
         self._saved: dict[str, object] = {}
 
@@ -116,6 +124,7 @@ class OpCounter(TorchDispatchMode):
         @functools.wraps(original)
         def read(tensor, *args, **kwargs):
             counter.host_reads[name.strip("_")] += 1
+            counter.names[name.strip("_")] += 1
             with torch.utils._python_dispatch._disable_current_modes():  # counted once, here
                 return original(tensor, *args, **kwargs)
 
@@ -124,6 +133,8 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops += 1
+        self.gaps[-1] += 1
+        self.names[func._schema.name.split("::")[-1]] += 1
         if reads_host(func, args, kwargs):
             self.host_reads[func._schema.name.split("::")[-1]] += 1
         return func(*args, **kwargs)
@@ -136,9 +147,16 @@ class StepRecord:
     pure_decode: bool
     rows: int
     ops: int = 0
+    """Aten ops outside compiled units (in an eager engine: every aten op)."""
     host_reads: dict[str, int] = field(default_factory=dict)
     decisions: int | None = None
     """Decision points the early-exit step reached (None for plain vLLM)."""
+    compiled_calls: int = 0
+    """Calls of compiled units (none in an eager engine)."""
+    between: int = 0
+    """Ops between the step's first and last compiled call (the host's work between its units)."""
+    names: dict[str, int] = field(default_factory=dict)
+    """The ops outside compiled units by name, and the Python-level reads."""
 
     @property
     def total_host_reads(self) -> int:
@@ -168,6 +186,7 @@ class StepRecorder:
     def install(self, model_cls: type) -> None:
         forward, compute_logits = model_cls.forward, model_cls.compute_logits
         recorder = self
+        self._install_compiled_units()
 
         @functools.wraps(forward)
         def counted_forward(model, *args, **kwargs):
@@ -177,7 +196,10 @@ class StepRecorder:
             pure, rows = _pure_decode(model)
             step = getattr(getattr(model, "model", None), "last_step", None)
             recorder.steps.append(
-                StepRecord(pure, rows, counter.ops, dict(counter.host_reads), None if step is None else step.decisions)
+                StepRecord(
+                    pure, rows, counter.ops, dict(counter.host_reads), None if step is None else step.decisions,
+                    counter.compiled_calls, sum(counter.gaps[1:-1]), dict(counter.names),
+                )
             )
             return out
 
@@ -189,12 +211,48 @@ class StepRecorder:
             if recorder.steps:
                 last = recorder.steps[-1]
                 last.ops += counter.ops
+                for name, n in counter.names.items():
+                    last.names[name] = last.names.get(name, 0) + n
                 for name, n in counter.host_reads.items():
                     last.host_reads[name] = last.host_reads.get(name, 0) + n
             return out
 
         model_cls.forward = counted_forward
         model_cls.compute_logits = counted_logits
+
+    _installed_units = False
+
+    def _install_compiled_units(self) -> None:
+        """Wraps the ``__call__`` of vLLM's compiled module classes the step uses: a call of a
+        module that compiles counts as a compiled call, and nothing inside it counts as an op."""
+        if StepRecorder._installed_units:
+            return
+        StepRecorder._installed_units = True
+        from vllm.model_executor.models.llama import LlamaModel
+
+        from vllm_early_exit.model_executor.early_exit import groups
+
+        units = [getattr(groups, name, None) for name in ("LayerGroup", "CheckedGroup", "FullStack")]
+        for cls in (LlamaModel, *(unit for unit in units if unit is not None)):
+            cls.__call__ = self._compiled_call(cls.__call__)
+
+    @staticmethod
+    def _compiled_call(call):
+        from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+        @functools.wraps(call)
+        def counted(module, *args, **kwargs):
+            counter = _get_current_dispatch_mode()
+            if not isinstance(counter, OpCounter) or getattr(module, "do_not_compile", True):
+                return call(module, *args, **kwargs)
+            counter.compiled_calls += 1
+            try:
+                with _disable_current_modes():
+                    return call(module, *args, **kwargs)
+            finally:
+                counter.gaps.append(0)
+
+        return counted
 
     def pure_decode_steps(self) -> list[StepRecord]:
         return [s for s in self.steps if s.pure_decode]
@@ -205,11 +263,16 @@ class StepRecorder:
         if not steps:
             return {"steps": 0}
         names: Counter[str] = Counter()
+        ops: Counter[str] = Counter()
         for s in steps:
             names.update(s.host_reads)
+            ops.update(s.names)
         return {
             "steps": len(steps),
             "ops_per_step": sum(s.ops for s in steps) / len(steps),
+            "compiled_calls_per_step": sum(s.compiled_calls for s in steps) / len(steps),
+            "ops_between_compiled_calls_per_step": sum(s.between for s in steps) / len(steps),
+            "ops_by_name": {k: v / len(steps) for k, v in ops.most_common()},
             "host_reads_per_step": sum(s.total_host_reads for s in steps) / len(steps),
             "max_host_reads": max(s.total_host_reads for s in steps),
             "host_reads_by_name": {k: v / len(steps) for k, v in sorted(names.items())},

@@ -114,6 +114,16 @@ class ExitCheck:
         threshold of its own): the check then reads nothing."""
         return self.always_confident and not own_thresholds
 
+    def prepare(self, like: torch.Tensor) -> None:
+        """Builds on the host, once, what the check's compiled units read (the heads on the
+        stream's device and dtype, the shortlist's packed rows of the LM head), so that nothing
+        is built while a unit is traced."""
+        if self.heads is not None and not self._heads_placed:
+            self.heads.place(like.device, like.dtype)
+            self._heads_placed = True
+        if self.shortlist is not None and self.readout is not None:
+            self.shortlist.prepare(self.readout.lm_head)
+
     def exit_stream(self, layer: int, stream: torch.Tensor) -> torch.Tensor:
         """The stream a row leaving after ``layer`` is read from: through the layer's head, if any."""
         if self.heads is None:

@@ -301,6 +301,7 @@ class GraphedSteps:
         validate_cudagraph_capturing_enabled()
         model = self.model
         rows = model.capture_rows(input_ids, positions)
+        rows.persistent = True  # every branch writes into these tensors, as the graphs replay them
         chain = model.decode_step.branches(model.engine_plan, rows, frozenset())
         graphs: StepGraphs = BranchGraphs() if self.mode == "branches" else ConditionalStepGraph()
         graphs.capture(chain, lambda branch: model.decode_step.work(branch, rows), rows, pool)

@@ -75,6 +75,9 @@ class RowState:
         self.emitted: torch.Tensor | None = None
         """Per row, the stream it emits when it left through an exit head (``emits``)."""
         self.emits = torch.zeros_like(decode)
+        self.persistent = False
+        """The tensors keep their addresses from step to step (a captured step's rows, ``graphs.py``):
+        ``take`` copies into them."""
 
     def load(self, hidden_states: torch.Tensor, decode: torch.Tensor) -> None:
         """Starts another pure-decode step in these tensors (a captured step's persistent rows):
@@ -90,6 +93,15 @@ class RowState:
         self.count.zero_()
         self.taken.zero_()
         self.emits.zero_()
+
+    def take(self, **state: torch.Tensor) -> None:
+        """The outputs of a compiled unit as the rows' state (by attribute name): the tensors
+        themselves, or copied into the persistent ones."""
+        for name, value in state.items():
+            if self.persistent:
+                getattr(self, name).copy_(value)
+            else:
+                setattr(self, name, value)
 
     def stream(self) -> torch.Tensor:
         """Every row's residual stream, as a new tensor (vLLM's fused add+norm may work in place)."""

@@ -41,10 +41,14 @@ class Shortlist:
         self._dtype: torch.dtype | None = None
         self._linear: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def logits(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-        """``[rows, len(tokens)]``: the logits of these tokens (without the logits scale)."""
+    def prepare(self, lm_head: torch.nn.Module) -> None:
+        """Gathers and packs the shortlist's rows of ``lm_head`` (once)."""
         if self._linear is None:
             full = lm_head.weight
             self._dtype = full.dtype
             self._linear = platform_linear(full[self.tokens.to(full.device)].contiguous())
+
+    def logits(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+        """``[rows, len(tokens)]``: the logits of these tokens (without the logits scale)."""
+        self.prepare(lm_head)
         return self._linear(hidden.to(self._dtype))

@@ -11,7 +11,9 @@ state in place and ends by writing one flag (``DecodeStep.work``):
   reads every row (``checks.py``), the policy picks the rows that leave (with
   depth budgets and replayed exits), ``RowState.leave`` records the exits, and
   the flag says whether any row still runs. With a shortlist the check stops
-  after its first stage, and the flag says whether some row may leave;
+  after its first stage (``gate``), and the flag says whether some row may
+  leave; compiled, the segment's layers and that stage are one unit
+  (``groups.CheckedGroup``) whose outputs become the rows' state;
 * ``confirm`` (a shortlist): the full-vocabulary confirmation, then the exits;
 * ``forced`` (a shortlist's gate stayed shut): the exits of budgets and replays;
 * ``exit``: every row has left after layer L: the deeper layers get their K/V by
@@ -180,6 +182,9 @@ class DecodeStep:
     def segment(self, segment: Segment, rows: RowState, gate: bool = False) -> None:
         """The segment's layers for every row (frozen rows held at their stream), then its
         decision, or with ``gate`` its check's first stage."""
+        if gate and self.fuses(segment, rows):
+            self.checked_segment(segment, rows)
+            return
         if segment.reads_previous:
             rows.previous.copy_(rows.stream())
         self.run_layers(segment, rows)
@@ -187,6 +192,24 @@ class DecodeStep:
             self.first_stage(segment, rows)
         elif segment.decision:
             self.decide(segment, rows)
+
+    def fuses(self, segment: Segment, rows: RowState) -> bool:
+        """Whether the segment and its check's first stage run as one compiled unit: a segment
+        of the engine's plan, at no depth budget's end."""
+        stack = self.stack
+        return stack is not None and stack.has_checked(segment.bounds) and segment.last not in rows.settings.budget_layers
+
+    def checked_segment(self, segment: Segment, rows: RowState) -> None:
+        """The segment's layers and its check's first stage as one compiled unit
+        (``groups.CheckedGroup``): one call, its outputs taken as the rows' state."""
+        settings = rows.settings
+        hidden_states, residual, previous, passing, count, flag = self.stack.run_checked(
+            segment.bounds, rows.positions, hidden_states=rows.hidden_states, residual=rows.residual, keep=rows.keep,
+            running=rows.running, live=rows.live, allowed=settings.allowed, thresholds=settings.thresholds,
+        )
+        rows.take(hidden_states=hidden_states, residual=residual, passing=passing, count=count, flag=flag)
+        if segment.reads_previous:
+            rows.take(previous=previous)
 
     def run_layers(self, segment: Segment, rows: RowState) -> None:
         keep = rows.keep
@@ -215,20 +238,30 @@ class DecodeStep:
         self.leave(segment.last, rows, confident, stream, logits, exit_stream)
 
     def first_stage(self, segment: Segment, rows: RowState) -> None:
-        """A shortlist's first stage: ``rows.passing`` and, in ``rows.flag``, whether some row's
-        confirmation could let it leave (the policy counting passing and forced rows)."""
-        layer = segment.last
-        stream = rows.stream()
-        exit_stream = self.exit_stream(segment, stream)
-        settings, deciding = rows.settings, rows.deciding()
-        passing = self.check.first_stage(
-            layer, stream, stream if exit_stream is None else exit_stream, rows.previous, settings.thresholds
+        """A shortlist's first stage, eagerly (``gate``)."""
+        layer, settings = segment.last, rows.settings
+        forced = rows.forced(layer) if layer in settings.budget_layers else None
+        passing, count = self.gate(
+            layer, rows.stream(), rows.previous, rows.running, rows.live, settings.allowed, settings.thresholds, forced,
         )
-        rows.passing.copy_(passing & settings.allowed & deciding)
-        votes = rows.passing | rows.forced(layer) if layer in settings.budget_layers else rows.passing
-        gate = self.policy.rows_to_exit(votes, deciding) & rows.passing
-        rows.count.copy_(gate.sum())
-        rows.flag.copy_(rows.count > 0)
+        rows.passing.copy_(passing)
+        rows.count.copy_(count)
+        rows.flag.copy_(count > 0)
+
+    def gate(
+        self, layer: int, stream: torch.Tensor, previous: torch.Tensor | None, running: torch.Tensor,
+        live: torch.Tensor, allowed: torch.Tensor, thresholds: torch.Tensor, forced: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A shortlist's first stage after ``layer``, tensors in and out (the one definition the
+        eager step and the compiled unit ``groups.CheckedGroup`` share): the rows that pass it
+        (``rows.passing``) and how many of them the policy lets through (``rows.count``; the gate
+        is open when it is not 0), ``forced`` rows (a depth budget's end) voting with them."""
+        exit_stream = stream if self.check.heads is None else self.check.exit_stream(layer, stream)
+        deciding = running & live
+        passing = self.check.first_stage(layer, stream, exit_stream, previous, thresholds) & allowed & deciding
+        votes = passing if forced is None else passing | forced
+        gate = self.policy.rows_to_exit(votes, deciding) & passing
+        return passing, gate.sum()
 
     def confirm(self, segment: Segment, rows: RowState, width: int | None = None) -> None:
         """A shortlist's confirmation: the full readout of the rows that passed the first stage

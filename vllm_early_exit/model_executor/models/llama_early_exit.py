@@ -77,7 +77,7 @@ class EarlyExitLlamaModel(LlamaModel):
         self._plans: dict[frozenset[int], StepPlan] = {}
         self.engine_plan = self.plan_with(frozenset())
         self.compiled_stack = (
-            CompiledStack(vllm_config, self.layers, self.engine_plan.bounds, prefix)
+            CompiledStack(vllm_config, self.layers, self.engine_plan, prefix, gates=self.check.two_stage)
             if config.may_compile and compiling(vllm_config)
             else None
         )
@@ -86,6 +86,8 @@ class EarlyExitLlamaModel(LlamaModel):
             self.layers, self.start_layer, self.end_layer, self.check, self.policy, self.kv_propagator,
             self.exit_counters, self.norm, self.compiled_stack,
         )
+        if self.compiled_stack is not None:
+            self.compiled_stack.bind(self.decode_step.gate, self.check.prepare)
         self.last_step: StepLog | None = None
         """What the host knows of the last step with decode rows (None: a full-depth step)."""
         self.step_logits: tuple[StepLog, torch.Tensor, torch.Tensor] | None = None
