@@ -259,3 +259,15 @@ def test_oracle_measures_against_the_reference(tiny_chat_llama, tmp_path):
     for per_depth, target, depth in zip(report["outputs_per_depth"], report["outputs_full_depth"], report["min_depths"]):
         identical = [d + 1 for d, o in enumerate(per_depth) if o == target]
         assert depth == (identical[0] if identical else len(per_depth))
+
+
+def test_fetch_model_says_why_no_exit_ready_smollm2_ships(capsys):
+    from vllm_early_exit.__main__ import main
+    from vllm_early_exit.tools import exit_ready
+
+    if (exit_ready.shipped_dir(exit_ready.SMOLLM2_EXIT_READY) / exit_adapter.WEIGHTS).exists():
+        pytest.skip("an exit-ready SmolLM2 ships: fetch-model builds it")
+    with pytest.raises(SystemExit) as stopped:
+        main(["fetch-model", exit_ready.SMOLLM2_EXIT_READY])
+    assert "no smollm2-exit-ready adapter ships with this version" in str(stopped.value)
+    assert "finetune --out DIR" in str(stopped.value)

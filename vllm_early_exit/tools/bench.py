@@ -41,7 +41,7 @@ from pathlib import Path
 from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio, predicted_step_ratio
 from vllm_early_exit.tools.engines import build_engine, check_engines_fit, machine_info, shutdown_engine
 from vllm_early_exit.tools.optional import draw
-from vllm_early_exit.tools.resume import as_saved, saved_results, write_json
+from vllm_early_exit.tools.resume import as_saved, saved_results, with_reference, write_json
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -230,9 +230,10 @@ def resumed_measurements(out_dir: Path, setup: dict) -> list[Measurement]:
 
     Refuses results taken with another model, batch sizes, lengths, rounds or dtype: their
     ratios would not be comparable. An engine whose settings changed is measured again."""
+    setup = with_reference(setup)
     previous = saved_results(
         out_dir / "speed.json", {k: setup[k] for k in RESUME_KEYS}, command="bench",
-        settings_of=lambda saved: saved.get("setup"),
+        settings_of=lambda saved: with_reference(saved.get("setup") or {}),
     )
     if previous is None:
         return []

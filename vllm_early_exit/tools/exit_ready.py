@@ -32,13 +32,23 @@ def original_checkpoint(name: str) -> Path:
     return smollm2_checkpoint()
 
 
+class NotShipped(RuntimeError):
+    """No adapter for the exit-ready model ships with this version; the message says why and what to do."""
+
+
 def exit_ready_checkpoint(name: str = SMOLLM2_EXIT_READY) -> Path:
     """The exit-ready model's HF checkpoint, merged on first use under the cache, with its
     calibrated settings beside the weights (``early_exit.json``)."""
     from vllm_early_exit.tools.cache import cache_dir
-    from vllm_early_exit.tools.finetune.adapter import build_merged
+    from vllm_early_exit.tools.finetune.adapter import WEIGHTS, build_merged
 
     source = shipped_dir(name)
+    if not (source / WEIGHTS).is_file():
+        raise NotShipped(
+            f"no {name} adapter ships with this version: no fine-tune so far kept the original's full-depth "
+            "output (>= 0.99 token agreement) while moving its exits (docs/finetune.md). Make one with "
+            "`python -m vllm_early_exit finetune --out DIR`; DIR/model is the exit-ready checkpoint"
+        )
     target = cache_dir() / FOLDERS[name]
     out = build_merged(original_checkpoint(name), source, target)
     if (source / SETTINGS_FILE).exists() and not (out / SETTINGS_FILE).exists():

@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     if args.model in exit_ready.FOLDERS:
-        path = exit_ready.exit_ready_checkpoint(args.model)
+        try:
+            path = exit_ready.exit_ready_checkpoint(args.model)
+        except exit_ready.NotShipped as e:
+            raise SystemExit(f"fetch-model {args.model}: {e}") from None
         settings = exit_ready.certified_settings(args.model)
         print(path)
         if settings is not None:

@@ -45,7 +45,7 @@ from vllm_early_exit.tools.oracle_depths import (  # noqa: F401 (the per-sequenc
 )
 from vllm_early_exit.tools.optional import draw
 from vllm_early_exit.tools.oracle_report import plot, token_oracle_lines, write_report  # noqa: F401 (importable here too)
-from vllm_early_exit.tools.resume import saved_results
+from vllm_early_exit.tools.resume import saved_results, with_reference
 
 DEFAULT_OUT = Path("benchmarks/results")
 ORACLE_AGREEMENTS = (0.99, 0.95, 0.9)
@@ -363,7 +363,9 @@ def analyse(
 def resumed_report(out_dir: Path, expected: dict) -> dict | None:
     """The report in ``out_dir`` to continue, or None when there is none; refuses another run's."""
     path = out_dir / "oracle.json"
-    previous = saved_results(path, {key: expected[key] for key in RESUME_KEYS}, command="oracle")
+    expected = with_reference(expected)
+    previous = saved_results(path, {key: expected[key] for key in RESUME_KEYS}, command="oracle",
+                             settings_of=with_reference)
     if previous is not None and "outputs_per_depth" not in previous:
         raise SystemExit(f"oracle --resume: {path} was written by an older version (no outputs_per_depth); run without --resume.")
     return previous

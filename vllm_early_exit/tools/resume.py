@@ -36,6 +36,12 @@ def differing_settings(saved: Mapping[str, Any], expected: Mapping[str, Any]) ->
     return [key for key in expected if saved.get(key) != expected[key]]
 
 
+def with_reference(settings: Mapping[str, Any]) -> dict:
+    """``settings`` with ``reference`` set, to ``model`` where none is named: results measured
+    before ``--reference`` existed were measured against the model itself."""
+    return {**settings, "reference": settings.get("reference") or settings.get("model")}
+
+
 def saved_results(
     path: Path,
     expected: Mapping[str, Any],

@@ -67,17 +67,18 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, report in reports.items():
         tokens = [h["tokens"] / 1e6 for h in report["history"]]
-        ax1.plot(tokens, [h["full_depth_agreement"] for h in report["history"]], marker="o", label=label)
+        line, = ax1.plot(tokens, [h["full_depth_agreement"] for h in report["history"]], marker="o", label=label)
+        color = line.get_color()
         depth = [(t, h["depth_at"]["0.95"]) for t, h in zip(tokens, report["history"]) if h["depth_at"]["0.95"]]
         if depth:
-            ax2.plot(*zip(*depth), marker="o", label=label)
+            ax2.plot(*zip(*depth), marker="o", color=color, label=f"{label}: depth at 0.95")
         deepest = report["exit_layers"][-1]
-        ax2.plot(tokens, [h["exit_agreement"][str(deepest)] for h in report["history"]], ls="--",
+        ax2.plot(tokens, [h["exit_agreement"][str(deepest)] for h in report["history"]], ls="--", color=color,
                  label=f"{label}: L{deepest} readout agreement")
     ax1.axhline(0.99, color="grey", ls=":", lw=1)
     ax1.set(xlabel="tokens trained (M)", ylabel="agreement with the original", title="full depth (the ceiling)")
     ax2.axhline(0.85, color="grey", ls=":", lw=1)
-    ax2.set(xlabel="tokens trained (M)", ylabel="share", title="depth at 0.95 agreement (max-prob rule)")
+    ax2.set(xlabel="tokens trained (M)", ylabel="share", title="the exits: depth at 0.95 agreement, deepest readout")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -43,7 +43,7 @@ class FinetuneSettings:
     layers a token there; reply positions are about half of a sequence's tokens."""
     exit_weight: float = 0.1
     """Weight of an exit layer's KL, times (layer + 1) / layers: deeper exits weigh more. Small: an
-    early readout starts several nats from the original (SmolLM2: 8.8 after layer 20, 1.4 after 28)
+    early readout starts several nats from the original (SmolLM2: about 11 after layer 20, 1.5 after 28)
     against a last layer at 0, and with weight 1 the exit losses moved the full depth off the
     original on 17% of held-out tokens within 36k training tokens."""
     anchor_weight: float = 10.0
