@@ -481,7 +481,7 @@ def test_no_setting_predicted_faster_than_plain_says_keep_early_exit_off(tiny_ll
     decoded = 48 * (NEW - 1)
 
     def never_exiting(model, prompts, settings, *, target, delta, out, thresholds, max_tokens, dtype, info, resume,
-                      batch):
+                      batch, reference=None):
         runs = [cal.ThresholdRun(t, [1.0] * len(prompts), tokens=decoded, agreeing_tokens=decoded, mean_layers=6.0,
                                  decode_tokens=decoded, exit_stats=_exit_stats(full=decoded)) for t in thresholds]
         return cal.finish(runs, settings, target=target, delta=delta, out=out, info=info,
@@ -545,7 +545,7 @@ def test_max_exit_batch_is_kept_out_of_the_calibration_runs_and_hinted(tiny_llam
     measured = {}
     n = 48 * (NEW - 1)
 
-    def fake_measure(model, prompts, settings, thresholds, *, max_tokens, dtype, saved):
+    def fake_measure(model, prompts, settings, thresholds, *, max_tokens, dtype, saved, reference=None):
         measured.update(settings)
         return [cal.ThresholdRun(t, [1.0] * len(prompts), tokens=n, agreeing_tokens=n, decode_tokens=n,
                                  exit_stats=_exit_stats(exits={1: n})) for t in thresholds]
