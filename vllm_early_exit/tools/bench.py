@@ -203,7 +203,8 @@ def run_benchmark(
             kwargs["enforce_eager"] = True
         if modes[name] is not None:
             kwargs["early_exit"] = {**modes[name], "log_interval_s": 0}
-        llm = build_engine(reference or model if modes[name] is None else model, **kwargs)
+        plain_engine = modes[name] is None  # plain_eager: plain vLLM too, on the reference
+        llm = build_engine((reference or model) if plain_engine else model, **kwargs)
         block: list[Measurement] = []
         for batch in batches:
             for round_index in range(rounds + 1):

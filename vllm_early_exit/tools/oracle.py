@@ -316,16 +316,15 @@ def analyse(
     if previous is not None:
         outputs = previous["outputs_per_depth"]
         scores = dict(previous.get("scores", {}))
-        targets = previous["outputs_full_depth"]
+        full = previous["outputs_full_depth"]
     else:
         outputs = run_budgets(model_dir, prompts, max_tokens, num_layers)
         scores = {}
-        targets = ([per_depth[-1] for per_depth in outputs] if reference is None
-                   else reference_outputs(reference, prompts, max_tokens))
-    depths = min_depths(outputs, targets)
-    full = targets
+        full = ([per_depth[-1] for per_depth in outputs] if reference is None
+                else reference_outputs(reference, prompts, max_tokens))
+    depths = min_depths(outputs, full)
     report.update({
-        "full_depth_identical": sum(per_depth[-1] == t for per_depth, t in zip(outputs, targets)) / len(targets),
+        "full_depth_identical": sum(per_depth[-1] == t for per_depth, t in zip(outputs, full)) / len(full),
         "min_depths": depths,
         "mean_min_depth": sum(depths) / len(depths),
         "mean_min_depth_fraction": sum(depths) / len(depths) / num_layers,

@@ -146,12 +146,13 @@ def _resumable(run_info: dict) -> dict:
 
 
 def check_run_folder(out: Path, run_info: dict, resume: bool) -> None:
+    from vllm_early_exit.tools.resume import differing_settings
+
     saved = out / "run.json"
     if resume:
         if not saved.is_file():
             raise FinetuneError(f"--resume: {out} holds no run (no run.json); start one without --resume")
-        before, now = (_resumable(info) for info in (json.loads(saved.read_text()), run_info))
-        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        differ = differing_settings(_resumable(json.loads(saved.read_text())), _resumable(run_info))
         if differ:
             raise FinetuneError(f"--resume: {out} holds another run; these differ from its run.json: "
                                 f"{', '.join(differ)}. Resume with the settings it was started with, or "

@@ -50,13 +50,18 @@ class TeacherData:
                      ("prompts", "replies", "top_ids", "top_logprobs")))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.__dict__, tmp)
-        tmp.rename(path)
+        save_whole(self.__dict__, path)
 
     @classmethod
     def load(cls, path: Path) -> TeacherData:
         return cls(**torch.load(path, weights_only=True))
+
+
+def save_whole(obj, path: Path) -> None:
+    """``torch.save`` into a temporary file renamed at the end: a stopped run never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.rename(path)
 
 
 def top_k_of(logprobs: list[dict], k: int) -> tuple[torch.Tensor, torch.Tensor]:

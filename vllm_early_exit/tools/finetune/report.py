@@ -4,8 +4,9 @@ after the figures are written."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from vllm_early_exit.tools.resume import write_json
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -51,12 +52,8 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("finetune_report.json", json.dumps(report, indent=2) + "\n"),
-                       ("finetune_report.md", markdown(report))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.rename(out / name)
+    write_json(out / "finetune_report.json", report)
+    (out / "finetune_report.md").write_text(markdown(report))
 
 
 def plot(reports: dict[str, dict], path: Path) -> None:

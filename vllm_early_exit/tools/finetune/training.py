@@ -30,7 +30,7 @@ import torch
 
 from vllm_early_exit.tools import console
 from vllm_early_exit.tools.finetune import adapter as exit_adapter
-from vllm_early_exit.tools.finetune.data import TeacherData
+from vllm_early_exit.tools.finetune.data import TeacherData, save_whole
 from vllm_early_exit.tools.finetune.evaluate import evaluate
 from vllm_early_exit.tools.finetune.loss import exit_scale, rotation, top_k_kl
 from vllm_early_exit.tools.finetune.readouts import ExitReadouts
@@ -124,12 +124,6 @@ def load_trainable(readouts: ExitReadouts, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.rename(path)
-
-
 def train(
     out: Path, model_path: Path, settings: FinetuneSettings, train_data: TeacherData,
     held_out: TeacherData, run_info: dict, resume: bool,
@@ -171,7 +165,7 @@ def train(
 
             write_report(report, out)
             if not report_only:
-                _save({"trainable": trainable_state(plain), "optimizer": optimizer.state_dict(),
+                save_whole({"trainable": trainable_state(plain), "optimizer": optimizer.state_dict(),
                        "progress": progress.__dict__}, checkpoint)
         return report
 
@@ -186,7 +180,7 @@ def train(
         key = selection_key(result, settings)
         if key is not None and (progress.best_key is None or key < progress.best_key):
             progress.best_step, progress.best_key = progress.step, key
-            _save(trainable_state(plain), out / "best.pt")
+            save_whole(trainable_state(plain), out / "best.pt")
         depth = result["depth_at"]["0.95"]
         console.say(
             f"step {progress.step:5d}  {progress.tokens:>9,} tokens  full depth {result['full_depth_agreement']:.3f}  "
