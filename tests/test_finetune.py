@@ -16,8 +16,9 @@ from torch.nn import functional as F
 
 from vllm_early_exit.tools.finetune import adapter as exit_adapter
 from vllm_early_exit.tools.finetune.data import TeacherData
-from vllm_early_exit.tools.finetune.loss import rotation, top_k_kl
-from vllm_early_exit.tools.finetune.settings import FinetuneSettings, default_exit_layers
+from vllm_early_exit.tools.finetune import _resumable
+from vllm_early_exit.tools.finetune.loss import exit_loss, rotation, top_k_kl
+from vllm_early_exit.tools.finetune.settings import FinetuneError, FinetuneSettings, default_exit_layers
 
 from .conftest import make_tiny_llama, one_process_env, run_engine
 
@@ -82,6 +83,17 @@ def test_top_k_kl_counts_the_rest_of_the_mass_as_one_outcome():
     # Any student that moves mass only inside the rest (the third token and beyond) costs nothing.
     inside_rest = torch.tensor([[0.5, 0.3, 0.2, 1e-9]]).log()
     assert float(top_k_kl(inside_rest, ids, teacher[:, :2])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_hard_exit_learns_the_greedy_token_and_a_soft_one_the_distribution():
+    """Hand-checked: student (0.4, 0.2, 0.4) against the original's greedy token 0 costs -log 0.4."""
+    student = torch.tensor([[0.4, 0.2, 0.4]]).log()
+    ids, teacher = torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.3]]).log()
+    assert float(exit_loss(student, ids, teacher, "hard")) == pytest.approx(-float(torch.tensor(0.4).log()), abs=1e-6)
+    assert torch.equal(exit_loss(student, ids, teacher, "soft"), top_k_kl(student, ids, teacher))
+    # The hard loss ignores the rest of the original's distribution: only its greedy token counts.
+    other_teacher = torch.tensor([[0.9, 0.05]]).log()
+    assert torch.equal(exit_loss(student, ids, other_teacher, "hard"), exit_loss(student, ids, teacher, "hard"))
 
 
 def test_exit_layers_default_and_rotation():
@@ -185,9 +197,11 @@ def test_resume_continues_where_the_stopped_run_ended(run, tiny_chat_llama, prom
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
     for out in (stopped, straight):
         shutil.copytree(run / "data", out / "data")  # the original's replies, generated once
-    common = [*BASE, "--prompt-file", str(prompt_file)]
+    # The hard exit target here, the soft one in `run`: each training path runs in some test.
+    common = [*BASE, "--prompt-file", str(prompt_file), "--exit-target", "hard"]
     finetune(tiny_chat_llama, stopped, *common, "--tokens", "1500")
     first = report_of(stopped)["steps"]
+    assert report_of(stopped)["settings"]["exit_target"] == "hard"
     proc = finetune(tiny_chat_llama, stopped, *common, "--tokens", "3000", "--resume")
     assert f"resumed at step {first}" in proc.stdout
     finetune(tiny_chat_llama, straight, *common, "--tokens", "3000")
@@ -220,8 +234,18 @@ def test_bad_arguments_are_refused_with_their_setting(run, tiny_chat_llama, prom
 
 
 def test_settings_survive_the_run_file():
-    settings = FinetuneSettings(exit_layers=(1, 3), method="full", lr=1e-5)
+    settings = FinetuneSettings(exit_layers=(1, 3), method="full", lr=1e-5, exit_target="hard")
     assert FinetuneSettings.from_dict(json.loads(json.dumps(settings.as_dict()))) == settings
+    with pytest.raises(FinetuneError, match="--exit-target 'medium' is unknown; allowed: soft, hard"):
+        FinetuneSettings(exit_target="medium").check(30)
+
+
+def test_a_run_from_before_a_setting_existed_resumes_with_its_default():
+    now = {"model": "m", "settings": FinetuneSettings().as_dict()}
+    before = {"model": "m", "settings": {k: v for k, v in now["settings"].items() if k != "exit_target"}}
+    assert _resumable(before) == _resumable(now)
+    hard = {"model": "m", "settings": FinetuneSettings(exit_target="hard").as_dict()}
+    assert _resumable(hard) != _resumable(now)
 
 
 # --- --reference in oracle ------------------------------------------------------------

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from vllm_early_exit.tools.finetune.settings import (
-    ARCHITECTURES, METHODS, FinetuneError, FinetuneSettings, default_exit_layers,
+    ARCHITECTURES, EXIT_TARGETS, METHODS, FinetuneError, FinetuneSettings, default_exit_layers,
 )
 
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"exit layers read per step, in turn (default {d.exits_per_step})")
     parser.add_argument("--exit-weight", type=float, default=d.exit_weight,
                         help=f"exit KL weight, times (layer + 1) / layers (default {d.exit_weight})")
+    parser.add_argument("--exit-target", default=d.exit_target, choices=EXIT_TARGETS,
+                        help="what an exit learns: soft (default), the original's distribution; hard, its "
+                             "greedy token, so the exit's max-prob estimates the chance it agrees")
     parser.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
                         help=f"last layer's KL weight (default {d.anchor_weight})")
     parser.add_argument("--teacher-top-k", type=int, default=d.teacher_top_k,
@@ -85,7 +88,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         exit_layers=args.exit_layers, method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lr=args.lr if args.lr is not None else DEFAULT_LR.get(args.method, DEFAULT_LR["lora"]),
         batch_size=args.batch_size, tokens=args.tokens, exits_per_step=args.exits_per_step,
-        exit_weight=args.exit_weight, anchor_weight=args.anchor_weight, teacher_top_k=args.teacher_top_k,
+        exit_weight=args.exit_weight, exit_target=args.exit_target, anchor_weight=args.anchor_weight, teacher_top_k=args.teacher_top_k,
         layer_dropout=args.layer_dropout, eval_every=args.eval_every, ceiling=args.ceiling,
         bf16=not args.no_bf16, seed=args.seed,
     )
@@ -141,7 +144,8 @@ def _resumable(run_info: dict) -> dict:
     """What a resumed run must share with the run it continues: everything but the budget
     (``--tokens``: a resumed run may train further)."""
     flat = {k: v for k, v in run_info.items() if k != "settings"}
-    flat.update({f"--{k.replace('_', '-')}": v for k, v in run_info["settings"].items() if k != "tokens"})
+    settings = FinetuneSettings.from_dict(run_info["settings"]).as_dict()  # a setting added since: its default
+    flat.update({f"--{k.replace('_', '-')}": v for k, v in settings.items() if k != "tokens"})
     return flat
 
 

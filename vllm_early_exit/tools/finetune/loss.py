@@ -2,7 +2,10 @@
 while the last layer is held to it.
 
     loss = anchor_weight * KL(original || last layer)
-         + sum over this step's exit layers l of exit_weight * (l + 1) / layers * KL(original || readout_l)
+         + sum over this step's exit layers l of exit_weight * (l + 1) / layers * exit_loss(readout_l)
+
+``exit_loss`` is the same KL (``--exit-target soft``) or the cross-entropy on the original's
+greedy token (``hard``, :func:`exit_loss`).
 
 Every KL is over the original's top-k tokens plus the rest of the mass as one more outcome
 (:func:`top_k_kl`): the k tokens carry nearly all of the mass at a reply position, and the
@@ -29,6 +32,14 @@ def top_k_kl(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Te
     p_rest = (1 - p_top.sum(-1)).clamp_min(1e-12)
     q_rest = (1 - log_q_top.exp().sum(-1)).clamp_min(1e-12)
     return kl_top + p_rest * (p_rest.log() - q_rest.log())
+
+
+def exit_loss(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, target: str) -> torch.Tensor:
+    """Per row, an exit's loss: ``soft``, :func:`top_k_kl` to the original; ``hard``, the
+    cross-entropy on the original's greedy token (``top_ids[:, 0]``: the replies are greedy)."""
+    if target == "hard":
+        return F.cross_entropy(logits.float(), top_ids[:, 0], reduction="none")
+    return top_k_kl(logits, top_ids, top_logprobs)
 
 
 def exit_scale(layer: int, num_layers: int, exit_weight: float) -> float:

@@ -12,6 +12,7 @@ ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 """What the plugin serves, so what an exit-ready model may be."""
 
 METHODS = ("lora", "full")
+EXIT_TARGETS = ("soft", "hard")
 """``lora``: low-rank adapters on every decoder layer, merged at the end (the default);
 ``full``: every decoder weight trains (for comparison: it moves the full-depth output faster)."""
 
@@ -46,6 +47,13 @@ class FinetuneSettings:
     early readout starts several nats from the original (SmolLM2: about 11 after layer 20, 1.5 after 28)
     against a last layer at 0, and with weight 1 the exit losses moved the full depth off the
     original on 17% of held-out tokens within 36k training tokens."""
+    exit_target: str = "soft"
+    """What an exit learns. ``soft``: the original's distribution (KL over its top-k), as
+    Kangaroo and EE-Tuning distil. ``hard``: the original's greedy token (cross-entropy), so that
+    the exit's max-prob estimates the chance its token is the original's -- the question greedy
+    early exit asks. An exit that learns the distribution is as unsure as the original wherever
+    the original is (its top token has probability below 0.9 at 66% of SmolLM2's reply
+    positions), so the max-prob rule cannot let it leave there, right or not."""
     anchor_weight: float = 10.0
     """Weight of the last layer's KL to the original: holds the full-depth output."""
     teacher_top_k: int = 20
@@ -92,6 +100,8 @@ class FinetuneSettings:
             )
         if len(set(layers)) != len(layers):
             raise FinetuneError(f"--exit-layers {','.join(map(str, layers))} names a layer twice")
+        if self.exit_target not in EXIT_TARGETS:
+            raise FinetuneError(f"--exit-target {self.exit_target!r} is unknown; allowed: {', '.join(EXIT_TARGETS)}")
         if self.method not in METHODS:
             raise FinetuneError(f"--method {self.method!r} is unknown; allowed: {', '.join(METHODS)}")
         positive = {"--lr": self.lr, "--lora-rank": self.lora_rank, "--lora-alpha": self.lora_alpha,

@@ -32,7 +32,7 @@ from vllm_early_exit.tools import console
 from vllm_early_exit.tools.finetune import adapter as exit_adapter
 from vllm_early_exit.tools.finetune.data import TeacherData, save_whole
 from vllm_early_exit.tools.finetune.evaluate import evaluate
-from vllm_early_exit.tools.finetune.loss import exit_scale, rotation, top_k_kl
+from vllm_early_exit.tools.finetune.loss import exit_loss, exit_scale, rotation, top_k_kl
 from vllm_early_exit.tools.finetune.readouts import ExitReadouts
 from vllm_early_exit.tools.finetune.settings import LORA_MODULES, FinetuneSettings
 
@@ -207,9 +207,12 @@ def train(
                 readout = student(batch.input_ids, batch.attention_mask, batch.select, layers)
                 loss = 0.0
                 for layer, logits in readout.items():
-                    kl = top_k_kl(logits, batch.top_ids, batch.top_logprobs).mean()
-                    weight = (settings.anchor_weight if layer == num_layers - 1
-                              else exit_scale(layer, num_layers, settings.exit_weight))
+                    if layer == num_layers - 1:
+                        kl = top_k_kl(logits, batch.top_ids, batch.top_logprobs).mean()
+                        weight = settings.anchor_weight
+                    else:
+                        kl = exit_loss(logits, batch.top_ids, batch.top_logprobs, settings.exit_target).mean()
+                        weight = exit_scale(layer, num_layers, settings.exit_weight)
                     loss = loss + weight * kl
                     losses[layer].append(float(kl))
             accelerator.backward(loss)
