@@ -90,8 +90,9 @@ def test_saved_folder_loads_with_base_model_layers_and_gates(model_dir, trained,
         assert int(torch.linalg.matrix_rank(heads.weights[LAYERS[0]][0])) <= SETTINGS.rank
 
 
-def test_trained_heads_beat_the_plain_readout_on_unseen_sequences(model_dir, trained):
-    """Scored here, independently of the trainer: fresh sequences, HF hidden states, argmax."""
+def unseen_scores(model_dir, heads) -> list[dict[str, float]]:
+    """Per head layer, agreement with the full model's token and KL to it, of the plain readout and
+    the head, scored here, independently of the trainer: fresh sequences, HF hidden states, argmax."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -109,14 +110,44 @@ def test_trained_heads_beat_the_plain_readout_on_unseen_sequences(model_dir, tra
     def kl(log_probs):
         return float((final.exp() * (final - log_probs)).sum(-1).mean())
 
-    gain = 0.0
+    def cross_entropy(log_probs):  # on the full model's top token
+        return float(-log_probs.gather(-1, final.argmax(-1, keepdim=True)).mean())
+
+    scores = []
     for layer in LAYERS:
         stream = out.hidden_states[layer + 1]  # the stream after `layer`
         with torch.no_grad():
-            plain, head = read(stream), read(trained.apply(layer, stream))
-        assert kl(head) < 0.9 * kl(plain), layer
-        gain += agreement(head) - agreement(plain)
-    assert gain > 0.04
+            plain, head = read(stream), read(heads.apply(layer, stream))
+        scores.append({"plain_agreement": agreement(plain), "head_agreement": agreement(head),
+                       "plain_kl": kl(plain), "head_kl": kl(head),
+                       "plain_ce": cross_entropy(plain), "head_ce": cross_entropy(head)})
+    return scores
+
+
+def test_trained_heads_beat_the_plain_readout_on_unseen_sequences(model_dir, trained):
+    scores = unseen_scores(model_dir, trained)
+    for layer, s in zip(LAYERS, scores):
+        assert s["head_kl"] < 0.9 * s["plain_kl"], layer
+    assert sum(s["head_agreement"] - s["plain_agreement"] for s in scores) > 0.04
+
+
+def test_hard_target_heads_learn_the_full_models_token(model_dir):
+    """``--target hard``: from the same closed-form start and batches as ``soft``, the heads end
+    with a lower cross-entropy on the full model's top token on unseen sequences."""
+    settings = TrainSettings(**{**SETTINGS.__dict__, "design": "affine", "gates": False})
+    soft, hard = (train_exit_heads(model_dir, random_sequences(64), TrainSettings(**{**settings.__dict__, "target": t}))
+                  for t in ("soft", "hard"))
+    assert "cross-entropy on the full model's top token" in hard.training["method"]
+    for layer, s, h in zip(LAYERS, unseen_scores(model_dir, soft), unseen_scores(model_dir, hard)):
+        assert h["head_ce"] < s["head_ce"] < s["plain_ce"], layer
+
+
+def test_the_hard_loss_is_the_cross_entropy_on_the_teachers_top_token():
+    from vllm_early_exit.tools.train_heads.fitting import hard_to_teacher
+
+    head = torch.tensor([[0.4, 0.2, 0.4]]).log()
+    teacher = torch.tensor([[1.0, 3.0, 2.0]])  # its top token: 1
+    assert float(hard_to_teacher(head, teacher)) == pytest.approx(-float(torch.tensor(0.2).log()), abs=1e-6)
 
 
 def test_gates_score_better_than_guessing_the_majority(trained):
@@ -132,6 +163,7 @@ def test_gates_score_better_than_guessing_the_majority(trained):
         (["--design", "mlp"], "--design 'mlp' is unknown; allowed: affine, low_rank, compare"),
         (["--rank", "128", "--design", "low_rank"], "--rank 128 is out of range; this model's hidden size is 128"),
         (["--epochs", "-1"], "--epochs -1 must be >= 0"),
+        (["--target", "medium"], "--target 'medium' is unknown; allowed: soft, hard"),
     ],
 )
 def test_cli_refuses_bad_settings_with_the_option_and_allowed_values(model_dir, tmp_path, extra, message):

@@ -10,7 +10,7 @@ import torch
 from vllm_early_exit.tools.assets import default_heads_dir, smollm2_checkpoint
 from vllm_early_exit.tools.train_heads.data import render_conversations, sharegpt_train_conversations
 from vllm_early_exit.tools.train_heads.report import table, write_report
-from vllm_early_exit.tools.train_heads.settings import CHOICES, TrainHeadsError, TrainSettings
+from vllm_early_exit.tools.train_heads.settings import CHOICES, TARGETS, TrainHeadsError, TrainSettings
 from vllm_early_exit.tools.train_heads.training import train_exit_heads
 
 
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reply in the chat template (default 256)")
     parser.add_argument("--epochs", type=int, default=d.epochs,
                         help=f"KL passes over the training positions (default {d.epochs}; 0: closed-form start only)")
+    parser.add_argument("--target", default=d.target, help=f"{', '.join(TARGETS)} (default {d.target}): what a "
+                        "head learns, the full model's distribution or its top token (hard: the head's max-prob "
+                        "then estimates the chance it agrees)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"positions per step (default {d.batch_size})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     parser.add_argument("--ridge", type=float, default=d.ridge,
@@ -58,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(
-        layers=args.layers, design=args.design, rank=args.rank, epochs=args.epochs, batch_size=args.batch_size,
+        layers=args.layers, design=args.design, rank=args.rank, epochs=args.epochs, target=args.target,
+        batch_size=args.batch_size,
         lr=args.lr, ridge=args.ridge, init=args.init, candidates=args.candidates,
         teacher_top_k=args.teacher_top_k, holdout=args.holdout, gates=not args.no_gates, seed=args.seed,
     )

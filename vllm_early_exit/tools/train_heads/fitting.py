@@ -153,9 +153,16 @@ def kl_to_teacher(head_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
+def hard_to_teacher(head_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the cross-entropy of the head on the teacher's top token (the
+    candidates hold every row's top teacher tokens, so the top one is among the columns)."""
+    return nn.functional.cross_entropy(head_logits, teacher_logits.argmax(-1))
+
+
 def train_heads(heads: dict[tuple[str, int], nn.Module], train: Streams, readout: Readout,
                 settings: TrainSettings, generator: torch.Generator) -> dict[tuple[str, int], list[float]]:
-    """Adam with a cosine learning-rate decay on the KL to the full model, for all heads at once.
+    """Adam with a cosine learning-rate decay on the KL to the full model (``--target hard``: the
+    cross-entropy on its top token), for all heads at once.
 
     ``heads`` maps ``(design, layer)`` to a head. Every step draws one batch and one
     candidate set and computes the full model's distribution on them once, for every
@@ -172,6 +179,7 @@ def train_heads(heads: dict[tuple[str, int], nn.Module], train: Streams, readout
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     pool = train.teacher_top.reshape(-1).unique()
+    objective = hard_to_teacher if settings.target == "hard" else kl_to_teacher
     losses: dict[tuple[str, int], list[float]] = {key: [] for key in heads}
     with tqdm(total=total, desc=f"training {len(heads)} heads", unit="step", file=sys.stdout) as bar:
         for _ in range(settings.epochs):
@@ -186,7 +194,7 @@ def train_heads(heads: dict[tuple[str, int], nn.Module], train: Streams, readout
                 optimizer.zero_grad(set_to_none=True)
                 for (design, layer), head in heads.items():
                     logits = nn.functional.linear(readout.norm(head(train.after[layer][batch])), weight)
-                    loss = kl_to_teacher(logits, target)
+                    loss = objective(logits, target)
                     loss.backward()  # heads are independent: one graph at a time keeps memory flat
                     running[(design, layer)] += float(loss.detach()) * batch.numel()
                 optimizer.step()

@@ -9,6 +9,7 @@ from vllm_early_exit.model_executor.early_exit.heads import default_layers
 
 DESIGNS = ("affine", "low_rank")
 CHOICES = (*DESIGNS, "compare")
+TARGETS = ("soft", "hard")
 
 
 class TrainHeadsError(ValueError):
@@ -26,6 +27,10 @@ class TrainSettings:
     rank: int = 64
     epochs: int = 2
     """Passes of KL training over the training positions (0: the closed-form start only)."""
+    target: str = "soft"
+    """What a head learns after its closed-form start. ``soft``: the full model's distribution
+    (KL). ``hard``: the full model's top token (cross-entropy), so that the head's max-prob
+    estimates the chance its token is the full model's, the question a greedy exit asks."""
     batch_size: int = 512
     lr: float = 1e-3
     ridge: float = 1e-2
@@ -56,6 +61,8 @@ class TrainSettings:
                 )
         if self.design not in CHOICES:
             raise TrainHeadsError(f"--design {self.design!r} is unknown; allowed: {', '.join(CHOICES)}")
+        if self.target not in TARGETS:
+            raise TrainHeadsError(f"--target {self.target!r} is unknown; allowed: {', '.join(TARGETS)}")
         if self.init not in ("ridge", "identity"):
             raise TrainHeadsError(f"--init {self.init!r} is unknown; allowed: ridge, identity")
         if self.design != "affine" and not 1 <= self.rank < hidden_size:

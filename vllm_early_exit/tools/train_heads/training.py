@@ -124,8 +124,9 @@ def train_exit_heads(model_dir: str | Path, sequences: Sequence[Sequence[int]],
         row.update(gate_scores.get(l, {}))
         rows.append(row)
     training = {
-        "method": "ridge start, then KL(full model || head) over candidate tokens; "
-                  "held-out numbers on the full vocabulary",
+        "method": f"{settings.init} start, then "
+                  + ("KL(full model || head)" if settings.target == "soft" else "cross-entropy on the full model's top token")
+                  + " over candidate tokens; held-out numbers on the full vocabulary",
         "settings": {**asdict(settings), "layers": list(layers)},
         "designs": list(designs),
         "chosen": chosen,
