@@ -136,6 +136,7 @@ def _install_parts() -> None:
         (CompiledStack, "run", lambda *a: "compiled segment"),
         (CompiledStack, "run_checked", lambda *a: "compiled check"),
         (CompiledStack, "run_all", lambda *a: "compiled stack"),
+        (CompiledStack, "run_exit", lambda *a: "compiled exit"),
         (RowState, "read_flag", lambda *a: "read"),
         (RowState, "read_count", lambda *a: "read"),
         (DecodeStep, "work", lambda step, branch, *a: f"branch {branch.kind}"),

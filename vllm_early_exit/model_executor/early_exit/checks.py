@@ -105,9 +105,9 @@ class ExitCheck:
     @property
     def fusable(self) -> bool:
         """The check may run inside its segment's compiled unit (``groups.CheckedGroup``): a
-        shortlist's first stage, or a one-stage check that reads no pruned vocabulary and is not
-        a forced exit (which reads nothing)."""
-        return self.two_stage or (self.vocab_top_k is None and not self.always_confident)
+        shortlist's first stage, or a one-stage check that reads no pruned vocabulary (a forced
+        exit reads none)."""
+        return self.two_stage or self.vocab_top_k is None or self.always_confident
 
     def bind_readout(self, readout: LogitReadout) -> None:
         self.readout = readout

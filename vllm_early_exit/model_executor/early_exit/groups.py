@@ -12,9 +12,12 @@ norm of the stream, the shortlist product, the signal, the policy's gate and the
 count the host reads. Without one it is the whole decision: the full readout and
 its signal (max-prob, margin, entropy, heads, saturation), the policy, the exits
 (``rows.leave_rows``) and the running flag. Either way a check that does not fire
-costs the host one call and one read. Steps the unit does not fit (prompt rows, a
-depth budget's end, a replayed row, a forced exit, a pruned vocabulary) run the
-segment's ``LayerGroup`` and the same check eagerly.
+costs the host one call and one read (a forced exit: one call and no read). Steps
+the unit does not fit (prompt rows, a depth budget's end, a replayed row, a request
+threshold beside a forced exit, a pruned vocabulary) run the segment's
+``LayerGroup`` and the same check eagerly. When every row has left, the ``exit``
+branch (the deeper layers' K/V by state propagation, the final norm) is one unit
+too (``ExitBranch``).
 
 Rows that left earlier in the step stay in the batch, frozen: ``keep`` is 0 for
 them, and ``kv_fill.run_layers_holding`` holds them at the stream they entered
@@ -78,18 +81,34 @@ class LayerGroup(nn.Module):
         return run_layers_holding(self.layers, positions, hidden_states, residual, keep)
 
 
+class OptionalInputs:
+    """A compiled unit with inputs that may be None: it is compiled for the pattern of its first
+    call (``CompiledStack``), and vLLM drops the guards that would tell another pattern apart,
+    so a call with another pattern must not reach it (``accepts``)."""
+
+    absent: frozenset[str] | None = None
+    """The inputs the unit was compiled without (set by its first call)."""
+
+    def accepts(self, inputs: dict[str, torch.Tensor | None]) -> bool:
+        """Whether a call with ``inputs`` runs the graph compiled for it (or compiles it first)."""
+        return self.absent is None or self.absent == _absent(inputs)
+
+
+def _absent(inputs: dict[str, torch.Tensor | None]) -> frozenset[str]:
+    return frozenset(name for name, value in inputs.items() if value is None)
+
+
 @support_torch_compile(
     dynamic_arg_dims={name: 0 for name in (*LAYER_ARGS, *ROW_ARGS, *DECISION_ARGS) if name != "counts"}
 )
-class CheckedGroup(nn.Module):
+class CheckedGroup(OptionalInputs, nn.Module):
     """A segment's layers and the check that ends it as one compiled unit: the layers (frozen
     rows held), the stream, and ``stage`` (``DecodeStep.stage``): a shortlist's first stage
     with the policy's gate over it, or a one-stage check's whole decision and exits, as
     tensors in and out, so the host makes one call and reads one flag per decision point.
 
     ``stage`` is bound after the model's step is built (``CompiledStack.bind``), before the
-    first call compiles the unit. The unit is compiled for the inputs of its first call that
-    are None (``accepts``): vLLM drops the guards that would tell another pattern apart.
+    first call compiles the unit.
     """
 
     def __init__(
@@ -100,12 +119,6 @@ class CheckedGroup(nn.Module):
         self.layers = list(layers)
         self.last, self.reads_previous = last, reads_previous
         self.stage = None
-        self.absent: frozenset[str] | None = None
-        """The optional inputs the unit was compiled without (set by its first call)."""
-
-    def accepts(self, inputs: dict[str, torch.Tensor | None]) -> bool:
-        """Whether a call with ``inputs`` runs the graph compiled for it (or compiles it first)."""
-        return self.absent is None or self.absent == _absent(inputs)
 
     def forward(
         self,
@@ -137,8 +150,28 @@ class CheckedGroup(nn.Module):
         return {"hidden_states": hidden_states, "residual": residual, **out}
 
 
-def _absent(inputs: dict[str, torch.Tensor | None]) -> frozenset[str]:
-    return frozenset(name for name in DECISION_ARGS if inputs.get(name) is None)
+@support_torch_compile(dynamic_arg_dims={name: 0 for name in ("positions", "hidden_states", "residual", "emitted", "emits")})
+class ExitBranch(OptionalInputs, nn.Module):
+    """The ``exit`` branch after a decision layer as one compiled unit: every row has left, so
+    the deeper layers' K/V come from each row's stream (state propagation), then the final
+    norm; ``branch`` (``DecodeStep.exit_output``, the one definition the eager step runs too)
+    is bound with the checked groups' stage (``CompiledStack.bind``)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.branch = None
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        emitted: torch.Tensor | None = None,
+        emits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The stack's output for every row."""
+        return self.branch(self.layer, positions, hidden_states, residual, emitted, emits)
 
 
 @functools.cache
@@ -149,8 +182,6 @@ def group_class(first: int, stop: int, checked: bool = False) -> type[nn.Module]
     compiled ``forward``; every group bakes its own layers' attention names into
     its graph, so each layer range (and kind) gets a ``forward`` of its own name.
     """
-    base = CheckedGroup if checked else LayerGroup
-    name = f"{base.__name__}_{first}_{stop}"
     if checked:
 
         def forward(
@@ -162,11 +193,25 @@ def group_class(first: int, stop: int, checked: bool = False) -> type[nn.Module]
                 logits, taken, emitted, emits,
             )
 
-    else:
+        return _named(CheckedGroup, f"CheckedGroup_{first}_{stop}", forward)
 
-        def forward(self, positions, hidden_states, residual, keep):
-            return LayerGroup.forward(self, positions, hidden_states, residual, keep)
+    def forward(self, positions, hidden_states, residual, keep):
+        return LayerGroup.forward(self, positions, hidden_states, residual, keep)
 
+    return _named(LayerGroup, f"LayerGroup_{first}_{stop}", forward)
+
+
+@functools.cache
+def exit_class(layer: int) -> type[nn.Module]:
+    """The ``ExitBranch`` subclass after ``layer`` (named for vLLM's compile cache, as ``group_class``)."""
+
+    def forward(self, positions, hidden_states, residual, emitted=None, emits=None):
+        return ExitBranch.forward(self, positions, hidden_states, residual, emitted, emits)
+
+    return _named(ExitBranch, f"ExitBranch_{layer}", forward)
+
+
+def _named(base: type[nn.Module], name: str, forward: Callable) -> type[nn.Module]:
     forward.__qualname__ = f"{name}.forward"
     return type(name, (base,), {"forward": forward, "__qualname__": name})
 
@@ -193,8 +238,9 @@ class FullStack(nn.Module):
 
 class CompiledStack:
     """The model's compiled units: a group per segment of the engine's plan (with the check that
-    ends it, for segments that end at a check the step may fuse), the whole stack for
-    full-depth steps, and the static input buffers CUDA graphs replay from."""
+    ends it, for segments that end at a check the step may fuse), the exit branch after each
+    decision point, the whole stack for full-depth steps, and the static input buffers CUDA
+    graphs replay from."""
 
     def __init__(
         self,
@@ -208,6 +254,7 @@ class CompiledStack:
         self.bounds = plan.bounds
         self.groups: dict[tuple[int, int], nn.Module] = {}
         self.checked: dict[tuple[int, int], CheckedGroup] = {}
+        self.exits: dict[int, ExitBranch] = {}
         for segment in plan.segments:
             first, stop = segment.bounds
             with set_model_tag(f"early_exit_layers_{first}_{stop}"):
@@ -219,6 +266,11 @@ class CompiledStack:
                     self.checked[(first, stop)] = group_class(first, stop, checked=True)(
                         vllm_config=vllm_config, prefix=f"{prefix}.checked.{first}", layers=layers[first:stop],
                         last=segment.last, reads_previous=segment.reads_previous,
+                    )
+            if segment.decision:
+                with set_model_tag(f"early_exit_exit_{segment.last}"):
+                    self.exits[segment.last] = exit_class(segment.last)(
+                        vllm_config=vllm_config, prefix=f"{prefix}.exits.{segment.last}", layer=segment.last
                     )
         start, end = self.bounds[0][0], self.bounds[-1][1]
         with set_model_tag("early_exit_full_stack"):
@@ -233,16 +285,22 @@ class CompiledStack:
         self._prepare: Callable[[torch.Tensor], None] = lambda stream: None
         self._decides = False
         self._counts: torch.Tensor | None = None
+        self._heads = False
 
     def bind(
-        self, stage: Callable, prepare: Callable[[torch.Tensor], None], decides: bool, counts: torch.Tensor
+        self, stage: Callable, exit_output: Callable, prepare: Callable[[torch.Tensor], None], decides: bool,
+        counts: torch.Tensor, heads: bool,
     ) -> None:
-        """The checked groups' stage (``DecodeStep.stage``), what must be ready before it is traced
+        """The checked groups' stage (``DecodeStep.stage``), the exit branches' work
+        (``DecodeStep.exit_output``), what must be ready before they are traced
         (``ExitCheck.prepare``: built on the host, once), whether the stage decides (a one-stage
-        check) and the counters it adds to (``ExitCounters.rows``, for their dtype)."""
+        check), the counters it adds to (``ExitCounters.rows``, for their dtype) and whether rows
+        leave through exit heads (they emit their head's stream)."""
         for group in self.checked.values():
             group.stage = stage
-        self._prepare, self._decides, self._counts = prepare, decides, counts
+        for unit in self.exits.values():
+            unit.branch = exit_output
+        self._prepare, self._decides, self._counts, self._heads = prepare, decides, counts, heads
 
     def has(self, bounds: tuple[int, int]) -> bool:
         """True when layers ``bounds`` are one compiled group."""
@@ -267,10 +325,16 @@ class CompiledStack:
     ) -> dict[str, torch.Tensor]:
         """``CheckedGroup.forward``'s outputs for layers ``bounds``; ``inputs``: its row tensors
         by name. The first call fixes which optional inputs the unit goes without."""
-        group = self.checked[bounds]
-        if group.absent is None:
-            group.absent = _absent(inputs)
-        return self._call(group, positions, **inputs)
+        return self._call_once_fixed(self.checked[bounds], positions, inputs)
+
+    def run_exit(self, layer: int, positions: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
+        """``ExitBranch.forward``'s output after ``layer``; ``inputs``: its row tensors by name."""
+        return self._call_once_fixed(self.exits[layer], positions, inputs)
+
+    def _call_once_fixed(self, unit: OptionalInputs, positions: torch.Tensor, inputs: dict):
+        if unit.absent is None:  # the first call fixes which inputs the unit goes without
+            unit.absent = _absent(inputs)
+        return self._call(unit, positions, **inputs)
 
     def _call(self, group: nn.Module, positions: torch.Tensor, **inputs: torch.Tensor | None):
         if not self.static_inputs:
@@ -283,6 +347,8 @@ class CompiledStack:
             for name, value in inputs.items()
         }
         out = group(positions, **static)
+        if isinstance(out, torch.Tensor):
+            return out.clone()
         if isinstance(out, dict):
             return {name: value.clone() for name, value in out.items()}
         return tuple(value.clone() for value in out)
@@ -325,6 +391,10 @@ class CompiledStack:
                 out = self.run_checked(bounds, positions, hidden_states=stream, residual=residual, **state)
                 state.update((name, out[name]) for name in ("logits", "emitted") if name in out)
             stream, residual = self.run(bounds, positions, stream, residual, keep)
+        for layer in self.exits:  # (the K/V it writes goes to the warm-up's own slots)
+            emitted = torch.zeros_like(stream) if self._heads else None
+            self.run_exit(layer, positions, hidden_states=stream, residual=residual, emitted=emitted,
+                          emits=torch.zeros_like(flags))
 
     def _static(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value`` copied into the fixed buffer of input ``name`` (made on first use)."""

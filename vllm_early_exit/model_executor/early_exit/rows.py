@@ -160,10 +160,18 @@ class RowState:
         ``counted``: the walk reached the last layer, and the rows still running went the full depth."""
         if counted:
             self.counters.full_depth(self.running & self.live)
-        if self.emitted is None:
-            return self.hidden_states, self.residual
-        column = self.emits.unsqueeze(1)
-        return torch.where(column, 0.0, self.hidden_states), torch.where(column, self.emitted, self.residual)
+        return finished(self.hidden_states, self.residual, self.emitted, self.emits)
+
+
+def finished(
+    hidden_states: torch.Tensor, residual: torch.Tensor, emitted: torch.Tensor | None, emits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden state and residual at the end of the stack (``RowState.finish``): rows that left
+    through a head (``emits``) hold its stream (``emitted``)."""
+    if emitted is None:
+        return hidden_states, residual
+    column = emits.unsqueeze(1)
+    return torch.where(column, 0.0, hidden_states), torch.where(column, emitted, residual)
 
 
 STATE = ("hidden_states", "residual", "keep", "running", "live", "depths", "logits", "taken", "emitted", "emits")

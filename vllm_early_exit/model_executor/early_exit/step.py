@@ -46,7 +46,7 @@ from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, run_
 from vllm_early_exit.model_executor.early_exit.plan import Segment, StepPlan
 from vllm_early_exit.model_executor.early_exit.policies import ExitPolicy
 from vllm_early_exit.model_executor.early_exit.requests import RowSettings
-from vllm_early_exit.model_executor.early_exit.rows import RowState, leave_rows, pin
+from vllm_early_exit.model_executor.early_exit.rows import RowState, finished, leave_rows, pin
 from vllm_early_exit.model_executor.early_exit.stats import ExitCounters
 
 
@@ -198,15 +198,18 @@ class DecodeStep:
     def fuses(self, segment: Segment, rows: RowState, gate: bool) -> bool:
         """Whether the segment and its check run as one compiled unit (``groups.CheckedGroup``):
         a segment of the engine's plan that ends at a check, at no depth budget's end; a
-        one-stage check only in a pure-decode step that the host does not know the outcome of
-        (no forced exit, no replayed row, no pruned vocabulary), with the row tensors the unit
-        was compiled for (``CheckedGroup.accepts``)."""
-        stack = self.stack
+        one-stage check (``stage``) only in a pure-decode step without replayed rows, whose
+        certainty is the engine's own (a forced exit, or no request threshold making one
+        read), reading no pruned vocabulary, with the row tensors the unit was compiled for
+        (``CheckedGroup.accepts``)."""
+        stack, check = self.stack, self.check
         if stack is None or not stack.has_checked(segment.bounds) or segment.last in rows.settings.budget_layers:
             return False
         if gate:
             return True
-        if not rows.pure or rows.pinned is not None or self.certain(rows) or self.check.vocab_top_k is not None:
+        if check.two_stage or not rows.pure or rows.pinned is not None or self.certain(rows) != check.always_confident:
+            return False
+        if check.vocab_top_k is not None and not check.always_confident:
             return False
         return stack.checked[segment.bounds].accepts(self.unit_inputs(rows, gate))
 
@@ -230,13 +233,17 @@ class DecodeStep:
         counts: torch.Tensor | None, allowed: torch.Tensor, thresholds: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """What a compiled unit (``groups.CheckedGroup``) computes after its layers: a shortlist's
-        first stage (``gate``) when its check has one, else the whole decision (``decision``);
-        the new row tensors by name (``RowState.take``)."""
-        if self.check.two_stage:
+        first stage (``gate``) when its check has one, else the whole decision (``decision``; a
+        forced exit's reads nothing); the new row tensors by name (``RowState.take``)."""
+        check = self.check
+        if check.two_stage:
             passing, count = self.gate(layer, stream, previous, state["running"], state["live"], allowed, thresholds)
             out = {"passing": passing, "count": count, "flag": count > 0}
             return out if previous is None else {**out, "previous": previous}
-        return self.decision(layer, stream, previous, state, counts, allowed, thresholds)
+        certain = check.always_confident
+        return self.decision(
+            layer, stream, previous, state, counts, allowed, thresholds, reads=not certain, certain=certain
+        )
 
     def run_layers(self, segment: Segment, rows: RowState) -> None:
         keep = rows.keep
@@ -378,9 +385,25 @@ class DecodeStep:
         return self.check.exit_stream(segment.last, stream)
 
     def exit(self, layer: int, rows: RowState) -> None:
-        """Every row left by ``layer``: the deeper layers' K/V from each row's stream, then the norm."""
-        self.kv.fill(rows.positions, rows.stream(), layer + 1, self.end)
-        rows.output.copy_(self.norm(*rows.finish(counted=False))[0])
+        """Every row left by ``layer`` (``exit_output``): compiled, one unit
+        (``groups.ExitBranch``) whose output becomes the step's."""
+        inputs = {"hidden_states": rows.hidden_states, "residual": rows.residual, "emitted": rows.emitted,
+                  "emits": rows.emits}
+        stack = self.stack
+        if stack is not None and layer in stack.exits and stack.exits[layer].accepts(inputs):
+            rows.take(output=stack.run_exit(layer, rows.positions, **inputs))
+        else:
+            rows.output.copy_(self.exit_output(layer, rows.positions, **inputs))
+
+    def exit_output(
+        self, layer: int, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor,
+        emitted: torch.Tensor | None, emits: torch.Tensor,
+    ) -> torch.Tensor:
+        """The ``exit`` branch after ``layer``, tensors in and out (the one definition the eager step
+        and the compiled unit ``groups.ExitBranch`` share): the deeper layers' K/V from each row's
+        stream (state propagation), then the final norm of the rows' last streams."""
+        self.kv.fill(positions, hidden_states + residual, layer + 1, self.end)
+        return self.norm(*finished(hidden_states, residual, emitted, emits))[0]
 
     def finish(self, rows: RowState) -> None:
         """The walk reached the last layer: the rows still running went the full depth."""

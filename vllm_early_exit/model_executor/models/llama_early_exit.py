@@ -88,7 +88,8 @@ class EarlyExitLlamaModel(LlamaModel):
         )
         if self.compiled_stack is not None:
             self.compiled_stack.bind(
-                self.decode_step.stage, self.check.prepare, not self.check.two_stage, self.exit_counters.rows
+                self.decode_step.stage, self.decode_step.exit_output, self.check.prepare, not self.check.two_stage,
+                self.exit_counters.rows, self.check.heads is not None,
             )
         self.last_step: StepLog | None = None
         """What the host knows of the last step with decode rows (None: a full-depth step)."""
