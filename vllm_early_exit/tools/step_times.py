@@ -143,7 +143,8 @@ def _install_parts() -> None:
         (LlamaModel, "__call__", lambda module, *a: None if getattr(module, "do_not_compile", True) else "compiled model"),
     ]
     for cls, attr, name_of in parts:
-        setattr(cls, attr, _timed(name_of, getattr(cls, attr)))
+        if hasattr(cls, attr):  # (a tree of the plugin without exit units has no ``run_exit``)
+            setattr(cls, attr, _timed(name_of, getattr(cls, attr)))
 
 
 def _timed(name_of, call):
