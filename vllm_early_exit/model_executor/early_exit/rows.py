@@ -1,15 +1,18 @@
 """The rows of one step on their way down the stack: the one place a row leaves.
 
 Every row of the step stays in it to its end, so every tensor keeps the step's
-shape, and every update is made in place: the state lives at the same addresses
-from the first layer to the last, as CUDA graphs captured between decision
-points need (``graphs.py``). A row that leaves after layer L is *frozen*: its
-hidden state becomes 0 and its residual the stream it left with, and every later
-segment holds it there (``kv_fill.run_layers_holding``), so each deeper layer's
-attention writes its K/V from that stream, which is what state propagation
-writes. ``RowState.leave`` records everything an exit means, on the device and
-for every row at once: the depth it reached, the frozen stream, the stream it
-emits (its exit head's), the logits it is sampled from, and the counters.
+shape. An update gives new tensors that the rows take (``RowState.take``: a
+compiled unit's outputs need no copy); a captured step's rows are *persistent*
+and copy them into tensors that keep their addresses from the first layer to the
+last, as CUDA graphs captured between decision points need (``graphs.py``). A row
+that leaves after layer L is *frozen*: its hidden state becomes 0 and its
+residual the stream it left with, and every later segment holds it there
+(``kv_fill.run_layers_holding``), so each deeper layer's attention writes its K/V
+from that stream, which is what state propagation writes. ``leave_rows`` records
+everything an exit means, on the device and for every row at once, tensors in
+and out (``RowState.leave`` takes its outputs, a compiled check returns them):
+the depth it reached, the frozen stream, the stream it emits (its exit head's),
+the logits it is sampled from, and the counters.
 
 Which rows decide: the decode rows that are still running (``running``). Prompt
 rows of a mixed step and padding rows never leave. A replayed row of a recompute
