@@ -116,3 +116,23 @@ def test_compiled_shortlist_checks_run_nothing_between_their_units(tiny_llama, s
         assert step["between"] == 0, step["names"]
         assert step["host_reads"] == {"item": len(CHECKS)}, step
     assert result["stats"][0]["early_exit_tokens"] == 0
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.2], ids=["never", "per_token"])
+def test_compiled_one_stage_checks_run_nothing_between_their_units(tiny_llama, threshold):
+    """Compiled, a one-stage check (max-prob over the full vocabulary) sits inside its segment's
+    unit with its exits (``CheckedGroup``): between two compiled calls of a pure-decode step the
+    host runs no aten op, only the read of the running flag, whether rows leave or not."""
+    settings = {**PER_TOKEN, "threshold": threshold, "compile": True}
+    prompts = tiny_prompts(3, seed=6)
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True, enforce_eager=False
+    )
+    for step in pure_steps(result):
+        assert step["between"] == 0, step["names"]
+        assert step["host_reads"] == {"item": step["decisions"]}, step
+        # One unit per decision reached, and the last segment's when some row runs to the end.
+        assert step["decisions"] <= step["compiled_calls"] <= step["decisions"] + 1, step
+        assert threshold < 1.0 or step["compiled_calls"] == len(CHECKS) + 1, step
+    exits = result["stats"][0]["early_exit_tokens"]
+    assert exits == 0 if threshold == 1.0 else exits > 0

@@ -121,3 +121,23 @@ def test_compiled_two_stage_checks_match_reference(tiny_llama, reference, even_s
     )
     check_alone_and_batched(result, traces, reference.num_layers)
     assert result["stats"][0]["early_exit_tokens"] > 0
+
+
+def test_compiled_forced_exit_runs_as_two_units(tiny_llama, reference):
+    """A forced exit after layer 2, compiled: each pure-decode step is the segment with its
+    decision (``CheckedGroup``) and the exit branch (``ExitBranch``: the deeper layers' K/V by
+    state propagation, the final norm), with no eager op and no read between them; tokens are
+    the reference's."""
+    from .engine_runner import STEP_OPS_ENV
+    from .test_capture_guard import pure_steps
+
+    prompts = tiny_prompts(3, seed=3)
+    settings = {"exit_layers": [2], "threshold": 0.0, "policy": "all", "compile": True, "log_interval_s": 0}
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], early_exit=settings, batched=True,
+        env={STEP_OPS_ENV: "1"}, **COMPILED_ENGINE,
+    )
+    assert result["outputs"] == [reference.generate(p, NEW_TOKENS, exit_layers=(2,)).tokens for p in prompts]
+    for step in pure_steps(result):
+        assert step["compiled_calls"] == 2 and step["between"] == 0 and not step["host_reads"], step
+    assert result["stats"][0]["exits_per_layer"][2] == result["stats"][0]["decode_tokens"]

@@ -49,7 +49,9 @@ DEFAULT_OUT = Path("benchmarks/results")
 PREFILL = "plain_prefill"
 """Plain vLLM's runs with one output token: the time the prompts' prefill takes."""
 
-COMPILED = ("forced_50", "never_top_k", "never_shortlist", "per_token", "per_token_shortlist", "per_token_shortlist_max4")
+COMPILED = (
+    "forced_50", "never", "never_top_k", "never_shortlist", "per_token", "per_token_shortlist", "per_token_shortlist_max4",
+)
 """Modes also measured with compiled layer groups (``<mode>_compiled``)."""
 
 

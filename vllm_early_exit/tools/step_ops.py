@@ -163,7 +163,7 @@ class StepRecord:
         return sum(self.host_reads.values())
 
 
-def _pure_decode(model) -> tuple[bool, int]:
+def pure_decode(model) -> tuple[bool, int]:
     """Whether the step just run was pure decode, and its rows: the early-exit model says so
     itself; for plain vLLM a step whose every request has one token counts."""
     inner = getattr(model, "model", None)
@@ -193,7 +193,7 @@ class StepRecorder:
             counter = OpCounter()
             with counter:
                 out = forward(model, *args, **kwargs)
-            pure, rows = _pure_decode(model)
+            pure, rows = pure_decode(model)
             step = getattr(getattr(model, "model", None), "last_step", None)
             recorder.steps.append(
                 StepRecord(
@@ -232,7 +232,7 @@ class StepRecorder:
 
         from vllm_early_exit.model_executor.early_exit import groups
 
-        units = [getattr(groups, name, None) for name in ("LayerGroup", "CheckedGroup", "FullStack")]
+        units = [getattr(groups, name, None) for name in ("LayerGroup", "CheckedGroup", "ExitBranch", "FullStack")]
         for cls in (LlamaModel, *(unit for unit in units if unit is not None)):
             cls.__call__ = self._compiled_call(cls.__call__)
 

@@ -102,6 +102,13 @@ class ExitCheck:
         """A shortlist stage comes before the full-vocabulary confirmation."""
         return self.shortlist is not None and self.signal.reads_logits
 
+    @property
+    def fusable(self) -> bool:
+        """The check may run inside its segment's compiled unit (``groups.CheckedGroup``): a
+        shortlist's first stage, or a one-stage check that reads no pruned vocabulary (a forced
+        exit reads none)."""
+        return self.two_stage or self.vocab_top_k is None or self.always_confident
+
     def bind_readout(self, readout: LogitReadout) -> None:
         self.readout = readout
 

@@ -5,11 +5,19 @@ With ``compile`` the decoder stack is cut at the engine's decision points
 check layer when the signal reads the stream entering it). Each segment is a
 ``LayerGroup``, compiled by vLLM's own ``support_torch_compile`` machinery
 (inductor; on CUDA split at attention into piecewise CUDA graphs). A segment that
-ends at a check with a first stage (a shortlist) is also a ``CheckedGroup``: its
-layers, the final norm of the stream, the shortlist product, the signal, the
-policy's gate and the count the host reads, as one compiled unit with tensors in
-and out (``DecodeStep.gate`` is its one definition, shared with the eager step),
-so a check that does not fire costs the host one call and one read.
+ends at a check is also a ``CheckedGroup``: its layers and its check as one
+compiled unit with tensors in and out (``DecodeStep.stage``, the one definition
+shared with the eager step). With a shortlist that is the first stage: the final
+norm of the stream, the shortlist product, the signal, the policy's gate and the
+count the host reads. Without one it is the whole decision: the full readout and
+its signal (max-prob, margin, entropy, heads, saturation), the policy, the exits
+(``rows.leave_rows``) and the running flag. Either way a check that does not fire
+costs the host one call and one read (a forced exit: one call and no read). Steps
+the unit does not fit (prompt rows, a depth budget's end, a replayed row, a request
+threshold beside a forced exit, a pruned vocabulary) run the segment's
+``LayerGroup`` and the same check eagerly. When every row has left, the ``exit``
+branch (the deeper layers' K/V by state propagation, the final norm) is one unit
+too (``ExitBranch``).
 
 Rows that left earlier in the step stay in the batch, frozen: ``keep`` is 0 for
 them, and ``kv_fill.run_layers_holding`` holds them at the stream they entered
@@ -44,6 +52,11 @@ LAYER_ARGS = ("positions", "hidden_states", "residual", "keep")
 ROW_ARGS = ("running", "live", "allowed", "thresholds")
 """The per-row tensors a check reads besides the stream (``RowState`` and ``RowSettings``)."""
 
+DECISION_ARGS = ("depths", "counts", "logits", "taken", "emitted", "emits")
+"""What a one-stage check's exits update besides the stream (``rows.leave_rows``): None for a
+shortlist's first stage, which decides nothing; ``logits`` and ``emitted`` are None until a
+first exit keeps some; ``counts`` (the counters) keeps its shape."""
+
 
 @support_torch_compile(dynamic_arg_dims={name: 0 for name in LAYER_ARGS})
 class LayerGroup(nn.Module):
@@ -68,12 +81,31 @@ class LayerGroup(nn.Module):
         return run_layers_holding(self.layers, positions, hidden_states, residual, keep)
 
 
-@support_torch_compile(dynamic_arg_dims={name: 0 for name in (*LAYER_ARGS, *ROW_ARGS)})
-class CheckedGroup(nn.Module):
+class OptionalInputs:
+    """A compiled unit with inputs that may be None: it is compiled for the pattern of its first
+    call (``CompiledStack``), and vLLM drops the guards that would tell another pattern apart,
+    so a call with another pattern must not reach it (``accepts``)."""
+
+    absent: frozenset[str] | None = None
+    """The inputs the unit was compiled without (set by its first call)."""
+
+    def accepts(self, inputs: dict[str, torch.Tensor | None]) -> bool:
+        """Whether a call with ``inputs`` runs the graph compiled for it (or compiles it first)."""
+        return self.absent is None or self.absent == _absent(inputs)
+
+
+def _absent(inputs: dict[str, torch.Tensor | None]) -> frozenset[str]:
+    return frozenset(name for name, value in inputs.items() if value is None)
+
+
+@support_torch_compile(
+    dynamic_arg_dims={name: 0 for name in (*LAYER_ARGS, *ROW_ARGS, *DECISION_ARGS) if name != "counts"}
+)
+class CheckedGroup(OptionalInputs, nn.Module):
     """A segment's layers and the check that ends it as one compiled unit: the layers (frozen
-    rows held), the stream, and ``stage`` (``DecodeStep.gate``), the check's first stage with
-    the policy's gate over it, as tensors in and out, so the host makes one call and reads one
-    count per decision point.
+    rows held), the stream, and ``stage`` (``DecodeStep.stage``): a shortlist's first stage
+    with the policy's gate over it, or a one-stage check's whole decision and exits, as
+    tensors in and out, so the host makes one call and reads one flag per decision point.
 
     ``stage`` is bound after the model's step is built (``CompiledStack.bind``), before the
     first call compiles the unit.
@@ -98,17 +130,48 @@ class CheckedGroup(nn.Module):
         live: torch.Tensor,
         allowed: torch.Tensor,
         thresholds: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        """The layers' hidden state and residual, the stream entering the segment (for signals
-        that read it), the rows passing the first stage, how many of them the gate lets through
-        and whether that is any."""
-        previous = hidden_states + residual
+        depths: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        taken: torch.Tensor | None = None,
+        emitted: torch.Tensor | None = None,
+        emits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The rows' new tensors by name (``RowState.take``): the layers' hidden state and
+        residual, and what the check's ``stage`` gives (the stream entering the segment as
+        ``previous`` only for a first stage that reads it)."""
+        previous = hidden_states + residual if self.reads_previous else None
         hidden_states, residual = run_layers_holding(self.layers, positions, hidden_states, residual, keep)
-        stream = hidden_states + residual
-        passing, count = self.stage(
-            self.last, stream, previous if self.reads_previous else None, running, live, allowed, thresholds
-        )
-        return hidden_states, residual, previous, passing, count, count > 0
+        state = {
+            "hidden_states": hidden_states, "residual": residual, "keep": keep, "running": running, "live": live,
+            "depths": depths, "logits": logits, "taken": taken, "emitted": emitted, "emits": emits,
+        }
+        out = self.stage(self.last, hidden_states + residual, previous, state, counts, allowed, thresholds)
+        return {"hidden_states": hidden_states, "residual": residual, **out}
+
+
+@support_torch_compile(dynamic_arg_dims={name: 0 for name in ("positions", "hidden_states", "residual", "emitted", "emits")})
+class ExitBranch(OptionalInputs, nn.Module):
+    """The ``exit`` branch after a decision layer as one compiled unit: every row has left, so
+    the deeper layers' K/V come from each row's stream (state propagation), then the final
+    norm; ``branch`` (``DecodeStep.exit_output``, the one definition the eager step runs too)
+    is bound with the checked groups' stage (``CompiledStack.bind``)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.branch = None
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        emitted: torch.Tensor | None = None,
+        emits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The stack's output for every row."""
+        return self.branch(self.layer, positions, hidden_states, residual, emitted, emits)
 
 
 @functools.cache
@@ -119,18 +182,36 @@ def group_class(first: int, stop: int, checked: bool = False) -> type[nn.Module]
     compiled ``forward``; every group bakes its own layers' attention names into
     its graph, so each layer range (and kind) gets a ``forward`` of its own name.
     """
-    base = CheckedGroup if checked else LayerGroup
-    name = f"{base.__name__}_{first}_{stop}"
     if checked:
 
-        def forward(self, positions, hidden_states, residual, keep, running, live, allowed, thresholds):
-            return CheckedGroup.forward(self, positions, hidden_states, residual, keep, running, live, allowed, thresholds)
+        def forward(
+            self, positions, hidden_states, residual, keep, running, live, allowed, thresholds, depths=None,
+            counts=None, logits=None, taken=None, emitted=None, emits=None,
+        ):
+            return CheckedGroup.forward(
+                self, positions, hidden_states, residual, keep, running, live, allowed, thresholds, depths, counts,
+                logits, taken, emitted, emits,
+            )
 
-    else:
+        return _named(CheckedGroup, f"CheckedGroup_{first}_{stop}", forward)
 
-        def forward(self, positions, hidden_states, residual, keep):
-            return LayerGroup.forward(self, positions, hidden_states, residual, keep)
+    def forward(self, positions, hidden_states, residual, keep):
+        return LayerGroup.forward(self, positions, hidden_states, residual, keep)
 
+    return _named(LayerGroup, f"LayerGroup_{first}_{stop}", forward)
+
+
+@functools.cache
+def exit_class(layer: int) -> type[nn.Module]:
+    """The ``ExitBranch`` subclass after ``layer`` (named for vLLM's compile cache, as ``group_class``)."""
+
+    def forward(self, positions, hidden_states, residual, emitted=None, emits=None):
+        return ExitBranch.forward(self, positions, hidden_states, residual, emitted, emits)
+
+    return _named(ExitBranch, f"ExitBranch_{layer}", forward)
+
+
+def _named(base: type[nn.Module], name: str, forward: Callable) -> type[nn.Module]:
     forward.__qualname__ = f"{name}.forward"
     return type(name, (base,), {"forward": forward, "__qualname__": name})
 
@@ -157,8 +238,9 @@ class FullStack(nn.Module):
 
 class CompiledStack:
     """The model's compiled units: a group per segment of the engine's plan (with the check that
-    ends it, for segments whose check has a first stage), the whole stack for full-depth steps,
-    and the static input buffers CUDA graphs replay from."""
+    ends it, for segments that end at a check the step may fuse), the exit branch after each
+    decision point, the whole stack for full-depth steps, and the static input buffers CUDA
+    graphs replay from."""
 
     def __init__(
         self,
@@ -166,23 +248,29 @@ class CompiledStack:
         layers: Sequence[nn.Module],
         plan: StepPlan,
         prefix: str,
-        gates: bool = False,
+        checks: bool = False,
     ) -> None:
-        """``gates``: the checks have a first stage (a shortlist), compiled with their segment."""
+        """``checks``: each segment that ends at a check also runs with its check as one unit."""
         self.bounds = plan.bounds
         self.groups: dict[tuple[int, int], nn.Module] = {}
         self.checked: dict[tuple[int, int], CheckedGroup] = {}
+        self.exits: dict[int, ExitBranch] = {}
         for segment in plan.segments:
             first, stop = segment.bounds
             with set_model_tag(f"early_exit_layers_{first}_{stop}"):
                 self.groups[(first, stop)] = group_class(first, stop)(
                     vllm_config=vllm_config, prefix=f"{prefix}.groups.{first}", layers=layers[first:stop]
                 )
-            if gates and segment.check and not segment.skipped:
+            if checks and segment.check and not segment.skipped:
                 with set_model_tag(f"early_exit_checked_{first}_{stop}"):
                     self.checked[(first, stop)] = group_class(first, stop, checked=True)(
                         vllm_config=vllm_config, prefix=f"{prefix}.checked.{first}", layers=layers[first:stop],
                         last=segment.last, reads_previous=segment.reads_previous,
+                    )
+            if segment.decision:
+                with set_model_tag(f"early_exit_exit_{segment.last}"):
+                    self.exits[segment.last] = exit_class(segment.last)(
+                        vllm_config=vllm_config, prefix=f"{prefix}.exits.{segment.last}", layer=segment.last
                     )
         start, end = self.bounds[0][0], self.bounds[-1][1]
         with set_model_tag("early_exit_full_stack"):
@@ -195,20 +283,31 @@ class CompiledStack:
         self._buffers: dict[str, torch.Tensor] = {}
         self._warmed_up = False
         self._prepare: Callable[[torch.Tensor], None] = lambda stream: None
+        self._decides = False
+        self._counts: torch.Tensor | None = None
+        self._heads = False
 
-    def bind(self, stage: Callable, prepare: Callable[[torch.Tensor], None]) -> None:
-        """The checked groups' stage (``DecodeStep.gate``), and what must be ready before it is
-        traced (``ExitCheck.prepare``: built on the host, once)."""
+    def bind(
+        self, stage: Callable, exit_output: Callable, prepare: Callable[[torch.Tensor], None], decides: bool,
+        counts: torch.Tensor, heads: bool,
+    ) -> None:
+        """The checked groups' stage (``DecodeStep.stage``), the exit branches' work
+        (``DecodeStep.exit_output``), what must be ready before they are traced
+        (``ExitCheck.prepare``: built on the host, once), whether the stage decides (a one-stage
+        check), the counters it adds to (``ExitCounters.rows``, for their dtype) and whether rows
+        leave through exit heads (they emit their head's stream)."""
         for group in self.checked.values():
             group.stage = stage
-        self._prepare = prepare
+        for unit in self.exits.values():
+            unit.branch = exit_output
+        self._prepare, self._decides, self._counts, self._heads = prepare, decides, counts, heads
 
     def has(self, bounds: tuple[int, int]) -> bool:
         """True when layers ``bounds`` are one compiled group."""
         return bounds in self.groups
 
     def has_checked(self, bounds: tuple[int, int]) -> bool:
-        """True when layers ``bounds`` and the first stage of their check are one compiled unit."""
+        """True when layers ``bounds`` and their check are one compiled unit."""
         return bounds in self.checked
 
     def run(
@@ -222,19 +321,37 @@ class CompiledStack:
         return self._call(self.groups[bounds], positions, hidden_states=hidden_states, residual=residual, keep=keep)
 
     def run_checked(
-        self, bounds: tuple[int, int], positions: torch.Tensor, **inputs: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
+        self, bounds: tuple[int, int], positions: torch.Tensor, **inputs: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """``CheckedGroup.forward``'s outputs for layers ``bounds``; ``inputs``: its row tensors
-        by name (the stream's and ``ROW_ARGS``)."""
-        return self._call(self.checked[bounds], positions, **inputs)
+        by name. The first call fixes which optional inputs the unit goes without."""
+        return self._call_once_fixed(self.checked[bounds], positions, inputs)
 
-    def _call(self, group: nn.Module, positions: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def run_exit(self, layer: int, positions: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
+        """``ExitBranch.forward``'s output after ``layer``; ``inputs``: its row tensors by name."""
+        return self._call_once_fixed(self.exits[layer], positions, inputs)
+
+    def _call_once_fixed(self, unit: OptionalInputs, positions: torch.Tensor, inputs: dict):
+        if unit.absent is None:  # the first call fixes which inputs the unit goes without
+            unit.absent = _absent(inputs)
+        return self._call(unit, positions, **inputs)
+
+    def _call(self, group: nn.Module, positions: torch.Tensor, **inputs: torch.Tensor | None):
         if not self.static_inputs:
-            return group(positions, *inputs.values())
-        # Piecewise CUDA graphs: every row input from a fixed buffer, and the outputs (in the
-        # graph pool) owned before the next unit runs.
-        static = [self._static(name, value) for name, value in inputs.items()]
-        return tuple(out.clone() for out in group(positions, *static))
+            return group(positions, **inputs)
+        # Piecewise CUDA graphs: every row input from a fixed buffer (the counters, which a
+        # unit adds to, are one already), and the outputs (in the graph pool) owned before
+        # the next unit runs.
+        static = {
+            name: value if value is None or name == "counts" else self._static(name, value)
+            for name, value in inputs.items()
+        }
+        out = group(positions, **static)
+        if isinstance(out, torch.Tensor):
+            return out.clone()
+        if isinstance(out, dict):
+            return {name: value.clone() for name, value in out.items()}
+        return tuple(value.clone() for value in out)
 
     def run_all(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer for every row (``FullStack``): the stack's output stream and residual.
@@ -252,19 +369,32 @@ class CompiledStack:
         return self._call(self.full, positions, hidden_states=hidden_states)
 
     def _warm_up(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """Each unit called once as a step calls it: the checked groups in layer order, each
+        with the row tensors the ones before it gave (no row reaches a threshold of 2)."""
         rows = hidden_states.shape[0]
         residual, keep = torch.zeros_like(hidden_states), hidden_states.new_ones(rows, 1)
         stream = hidden_states.clone()
         self._prepare(stream)
         flags = torch.ones(rows, dtype=torch.bool, device=hidden_states.device)
-        row_inputs = {
-            "running": flags, "live": flags, "allowed": flags,
+        state: dict[str, torch.Tensor | None] = {
+            "keep": keep, "running": flags, "live": flags, "allowed": flags,
             "thresholds": torch.full((rows,), 2.0, device=hidden_states.device),
         }
+        if self._decides:
+            state.update(
+                depths=torch.zeros(rows, dtype=torch.int16, device=hidden_states.device),
+                counts=torch.zeros_like(self._counts), logits=None, taken=torch.zeros_like(flags), emitted=None,
+                emits=torch.zeros_like(flags),
+            )
         for bounds in self.bounds:
             if bounds in self.checked:
-                self.run_checked(bounds, positions, hidden_states=stream, residual=residual, keep=keep, **row_inputs)
+                out = self.run_checked(bounds, positions, hidden_states=stream, residual=residual, **state)
+                state.update((name, out[name]) for name in ("logits", "emitted") if name in out)
             stream, residual = self.run(bounds, positions, stream, residual, keep)
+        for layer in self.exits:  # (the K/V it writes goes to the warm-up's own slots)
+            emitted = torch.zeros_like(stream) if self._heads else None
+            self.run_exit(layer, positions, hidden_states=stream, residual=residual, emitted=emitted,
+                          emits=torch.zeros_like(flags))
 
     def _static(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value`` copied into the fixed buffer of input ``name`` (made on first use)."""

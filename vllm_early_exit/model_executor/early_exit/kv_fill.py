@@ -58,10 +58,26 @@ def _project_kv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return attn.qkv_proj(x)[0][:, attn.q_size :]
 
 
+@torch.library.custom_op("vllm_early_exit::write_kv", mutates_args=())
+def write_kv(k: torch.Tensor, v: torch.Tensor, layer_name: str) -> None:
+    """vLLM's cache update (``unified_kv_cache_update``: the step's slot mapping and the layer's
+    cache from the forward context) as an op with a side effect, so that a compiled unit keeps
+    it although nothing uses its result (``groups.ExitBranch``)."""
+    unified_kv_cache_update(k, v, layer_name)
+
+
+@write_kv.register_fake
+def _(k: torch.Tensor, v: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.vllm_early_exit.write_kv.default)
+
+
 def _write_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
     """Writes ``[rows, kv_heads, head_dim]`` K/V of every row of the step into the layer's
     paged cache with vLLM's op (at the step's slot mapping)."""
-    unified_kv_cache_update(k, v, attn.attn.layer_name)
+    write_kv(k, v, attn.attn.layer_name)
 
 
 def _kv_rows(attn: nn.Module) -> torch.Tensor | None:

@@ -1,15 +1,18 @@
 """The rows of one step on their way down the stack: the one place a row leaves.
 
 Every row of the step stays in it to its end, so every tensor keeps the step's
-shape, and every update is made in place: the state lives at the same addresses
-from the first layer to the last, as CUDA graphs captured between decision
-points need (``graphs.py``). A row that leaves after layer L is *frozen*: its
-hidden state becomes 0 and its residual the stream it left with, and every later
-segment holds it there (``kv_fill.run_layers_holding``), so each deeper layer's
-attention writes its K/V from that stream, which is what state propagation
-writes. ``RowState.leave`` records everything an exit means, on the device and
-for every row at once: the depth it reached, the frozen stream, the stream it
-emits (its exit head's), the logits it is sampled from, and the counters.
+shape. An update gives new tensors that the rows take (``RowState.take``: a
+compiled unit's outputs need no copy); a captured step's rows are *persistent*
+and copy them into tensors that keep their addresses from the first layer to the
+last, as CUDA graphs captured between decision points need (``graphs.py``). A row
+that leaves after layer L is *frozen*: its hidden state becomes 0 and its
+residual the stream it left with, and every later segment holds it there
+(``kv_fill.run_layers_holding``), so each deeper layer's attention writes its K/V
+from that stream, which is what state propagation writes. ``leave_rows`` records
+everything an exit means, on the device and for every row at once, tensors in
+and out (``RowState.leave`` takes its outputs, a compiled check returns them):
+the depth it reached, the frozen stream, the stream it emits (its exit head's),
+the logits it is sampled from, and the counters.
 
 Which rows decide: the decode rows that are still running (``running``). Prompt
 rows of a mixed step and padding rows never leave. A replayed row of a recompute
@@ -95,11 +98,12 @@ class RowState:
         self.emits.zero_()
 
     def take(self, **state: torch.Tensor) -> None:
-        """The outputs of a compiled unit as the rows' state (by attribute name): the tensors
-        themselves, or copied into the persistent ones."""
+        """New values of the rows' state (by attribute name), from an exit or a compiled unit:
+        the tensors themselves, or copied into the persistent ones (where they exist)."""
         for name, value in state.items():
-            if self.persistent:
-                getattr(self, name).copy_(value)
+            current = getattr(self, name)
+            if self.persistent and current is not None:
+                current.copy_(value)
             else:
                 setattr(self, name, value)
 
@@ -122,9 +126,11 @@ class RowState:
 
     def pin(self, leave: torch.Tensor, layer: int) -> torch.Tensor:
         """``leave`` with replayed rows leaving exactly after their recorded layer."""
-        if self.pinned is None:
-            return leave
-        return torch.where(self.pinned >= 0, self.running & (self.pinned == layer), leave)
+        return pin(leave, self.pinned, self.running, layer)
+
+    def state(self) -> dict[str, torch.Tensor | None]:
+        """The tensors an exit updates (``leave_rows``), by attribute name."""
+        return {name: getattr(self, name) for name in STATE}
 
     def leave(
         self,
@@ -135,38 +141,13 @@ class RowState:
         exit_stream: torch.Tensor | None = None,
         read: torch.Tensor | None = None,
     ) -> None:
-        """Rows in ``leave`` (a subset of ``running``) leave after ``layer`` at ``stream``.
-
-        ``logits``: the full-vocabulary logits read at this layer, of every row or, with ``read``
-        (row indices), of those rows (the leaving rows are sampled from theirs in a pure-decode
-        step); ``exit_stream``: every row's stream through the layer's exit head (the leaving rows
-        emit theirs). Ends by setting ``flag``: does any row still run."""
-        column = leave.unsqueeze(1)
-        self.depths.masked_fill_(leave, layer + 1)
-        self.hidden_states.masked_fill_(column, 0.0)
-        self.residual.copy_(torch.where(column, stream, self.residual))
-        self.keep.masked_fill_(column, 0.0)
-        self.running &= ~leave
-        live = leave & self.live
-        self.counters.exits(layer, live)
-        if exit_stream is not None:
-            if self.emitted is None:
-                self.emitted = torch.zeros_like(exit_stream)
-            self.emitted.copy_(torch.where(column, exit_stream, self.emitted))
-            self.emits |= leave
-        if logits is not None and self.pure:
-            if self.logits is None:
-                self.logits = logits.new_zeros(leave.shape[0], logits.shape[1])
-            if read is None:
-                self.logits.copy_(torch.where(column, logits, self.logits))
-                taken = leave
-            else:
-                taken = torch.zeros_like(leave).index_fill_(0, read, True) & leave
-                kept = torch.where(taken[read].unsqueeze(1), logits, self.logits.index_select(0, read))
-                self.logits.index_copy_(0, read, kept)
-            self.taken |= taken
-            self.counters.sampled(taken & self.live)
-        self.flag.copy_(self.running.any())
+        """Rows in ``leave`` (a subset of ``running``) leave after ``layer`` at ``stream``
+        (``leave_rows``; its logits are kept in a pure-decode step only). The flag is written in
+        place, where a step run as one program reads it (``graphs.ConditionalProgram``)."""
+        out = leave_rows(self.state(), self.counters.rows, leave, layer, stream, logits if self.pure else None,
+                         exit_stream, read)
+        self.flag.copy_(out.pop("flag"))
+        self.take(**out)
 
     def read_flag(self) -> bool:
         """The step's one host read per decision."""
@@ -182,7 +163,79 @@ class RowState:
         ``counted``: the walk reached the last layer, and the rows still running went the full depth."""
         if counted:
             self.counters.full_depth(self.running & self.live)
-        if self.emitted is None:
-            return self.hidden_states, self.residual
-        column = self.emits.unsqueeze(1)
-        return torch.where(column, 0.0, self.hidden_states), torch.where(column, self.emitted, self.residual)
+        return finished(self.hidden_states, self.residual, self.emitted, self.emits)
+
+
+def finished(
+    hidden_states: torch.Tensor, residual: torch.Tensor, emitted: torch.Tensor | None, emits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden state and residual at the end of the stack (``RowState.finish``): rows that left
+    through a head (``emits``) hold its stream (``emitted``)."""
+    if emitted is None:
+        return hidden_states, residual
+    column = emits.unsqueeze(1)
+    return torch.where(column, 0.0, hidden_states), torch.where(column, emitted, residual)
+
+
+STATE = ("hidden_states", "residual", "keep", "running", "live", "depths", "logits", "taken", "emitted", "emits")
+"""The row tensors an exit reads or updates (``live`` is only read; ``logits`` and ``emitted`` are
+None until a first exit keeps some)."""
+
+
+def pin(leave: torch.Tensor, pinned: torch.Tensor | None, running: torch.Tensor, layer: int) -> torch.Tensor:
+    """``leave`` with replayed rows (``pinned >= 0``) leaving exactly after their recorded layer."""
+    if pinned is None:
+        return leave
+    return torch.where(pinned >= 0, running & (pinned == layer), leave)
+
+
+def leave_rows(
+    rows: dict[str, torch.Tensor | None],
+    counts: torch.Tensor,
+    leave: torch.Tensor,
+    layer: int,
+    stream: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    exit_stream: torch.Tensor | None = None,
+    read: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Everything rows in ``leave`` (a subset of ``running``) leaving after ``layer`` at
+    ``stream`` means, as tensors in and out (``rows``: the ``STATE`` tensors; the returned ones
+    replace them): their depth, the frozen stream, their emitted stream and sampling logits,
+    and ``flag``: does any row still run. The counters (``counts``: ``ExitCounters.rows``) are
+    added to in place. The one definition ``RowState.leave`` and the compiled checks
+    (``groups.CheckedGroup``) share.
+
+    ``logits``: the full-vocabulary logits read at this layer, of every row or, with ``read``
+    (row indices), of those rows: the leaving rows are sampled from theirs (pass None where
+    they are not, in a step with prompt rows); ``exit_stream``: every row's stream through
+    the layer's exit head (the leaving rows emit theirs)."""
+    column = leave.unsqueeze(1)
+    running, live = rows["running"] & ~leave, rows["live"]
+    out = {
+        "depths": rows["depths"].masked_fill(leave, layer + 1),
+        "hidden_states": rows["hidden_states"].masked_fill(column, 0.0),
+        "residual": torch.where(column, stream, rows["residual"]),
+        "keep": rows["keep"].masked_fill(column, 0.0),
+        "running": running,
+    }
+    counts[layer] += (leave & live).sum()
+    if exit_stream is not None:
+        emitted = rows["emitted"]
+        out["emitted"] = torch.where(column, exit_stream, 0.0 if emitted is None else emitted)
+        out["emits"] = rows["emits"] | leave
+    if logits is not None:
+        kept = rows["logits"]
+        if read is None:
+            out["logits"] = torch.where(column, logits, 0.0 if kept is None else kept)
+            taken = leave
+        else:
+            if kept is None:
+                kept = logits.new_zeros(leave.shape[0], logits.shape[1])
+            taken = torch.zeros_like(leave).index_fill_(0, read, True) & leave
+            chosen = torch.where(taken[read].unsqueeze(1), logits, kept.index_select(0, read))
+            out["logits"] = kept.index_copy(0, read, chosen)
+        out["taken"] = rows["taken"] | taken
+        counts[counts.shape[0] - 1] += (taken & live).sum()
+    out["flag"] = running.any()
+    return out

@@ -7,13 +7,15 @@ rows that left held at their exit stream. The step is a chain of *branches*
 (``branches.py``): device work that reads nothing on the host, updates the row
 state in place and ends by writing one flag (``DecodeStep.work``):
 
-* ``run``: a segment's layers, then, at a decision point, its check: the signal
-  reads every row (``checks.py``), the policy picks the rows that leave (with
-  depth budgets and replayed exits), ``RowState.leave`` records the exits, and
-  the flag says whether any row still runs. With a shortlist the check stops
-  after its first stage (``gate``), and the flag says whether some row may
-  leave; compiled, the segment's layers and that stage are one unit
-  (``groups.CheckedGroup``) whose outputs become the rows' state;
+* ``run``: a segment's layers, then, at a decision point, its check
+  (``decision``): the signal reads every row (``checks.py``), the policy picks
+  the rows that leave (with depth budgets and replayed exits),
+  ``rows.leave_rows`` records the exits, and the flag says whether any row
+  still runs. With a shortlist the check stops after its first stage (``gate``),
+  and the flag says whether some row may leave. Compiled, the segment's layers
+  and its check (the first stage, or the whole one-stage decision with its
+  exits) are one unit (``groups.CheckedGroup``, ``stage``) whose outputs become
+  the rows' state: one call and one read per decision point;
 * ``confirm`` (a shortlist): the full-vocabulary confirmation, then the exits;
 * ``forced`` (a shortlist's gate stayed shut): the exits of budgets and replays;
 * ``exit``: every row has left after layer L: the deeper layers get their K/V by
@@ -44,7 +46,7 @@ from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, run_
 from vllm_early_exit.model_executor.early_exit.plan import Segment, StepPlan
 from vllm_early_exit.model_executor.early_exit.policies import ExitPolicy
 from vllm_early_exit.model_executor.early_exit.requests import RowSettings
-from vllm_early_exit.model_executor.early_exit.rows import RowState
+from vllm_early_exit.model_executor.early_exit.rows import RowState, finished, leave_rows, pin
 from vllm_early_exit.model_executor.early_exit.stats import ExitCounters
 
 
@@ -182,8 +184,8 @@ class DecodeStep:
     def segment(self, segment: Segment, rows: RowState, gate: bool = False) -> None:
         """The segment's layers for every row (frozen rows held at their stream), then its
         decision, or with ``gate`` its check's first stage."""
-        if gate and self.fuses(segment, rows):
-            self.checked_segment(segment, rows)
+        if self.fuses(segment, rows, gate):
+            self.checked_segment(segment, rows, gate)
             return
         if segment.reads_previous:
             rows.previous.copy_(rows.stream())
@@ -193,23 +195,55 @@ class DecodeStep:
         elif segment.decision:
             self.decide(segment, rows)
 
-    def fuses(self, segment: Segment, rows: RowState) -> bool:
-        """Whether the segment and its check's first stage run as one compiled unit: a segment
-        of the engine's plan, at no depth budget's end."""
-        stack = self.stack
-        return stack is not None and stack.has_checked(segment.bounds) and segment.last not in rows.settings.budget_layers
+    def fuses(self, segment: Segment, rows: RowState, gate: bool) -> bool:
+        """Whether the segment and its check run as one compiled unit (``groups.CheckedGroup``):
+        a segment of the engine's plan that ends at a check, at no depth budget's end; a
+        one-stage check (``stage``) only in a pure-decode step without replayed rows, whose
+        certainty is the engine's own (a forced exit, or no request threshold making one
+        read), reading no pruned vocabulary, with the row tensors the unit was compiled for
+        (``CheckedGroup.accepts``)."""
+        stack, check = self.stack, self.check
+        if stack is None or not stack.has_checked(segment.bounds) or segment.last in rows.settings.budget_layers:
+            return False
+        if gate:
+            return True
+        if check.two_stage or not rows.pure or rows.pinned is not None or self.certain(rows) != check.always_confident:
+            return False
+        if check.vocab_top_k is not None and not check.always_confident:
+            return False
+        return stack.checked[segment.bounds].accepts(self.unit_inputs(rows, gate))
 
-    def checked_segment(self, segment: Segment, rows: RowState) -> None:
-        """The segment's layers and its check's first stage as one compiled unit
-        (``groups.CheckedGroup``): one call, its outputs taken as the rows' state."""
+    def unit_inputs(self, rows: RowState, gate: bool) -> dict[str, torch.Tensor | None]:
+        """The row tensors a compiled check takes (``groups.CheckedGroup``), by name."""
         settings = rows.settings
-        hidden_states, residual, previous, passing, count, flag = self.stack.run_checked(
-            segment.bounds, rows.positions, hidden_states=rows.hidden_states, residual=rows.residual, keep=rows.keep,
-            running=rows.running, live=rows.live, allowed=settings.allowed, thresholds=settings.thresholds,
+        inputs = {name: getattr(rows, name) for name in ("hidden_states", "residual", "keep", "running", "live")}
+        inputs.update(allowed=settings.allowed, thresholds=settings.thresholds)
+        if not gate:
+            inputs.update(depths=rows.depths, counts=self.counters.rows, logits=rows.logits, taken=rows.taken,
+                          emitted=rows.emitted, emits=rows.emits)
+        return inputs
+
+    def checked_segment(self, segment: Segment, rows: RowState, gate: bool) -> None:
+        """The segment's layers and its check as one compiled unit (``groups.CheckedGroup``):
+        one call, its outputs taken as the rows' state (``stage``)."""
+        rows.take(**self.stack.run_checked(segment.bounds, rows.positions, **self.unit_inputs(rows, gate)))
+
+    def stage(
+        self, layer: int, stream: torch.Tensor, previous: torch.Tensor | None, state: dict[str, torch.Tensor | None],
+        counts: torch.Tensor | None, allowed: torch.Tensor, thresholds: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """What a compiled unit (``groups.CheckedGroup``) computes after its layers: a shortlist's
+        first stage (``gate``) when its check has one, else the whole decision (``decision``; a
+        forced exit's reads nothing); the new row tensors by name (``RowState.take``)."""
+        check = self.check
+        if check.two_stage:
+            passing, count = self.gate(layer, stream, previous, state["running"], state["live"], allowed, thresholds)
+            out = {"passing": passing, "count": count, "flag": count > 0}
+            return out if previous is None else {**out, "previous": previous}
+        certain = check.always_confident
+        return self.decision(
+            layer, stream, previous, state, counts, allowed, thresholds, reads=not certain, certain=certain
         )
-        rows.take(hidden_states=hidden_states, residual=residual, passing=passing, count=count, flag=flag)
-        if segment.reads_previous:
-            rows.take(previous=previous)
 
     def run_layers(self, segment: Segment, rows: RowState) -> None:
         keep = rows.keep
@@ -226,16 +260,52 @@ class DecodeStep:
         rows.advance(*out)
 
     def decide(self, segment: Segment, rows: RowState) -> None:
-        """A one-stage decision: the check's reading (if the segment ends at a check layer), the
-        policy with budgets and pins, the exits; ``rows.flag``: does any row still run."""
-        stream = rows.stream()
-        exit_stream = self.exit_stream(segment, stream)
-        confident, logits = torch.zeros_like(rows.running), None
-        if segment.check and self.certain(rows):
-            confident = torch.ones_like(rows.running)
-        elif segment.check:
-            confident, logits = self.read(segment, rows, stream, exit_stream)
-        self.leave(segment.last, rows, confident, stream, logits, exit_stream)
+        """A one-stage decision, eagerly (``decision``); ``rows.flag``: does any row still run."""
+        settings = rows.settings
+        forced = rows.forced(segment.last) if segment.last in settings.budget_layers else None
+        certain = segment.check and self.certain(rows)
+        out = self.decision(
+            segment.last, rows.stream(), rows.previous, rows.state(), self.counters.rows, settings.allowed,
+            settings.thresholds, reads=segment.check and not certain, certain=certain, forced=forced,
+            pinned=rows.pinned, pure=rows.pure,
+        )
+        rows.flag.copy_(out.pop("flag"))  # in place, as ``RowState.leave`` writes it
+        rows.take(**out)
+
+    def decision(
+        self, layer: int, stream: torch.Tensor, previous: torch.Tensor | None, state: dict[str, torch.Tensor | None],
+        counts: torch.Tensor, allowed: torch.Tensor, thresholds: torch.Tensor, *, reads: bool = True,
+        certain: bool = False, forced: torch.Tensor | None = None, pinned: torch.Tensor | None = None,
+        pure: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """A one-stage decision after ``layer``, tensors in and out (the one definition the eager
+        step and the compiled unit ``groups.CheckedGroup`` share): with ``reads`` the check's
+        reading of every row (``certain``: every row is confident), the policy with ``forced``
+        rows (a depth budget's end) and ``pinned`` ones (replayed exits), then the exits
+        (``rows.leave_rows``); the new row tensors, ``flag``: does any row still run."""
+        running = state["running"]
+        exit_stream = self.check.exit_stream(layer, stream) if (reads or certain) and self.check.heads is not None else None
+        confident, logits = torch.zeros_like(running), None
+        if certain:
+            confident = torch.ones_like(running)
+        elif reads:
+            reading = self.check.read(
+                layer, stream, stream if exit_stream is None else exit_stream, previous, thresholds,
+                first=layer == self.first_check,
+            )
+            confident, logits = reading.confident, reading.logits
+        leave = self.leaving(layer, confident & allowed, running, state["live"], forced, pinned)
+        return leave_rows(state, counts, leave, layer, stream, logits if pure else None, exit_stream)
+
+    def leaving(
+        self, layer: int, votes: torch.Tensor, running: torch.Tensor, live: torch.Tensor,
+        forced: torch.Tensor | None, pinned: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The rows that leave after ``layer``: the policy over the deciding rows' ``votes`` and
+        the ``forced`` ones, replayed rows at their recorded layer."""
+        if forced is not None:
+            votes = votes | forced
+        return pin(self.policy.rows_to_exit(votes, running & live), pinned, running, layer)
 
     def first_stage(self, segment: Segment, rows: RowState) -> None:
         """A shortlist's first stage, eagerly (``gate``)."""
@@ -303,11 +373,9 @@ class DecodeStep:
         self, layer: int, rows: RowState, confident: torch.Tensor, stream: torch.Tensor,
         logits: torch.Tensor | None, exit_stream: torch.Tensor | None, read: torch.Tensor | None = None,
     ) -> None:
-        settings, deciding = rows.settings, rows.deciding()
-        votes = confident & settings.allowed
-        if layer in settings.budget_layers:
-            votes = votes | rows.forced(layer)
-        leave = rows.pin(self.policy.rows_to_exit(votes, deciding), layer)
+        settings = rows.settings
+        forced = rows.forced(layer) if layer in settings.budget_layers else None
+        leave = self.leaving(layer, confident & settings.allowed, rows.running, rows.live, forced, rows.pinned)
         rows.leave(leave, layer, stream, logits, exit_stream, read)
 
     def exit_stream(self, segment: Segment, stream: torch.Tensor) -> torch.Tensor | None:
@@ -317,9 +385,25 @@ class DecodeStep:
         return self.check.exit_stream(segment.last, stream)
 
     def exit(self, layer: int, rows: RowState) -> None:
-        """Every row left by ``layer``: the deeper layers' K/V from each row's stream, then the norm."""
-        self.kv.fill(rows.positions, rows.stream(), layer + 1, self.end)
-        rows.output.copy_(self.norm(*rows.finish(counted=False))[0])
+        """Every row left by ``layer`` (``exit_output``): compiled, one unit
+        (``groups.ExitBranch``) whose output becomes the step's."""
+        inputs = {"hidden_states": rows.hidden_states, "residual": rows.residual, "emitted": rows.emitted,
+                  "emits": rows.emits}
+        stack = self.stack
+        if stack is not None and layer in stack.exits and stack.exits[layer].accepts(inputs):
+            rows.take(output=stack.run_exit(layer, rows.positions, **inputs))
+        else:
+            rows.output.copy_(self.exit_output(layer, rows.positions, **inputs))
+
+    def exit_output(
+        self, layer: int, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor,
+        emitted: torch.Tensor | None, emits: torch.Tensor,
+    ) -> torch.Tensor:
+        """The ``exit`` branch after ``layer``, tensors in and out (the one definition the eager step
+        and the compiled unit ``groups.ExitBranch`` share): the deeper layers' K/V from each row's
+        stream (state propagation), then the final norm of the rows' last streams."""
+        self.kv.fill(positions, hidden_states + residual, layer + 1, self.end)
+        return self.norm(*finished(hidden_states, residual, emitted, emits))[0]
 
     def finish(self, rows: RowState) -> None:
         """The walk reached the last layer: the rows still running went the full depth."""

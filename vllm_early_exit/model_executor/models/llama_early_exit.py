@@ -77,7 +77,7 @@ class EarlyExitLlamaModel(LlamaModel):
         self._plans: dict[frozenset[int], StepPlan] = {}
         self.engine_plan = self.plan_with(frozenset())
         self.compiled_stack = (
-            CompiledStack(vllm_config, self.layers, self.engine_plan, prefix, gates=self.check.two_stage)
+            CompiledStack(vllm_config, self.layers, self.engine_plan, prefix, checks=self.check.fusable)
             if config.may_compile and compiling(vllm_config)
             else None
         )
@@ -87,7 +87,10 @@ class EarlyExitLlamaModel(LlamaModel):
             self.exit_counters, self.norm, self.compiled_stack,
         )
         if self.compiled_stack is not None:
-            self.compiled_stack.bind(self.decode_step.gate, self.check.prepare)
+            self.compiled_stack.bind(
+                self.decode_step.stage, self.decode_step.exit_output, self.check.prepare, not self.check.two_stage,
+                self.exit_counters.rows, self.check.heads is not None,
+            )
         self.last_step: StepLog | None = None
         """What the host knows of the last step with decode rows (None: a full-depth step)."""
         self.step_logits: tuple[StepLog, torch.Tensor, torch.Tensor] | None = None
