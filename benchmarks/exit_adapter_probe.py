@@ -52,7 +52,8 @@ def load_split(folder: Path, split: str) -> TeacherData:
 class ExitAdapter(nn.Module):
     """A final norm of its own after one decoder layer (``layer``: attention and MLP) or, as
     Kangaroo's, its attention alone (``attention``: about a quarter of a SmolLM2 layer's
-    weights), all started from the model's last ones."""
+    weights), all started from the model's last ones; or, without context, the tuned-lens affine
+    map of ``train-heads`` (``affine``: ``h + W h + b``, started at the identity)."""
 
     def __init__(self, model: nn.Module, design: str) -> None:
         super().__init__()
@@ -60,6 +61,10 @@ class ExitAdapter(nn.Module):
         self.design = design
         if design == "layer":
             self.layer = copy.deepcopy(last)
+        elif design == "affine":
+            self.affine = nn.Linear(model.config.hidden_size, model.config.hidden_size)
+            nn.init.zeros_(self.affine.weight)
+            nn.init.zeros_(self.affine.bias)
         else:
             self.input_layernorm = copy.deepcopy(last.input_layernorm)
             self.self_attn = copy.deepcopy(last.self_attn)
@@ -68,6 +73,8 @@ class ExitAdapter(nn.Module):
     def forward(self, stream: torch.Tensor, position_embeddings) -> torch.Tensor:
         if self.design == "layer":
             return self.norm(self.layer(stream, position_embeddings=position_embeddings))
+        if self.design == "affine":
+            return self.norm(stream + self.affine(stream))
         attended, _ = self.self_attn(self.input_layernorm(stream), position_embeddings, None)
         return self.norm(stream + attended)
 
@@ -217,6 +224,28 @@ class Probe:
         }
 
 
+def export_heads(probe: Probe, folder: Path, record: dict, held: TeacherData, held_streams) -> dict:
+    """The affine adapters as an exit-heads folder the engine reads (``--heads``): ``h + W h + b``
+    read through the model's OWN final norm (the adapters' norms, about 1% off it, are dropped).
+    Returns the held-out scores of exactly that reading."""
+    from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
+
+    config = probe.model.config
+    with torch.no_grad():
+        for adapter in probe.adapters.values():
+            adapter.norm.weight.copy_(probe.model.model.norm.weight)
+    ExitHeads(
+        base_model={"num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+                    "vocab_size": config.vocab_size, "path": str(probe.model.name_or_path)},
+        layers=tuple(probe.layers),
+        weights={layer: (a.affine.weight.detach().clone(), a.affine.bias.detach().clone())
+                 for layer, a in ((int(k), v) for k, v in probe.adapters.items())},
+        design="affine", gates={}, training=record,
+    ).save(folder)
+    readouts = probe.readouts(held, held_streams, adapted=True)
+    return {"folder": str(folder), **probe.score(readouts, adapters=True), "fewer_checks": fewer_checks(probe, readouts)}
+
+
 def fewer_checks(probe: Probe, readouts: TokenReadouts) -> dict:
     """Depth (with the adapters' cost) at 0.95 and 0.9 agreement for checks at one or two of the
     exit layers: each check costs its adapter for every token that reaches it."""
@@ -240,14 +269,17 @@ def main() -> None:
     parser.add_argument("--streams", type=Path, help="cache of the exit layers' streams (default WORK/streams)")
     parser.add_argument("--target", choices=("soft", "hard"), default="soft",
                         help="soft: KL to the original's top-k; hard: cross-entropy on its greedy token")
-    parser.add_argument("--adapter", choices=("layer", "attention"), default="layer",
-                        help="layer: a decoder layer per exit; attention: its attention alone (Kangaroo)")
+    parser.add_argument("--adapter", choices=("layer", "attention", "affine"), default="layer",
+                        help="layer: a decoder layer per exit; attention: its attention alone (Kangaroo); "
+                             "affine: train-heads' context-free map")
     parser.add_argument("--layers", default="16,18,20,22,24")
     parser.add_argument("--train", type=int, default=512, help="training sequences used (default 512)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--accumulate", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--export-heads", type=Path, help="with --adapter affine: write the trained adapters, "
+                        "read through the model's own final norm, as an exit-heads folder for --heads")
     parser.add_argument("--out", type=Path, default=RESULTS / "exit_adapters.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -284,6 +316,13 @@ def main() -> None:
     if log and "fewer_checks" not in log[-1]:  # a run from before the fewer-checks scores
         probe.adapters.load_state_dict(torch.load(args.work / "adapters.pt", weights_only=True)["adapters"])
         score_epoch()
+    if args.export_heads and args.adapter == "affine" and log:
+        probe.adapters.load_state_dict(torch.load(args.work / "adapters.pt", weights_only=True)["adapters"])
+        record = {"method": f"benchmarks/exit_adapter_probe.py, target {args.target}, {len(log)} epochs",
+                  "settings": result["settings"], "data": {"train_sequences": len(train)}}
+        result["exported_heads"] = export_heads(probe, args.export_heads, record, held, held_streams)
+        args.out.write_text(json.dumps(result | {"epochs": log}, indent=1))
+        print(json.dumps({k: result["exported_heads"][k] for k in ("exit_agreement", "depth_at")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,22 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def rows(name: str, layers: list[int], scored: dict, adapters: bool) -> str:
+def best_subset(fewer: dict | None) -> str:
+    """The one or two check layers whose depth with the adapters' cost at 0.95 is lowest."""
+    if not fewer:
+        return "-"
+    reached = {k: v["depth_with_adapters_at"]["0.95"] for k, v in fewer.items() if v["depth_with_adapters_at"]["0.95"]}
+    if not reached:
+        return "-"
+    layers = min(reached, key=reached.get)
+    return f"{fmt(reached[layers])} (after {layers})"
+
+
+def rows(name: str, layers: list[int], scored: dict, adapters: bool, fewer: dict | None = None) -> str:
     exits = " / ".join(fmt(scored["exit_agreement"][str(layer)]) for layer in layers)
     with_adapters = scored.get("depth_with_adapters_at", scored["depth_at"]) if adapters else scored["depth_at"]
     return (f"| {name} | {exits} | {fmt(scored['depth_at']['0.95'])} / {fmt(scored['depth_at']['0.9'])} | "
-            f"{fmt(with_adapters['0.95'])} / {fmt(with_adapters['0.9'])} |")
+            f"{fmt(with_adapters['0.95'])} / {fmt(with_adapters['0.9'])} | {best_subset(fewer)} |")
 
 
 def markdown(results: dict[str, dict], lora: dict | None) -> str:
@@ -39,16 +50,23 @@ def markdown(results: dict[str, dict], lora: dict | None) -> str:
         "Exit rule: the max-prob rule over the exit layers (a token leaves at the first whose readout reaches the "
         "threshold, else runs the whole stack). `depth`: trunk layers run, as a share of 30. `with adapters`: "
         "plus one layer for every adapter the token ran (each check runs its adapter; a token that leaves at none "
-        "ran them all): the weight bytes an engine reads, before the LM-head products every design pays alike.",
+        "ran them all; an adapter weighs `adapter_cost_layers` of a layer: 1 for `layer`, 0.25 for `attention`, "
+        "0.09 for `affine`): the weight bytes an engine reads, before the LM-head products every design pays "
+        "alike. Runs stopped for time after the epochs shown (each cosine schedule was set for the "
+        "`epochs` in its settings).",
         "",
         f"| readout | agreement after layers {' / '.join(str(l) for l in layers)} | depth at 0.95 / 0.9 "
-        "| with adapters at 0.95 / 0.9 |",
-        "|---|---|---|---|",
+        "| with adapters at 0.95 / 0.9 | best one or two checks, with adapters, at 0.95 |",
+        "|---|---|---|---|---|",
         rows("plain (final norm + LM head)", layers, first["plain"], adapters=False),
     ]
     for name, result in results.items():
         for epoch in result.get("epochs", []):
-            lines.append(rows(f"adapter, {name}, epoch {epoch['epoch']}", layers, epoch["held_out"], adapters=True))
+            lines.append(rows(f"adapter, {name}, epoch {epoch['epoch']}", layers, epoch["held_out"], adapters=True,
+                              fewer=epoch.get("fewer_checks")))
+        if "exported_heads" in result:
+            lines.append(rows(f"the same as engine exit heads (the model's own final norm: `--heads`)", layers,
+                              result["exported_heads"], adapters=True, fewer=result["exported_heads"]["fewer_checks"]))
     lines += [
         "",
         "The original's own confidence bounds any exit trained to reproduce its distribution: the share of "
@@ -79,7 +97,7 @@ def plot(data: tuple[dict[str, dict], dict | None], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     first = next(iter(results.values()))
     plain = first["plain"]["frontier"]
-    ax.plot([p["depth"] for p in plain], [p["agreement"] for p in plain], "o-", color="gray", label="plain readout")
+    ax.plot([p["depth"] for p in plain], [p["agreement"] for p in plain], "o-", color="gray", label="plain readout, checks after 16-24")
     for name, result in results.items():
         if result.get("epochs"):
             frontier = result["epochs"][-1]["held_out"]["frontier"]
@@ -88,7 +106,7 @@ def plot(data: tuple[dict[str, dict], dict | None], path: Path) -> None:
     if lora is not None:
         frontier = lora["history"][-1]["frontier"]
         ax.plot([p["depth"] for p in frontier], [p["agreement"] for p in frontier], "s--",
-                label="LoRA fine-tune (a)")
+                label="LoRA fine-tune (a), checks after 20-28")
     ax.axhline(0.95, color="k", lw=0.5)
     ax.axvline(0.85, color="k", lw=0.5, ls=":")
     ax.set_xlabel("mean depth (share of 30 layers)")
