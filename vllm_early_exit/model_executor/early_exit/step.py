@@ -200,14 +200,17 @@ class DecodeStep:
         a segment of the engine's plan that ends at a check, at no depth budget's end; a
         one-stage check (``stage``) only in a pure-decode step without replayed rows, whose
         certainty is the engine's own (a forced exit, or no request threshold making one
-        read), reading no pruned vocabulary, with the row tensors the unit was compiled for
-        (``CheckedGroup.accepts``)."""
+        read), with no request that turned early exit off (such a batch decided inside the unit
+        let those requests leave: the eager decision serves it), reading no pruned vocabulary,
+        with the row tensors the unit was compiled for (``CheckedGroup.accepts``)."""
         stack, check = self.stack, self.check
         if stack is None or not stack.has_checked(segment.bounds) or segment.last in rows.settings.budget_layers:
             return False
         if gate:
             return True
         if check.two_stage or not rows.pure or rows.pinned is not None or self.certain(rows) != check.always_confident:
+            return False
+        if rows.settings.any_off:
             return False
         if check.vocab_top_k is not None and not check.always_confident:
             return False
