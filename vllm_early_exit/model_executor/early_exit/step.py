@@ -184,8 +184,9 @@ class DecodeStep:
     def segment(self, segment: Segment, rows: RowState, gate: bool = False) -> None:
         """The segment's layers for every row (frozen rows held at their stream), then its
         decision, or with ``gate`` its check's first stage."""
-        if self.fuses(segment, rows, gate):
-            self.checked_segment(segment, rows, gate)
+        inputs = self.fused_inputs(segment, rows, gate)
+        if inputs is not None:  # the segment's layers and its check as one compiled unit
+            rows.take(**self.stack.run_checked(segment.bounds, rows.positions, **inputs))
             return
         if segment.reads_previous:
             rows.previous.copy_(rows.stream())
@@ -195,41 +196,31 @@ class DecodeStep:
         elif segment.decision:
             self.decide(segment, rows)
 
-    def fuses(self, segment: Segment, rows: RowState, gate: bool) -> bool:
-        """Whether the segment and its check run as one compiled unit (``groups.CheckedGroup``):
-        a segment of the engine's plan that ends at a check, at no depth budget's end; a
+    def fused_inputs(self, segment: Segment, rows: RowState, gate: bool) -> dict[str, torch.Tensor | None] | None:
+        """The row tensors of the compiled unit (``groups.CheckedGroup``) that runs the segment and
+        its check, by name, or None where the step runs them apart. A unit serves a segment of
+        the engine's plan that ends at a check, at no depth budget's end; a
         one-stage check (``stage``) only in a pure-decode step without replayed rows, whose
         certainty is the engine's own (a forced exit, or no request threshold making one
         read), with no request that turned early exit off (such a batch decided inside the unit
         let those requests leave: the eager decision serves it), reading no pruned vocabulary,
         with the row tensors the unit was compiled for (``CheckedGroup.accepts``)."""
-        stack, check = self.stack, self.check
-        if stack is None or not stack.has_checked(segment.bounds) or segment.last in rows.settings.budget_layers:
-            return False
-        if gate:
-            return True
-        if check.two_stage or not rows.pure or rows.pinned is not None or self.certain(rows) != check.always_confident:
-            return False
-        if rows.settings.any_off:
-            return False
-        if check.vocab_top_k is not None and not check.always_confident:
-            return False
-        return stack.checked[segment.bounds].accepts(self.unit_inputs(rows, gate))
-
-    def unit_inputs(self, rows: RowState, gate: bool) -> dict[str, torch.Tensor | None]:
-        """The row tensors a compiled check takes (``groups.CheckedGroup``), by name."""
-        settings = rows.settings
+        stack, check, settings = self.stack, self.check, rows.settings
+        if stack is None or not stack.has_checked(segment.bounds) or segment.last in settings.budget_layers:
+            return None
+        if not gate and (
+            check.two_stage or not rows.pure or rows.pinned is not None or settings.any_off
+            or self.certain(rows) != check.always_confident
+            or (check.vocab_top_k is not None and not check.always_confident)
+        ):
+            return None
         inputs = {name: getattr(rows, name) for name in ("hidden_states", "residual", "keep", "running", "live")}
         inputs.update(allowed=settings.allowed, thresholds=settings.thresholds)
-        if not gate:
-            inputs.update(depths=rows.depths, counts=self.counters.rows, logits=rows.logits, taken=rows.taken,
-                          emitted=rows.emitted, emits=rows.emits)
-        return inputs
-
-    def checked_segment(self, segment: Segment, rows: RowState, gate: bool) -> None:
-        """The segment's layers and its check as one compiled unit (``groups.CheckedGroup``):
-        one call, its outputs taken as the rows' state (``stage``)."""
-        rows.take(**self.stack.run_checked(segment.bounds, rows.positions, **self.unit_inputs(rows, gate)))
+        if gate:
+            return inputs
+        inputs.update(depths=rows.depths, counts=self.counters.rows, logits=rows.logits, taken=rows.taken,
+                      emitted=rows.emitted, emits=rows.emits)
+        return inputs if stack.checked[segment.bounds].accepts(inputs) else None
 
     def stage(
         self, layer: int, stream: torch.Tensor, previous: torch.Tensor | None, state: dict[str, torch.Tensor | None],
