@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from vllm_early_exit.tools.finetune.data import TeacherData, save_whole
-from vllm_early_exit.tools.finetune.evaluate import THRESHOLDS, lowest_depth
+from vllm_early_exit.tools.finetune.evaluate import AGREEMENTS, THRESHOLDS, lowest_depth
 from vllm_early_exit.tools.finetune.loss import top_k_kl
 from vllm_early_exit.tools.oracle import TokenReadouts, max_prob_exits
 
@@ -217,9 +217,8 @@ class Probe:
                              "depth": depth, "depth_with_adapters": depth + extra})
         return {
             "exit_agreement": {str(layer): float(right[layer]) for layer in layers},
-            "depth_at": {str(a): lowest_depth(frontier, a) for a in (0.99, 0.95, 0.9)},
-            "depth_with_adapters_at": {str(a): min((p["depth_with_adapters"] for p in frontier
-                                                    if p["agreement"] >= a), default=None) for a in (0.99, 0.95, 0.9)},
+            "depth_at": {str(a): lowest_depth(frontier, a) for a in AGREEMENTS},
+            "depth_with_adapters_at": {str(a): lowest_depth(frontier, a, "depth_with_adapters") for a in AGREEMENTS},
             "frontier": frontier,
         }
 

@@ -65,7 +65,7 @@ def markdown(results: dict[str, dict], lora: dict | None) -> str:
             lines.append(rows(f"adapter, {name}, epoch {epoch['epoch']}", layers, epoch["held_out"], adapters=True,
                               fewer=epoch.get("fewer_checks")))
         if "exported_heads" in result:
-            lines.append(rows(f"the same as engine exit heads (the model's own final norm: `--heads`)", layers,
+            lines.append(rows("the same as engine exit heads (the model's own final norm: `--heads`)", layers,
                               result["exported_heads"], adapters=True, fewer=result["exported_heads"]["fewer_checks"]))
     lines += [
         "",

@@ -103,24 +103,29 @@ def markdown(results: list[dict]) -> str:
         "| engine | batch | aten ops | compiled calls | ops between them | host reads (mean / max) | decisions | reads by name |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        for batch, s in r["batches"].items():
-            if not s.get("steps"):
-                continue
-            names = ", ".join(f"{k} {v:.1f}" for k, v in s["host_reads_by_name"].items()) or "none"
-            decisions = "" if s["decisions_per_step"] is None else f"{s['decisions_per_step']:.1f}"
-            lines.append(
-                f"| {r['engine']} | {batch} | {s['ops_per_step']:.0f} | {s.get('compiled_calls_per_step', 0):.1f} | "
-                f"{s.get('ops_between_compiled_calls_per_step', 0):.0f} | "
-                f"{s['host_reads_per_step']:.1f} / "
-                f"{s['max_host_reads']} | {decisions} | {names} |"
-            )
+    for r, batch, s in measured(results):
+        names = ", ".join(f"{k} {v:.1f}" for k, v in s["host_reads_by_name"].items()) or "none"
+        decisions = "" if s["decisions_per_step"] is None else f"{s['decisions_per_step']:.1f}"
+        lines.append(
+            f"| {r['engine']} | {batch} | {s['ops_per_step']:.0f} | {s.get('compiled_calls_per_step', 0):.1f} | "
+            f"{s.get('ops_between_compiled_calls_per_step', 0):.0f} | "
+            f"{s['host_reads_per_step']:.1f} / "
+            f"{s['max_host_reads']} | {decisions} | {names} |"
+        )
     lines += ["", "Ops per step by name (the most frequent first):", ""]
     for r in results:
         for batch, s in r["batches"].items():
             top = ", ".join(f"{k} {v:.1f}" for k, v in list(s.get("ops_by_name", {}).items())[:25])
             lines.append(f"- {r['engine']}, batch {batch}: {top}")
     return "\n".join(lines) + "\n"
+
+
+def measured(results: list[dict]):
+    """``(engine result, batch, its numbers)`` of every batch that reached a pure-decode step."""
+    for r in results:
+        for batch, s in r["batches"].items():
+            if s.get("steps"):
+                yield r, batch, s
 
 
 def timed_markdown(results: list[dict], tokens: int) -> str:
@@ -136,14 +141,11 @@ def timed_markdown(results: list[dict], tokens: int) -> str:
         "| engine | batch | step ms | parts: ms per step (calls per step) |",
         "|---|---|---|---|",
     ]
-    for r in results:
-        for batch, s in r["batches"].items():
-            if not s.get("steps"):
-                continue
-            parts = "; ".join(
-                f"{name} {ms:.2f} ({s['calls_per_step'][name]:.1f})" for name, ms in s["ms_per_step"].items()
-            )
-            lines.append(f"| {r['engine']} | {batch} | {s['step_ms']:.2f} | {parts} |")
+    for r, batch, s in measured(results):
+        parts = "; ".join(
+            f"{name} {ms:.2f} ({s['calls_per_step'][name]:.1f})" for name, ms in s["ms_per_step"].items()
+        )
+        lines.append(f"| {r['engine']} | {batch} | {s['step_ms']:.2f} | {parts} |")
     return "\n".join(lines) + "\n"
 
 

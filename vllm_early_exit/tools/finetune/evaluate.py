@@ -46,8 +46,9 @@ def held_out_readouts(readouts: ExitReadouts, data: TeacherData, exit_layers: tu
     return TokenReadouts(torch.cat(tops), torch.cat(probs), torch.cat(targets))
 
 
-def lowest_depth(frontier: list[dict], agreement: float) -> float | None:
-    reached = [point["depth"] for point in frontier if point["agreement"] >= agreement]
+def lowest_depth(frontier: list[dict], agreement: float, depth: str = "depth") -> float | None:
+    """The lowest ``depth`` (a key of the frontier's points) among the points that reach ``agreement``."""
+    reached = [point[depth] for point in frontier if point["agreement"] >= agreement]
     return min(reached) if reached else None
 
 
