@@ -46,10 +46,12 @@ class ReferenceDecoder:
     def _attention(self, index, layer, x_normed, positions, cache):
         q, k, v = self._project_kv(layer, x_normed, positions)
         keys, values, key_pos = cache[index]
-        keys = torch.cat([keys, k], dim=1)
-        values = torch.cat([values, v], dim=1)
-        key_pos = torch.cat([key_pos, positions])
-        cache[index] = (keys, values, key_pos)
+        cache[index] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1), torch.cat([key_pos, positions]))
+        return self._attend(layer, q, cache[index], positions, x_normed.shape[0])
+
+    def _attend(self, layer, q, entry, positions, rows):
+        """The layer's attention output for queries ``q`` at ``positions`` over the cached ``entry``."""
+        keys, values, key_pos = entry
         group = self.num_heads // self.num_kv_heads
         keys = keys.repeat_interleave(group, dim=0)
         values = values.repeat_interleave(group, dim=0)
@@ -57,7 +59,7 @@ class ReferenceDecoder:
         mask = key_pos[None, :] <= positions[:, None]
         scores = scores.masked_fill(~mask[None], float("-inf"))
         out = torch.softmax(scores, dim=-1) @ values
-        out = out.transpose(0, 1).reshape(x_normed.shape[0], -1)
+        out = out.transpose(0, 1).reshape(rows, -1)
         return layer.self_attn.o_proj(out)
 
     def _readout(self, hidden, head=None):
@@ -73,6 +75,11 @@ class ReferenceDecoder:
         _, k, v = self._project_kv(layer, layer.input_layernorm(hidden), positions)
         keys, values, key_pos = cache[index]
         cache[index] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1), torch.cat([key_pos, positions]))
+
+    def _fill_exit(self, exit_layer, hidden, positions, cache):
+        """K/V of the layers after ``exit_layer`` for a token that left there with stream ``hidden``."""
+        for index in range(exit_layer + 1, self.num_layers):
+            self._fill_kv(index, hidden, positions, cache)
 
     def _step(
         self, token_ids, positions, cache, exit_layers, threshold, propagate,
@@ -128,8 +135,7 @@ class ReferenceDecoder:
                     exit_layer = index
                     break
         if exit_layer is not None and propagate:
-            for index in range(exit_layer + 1, self.num_layers):
-                self._fill_kv(index, hidden, positions, cache)
+            self._fill_exit(exit_layer, hidden, positions, cache)
         head = heads.get(exit_layer) if exit_layer is not None else None
         return int(self._readout(hidden, head).argmax()), exit_layer, confidences, tops
 
