@@ -7,6 +7,8 @@ reference applying the same rule.
 
 from __future__ import annotations
 
+import pytest
+
 from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
 from .test_correctness import exit_counts
 
@@ -141,3 +143,18 @@ def test_compiled_forced_exit_runs_as_two_units(tiny_llama, reference):
     for step in pure_steps(result):
         assert step["compiled_calls"] == 2 and step["between"] == 0 and not step["host_reads"], step
     assert result["stats"][0]["exits_per_layer"][2] == result["stats"][0]["decode_tokens"]
+
+
+def test_a_compiled_unit_is_first_called_with_inputs_of_their_own():
+    """A unit traced with one tensor for two inputs reads it for both ever after (vLLM drops
+    dynamo's ``a is b`` guard): its first call refuses inputs that share memory."""
+    import torch
+
+    from vllm_early_exit.model_executor.early_exit.groups import _distinct
+
+    flags = torch.ones(4, dtype=torch.bool)
+    _distinct({"running": flags, "allowed": flags.clone(), "logits": None, "emitted": None})
+    with pytest.raises(ValueError, match="'running' and 'allowed' sharing memory"):
+        _distinct({"running": flags, "live": flags.clone(), "allowed": flags})
+    with pytest.raises(ValueError, match="sharing memory"):
+        _distinct({"running": flags[:2], "allowed": flags[2:]})
