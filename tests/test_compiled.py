@@ -7,6 +7,8 @@ reference applying the same rule.
 
 from __future__ import annotations
 
+import pytest
+
 from .conftest import MIXED, NEW_TOKENS, run_engine, tiny_prompts
 from .test_correctness import exit_counts
 
@@ -141,3 +143,43 @@ def test_compiled_forced_exit_runs_as_two_units(tiny_llama, reference):
     for step in pure_steps(result):
         assert step["compiled_calls"] == 2 and step["between"] == 0 and not step["host_reads"], step
     assert result["stats"][0]["exits_per_layer"][2] == result["stats"][0]["decode_tokens"]
+
+
+def test_compiled_one_stage_check_keeps_requests_with_early_exit_off_at_full_depth(tiny_llama, reference, mixed_traces):
+    """Compiled, per_token, a batch where request 0 turns early exit off and the others leave at
+    threshold 0.5: the decisions run inside the segments' units (``CheckedGroup``, nothing eager
+    between them), request 0 decodes the full-depth reference's tokens (plain vLLM's) and never
+    leaves, and the others decode the reference's tokens with its exits. (The units were first
+    traced by the warm-up with one tensor for ``running``, ``live`` and ``allowed``; with the
+    aliasing guard vLLM drops, they read ``running`` as ``allowed`` and let request 0 leave.)"""
+    from .engine_runner import STEP_OPS_ENV
+    from .test_capture_guard import pure_steps
+
+    prompts, traces = mixed_traces
+    assert any(layer is not None for layer in traces[0].exit_layers)  # request 0 would leave if it could
+    requests = [(prompts[0], NEW_TOKENS, {"early_exit": {"enabled": False}}), *((p, NEW_TOKENS) for p in prompts[1:])]
+    settings = {**MIXED, "policy": "per_token", "compile": True, "log_interval_s": 0}
+    result = run_engine(
+        tiny_llama, requests, early_exit=settings, batched=True, env={STEP_OPS_ENV: "1"}, **COMPILED_ENGINE
+    )
+    assert result["outputs"][0] == reference.generate(prompts[0], NEW_TOKENS).tokens
+    assert result["outputs"][1:] == [t.tokens for t in traces[1:]]
+    counts = exit_counts(traces[1:], reference.num_layers)
+    assert result["stats"][0]["exits_per_layer"] == counts and sum(counts) > 0
+    for step in pure_steps(result):  # the fused path: no eager decision between the units
+        assert step["between"] == 0, step["names"]
+
+
+def test_a_compiled_unit_is_first_called_with_inputs_of_their_own():
+    """A unit traced with one tensor for two inputs reads it for both ever after (vLLM drops
+    dynamo's ``a is b`` guard): its first call refuses inputs that share memory."""
+    import torch
+
+    from vllm_early_exit.model_executor.early_exit.groups import _distinct
+
+    flags = torch.ones(4, dtype=torch.bool)
+    _distinct({"running": flags, "allowed": flags.clone(), "logits": None, "emitted": None})
+    with pytest.raises(ValueError, match="'running' and 'allowed' sharing memory"):
+        _distinct({"running": flags, "live": flags.clone(), "allowed": flags})
+    with pytest.raises(ValueError, match="sharing memory"):
+        _distinct({"running": flags[:2], "allowed": flags[2:]})

@@ -14,7 +14,7 @@ its signal (max-prob, margin, entropy, heads, saturation), the policy, the exits
 (``rows.leave_rows``) and the running flag. Either way a check that does not fire
 costs the host one call and one read (a forced exit: one call and no read). Steps
 the unit does not fit (prompt rows, a depth budget's end, a replayed row, a request
-threshold beside a forced exit, a pruned vocabulary) run the segment's
+threshold or early exit off beside a forced exit, a pruned vocabulary) run the segment's
 ``LayerGroup`` and the same check eagerly. When every row has left, the ``exit``
 branch (the deeper layers' K/V by state propagation, the final norm) is one unit
 too (``ExitBranch``).
@@ -84,7 +84,9 @@ class LayerGroup(nn.Module):
 class OptionalInputs:
     """A compiled unit with inputs that may be None: it is compiled for the pattern of its first
     call (``CompiledStack``), and vLLM drops the guards that would tell another pattern apart,
-    so a call with another pattern must not reach it (``accepts``)."""
+    so a call with another pattern must not reach it (``accepts``). The same holds for inputs
+    that are one tensor: traced so, the graph has one input for them and reads it for each
+    ever after, so the first call must give every input a tensor of its own (``_distinct``)."""
 
     absent: frozenset[str] | None = None
     """The inputs the unit was compiled without (set by its first call)."""
@@ -96,6 +98,21 @@ class OptionalInputs:
 
 def _absent(inputs: dict[str, torch.Tensor | None]) -> frozenset[str]:
     return frozenset(name for name, value in inputs.items() if value is None)
+
+
+def _distinct(inputs: dict[str, torch.Tensor | None]) -> None:
+    """Refuses a first call whose inputs share memory: dynamo traces two arguments that are one
+    tensor as one graph input, guarded by ``a is b``, and vLLM drops that guard, so the unit
+    would read the first for both in every later call (a warm-up that passed one tensor as
+    ``running`` and ``allowed`` let requests with early exit off leave)."""
+    seen: dict[int, str] = {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        key = value.untyped_storage().data_ptr()
+        if key in seen:
+            raise ValueError(f"compiled unit first called with {seen[key]!r} and {name!r} sharing memory")
+        seen[key] = name
 
 
 @support_torch_compile(
@@ -333,6 +350,7 @@ class CompiledStack:
 
     def _call_once_fixed(self, unit: OptionalInputs, positions: torch.Tensor, inputs: dict):
         if unit.absent is None:  # the first call fixes which inputs the unit goes without
+            _distinct({"positions": positions, **inputs})
             unit.absent = _absent(inputs)
         return self._call(unit, positions, **inputs)
 
@@ -370,14 +388,15 @@ class CompiledStack:
 
     def _warm_up(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """Each unit called once as a step calls it: the checked groups in layer order, each
-        with the row tensors the ones before it gave (no row reaches a threshold of 2)."""
+        with the row tensors the ones before it gave (no row reaches a threshold of 2), every
+        input a tensor of its own as in a step (``_distinct``)."""
         rows = hidden_states.shape[0]
         residual, keep = torch.zeros_like(hidden_states), hidden_states.new_ones(rows, 1)
         stream = hidden_states.clone()
         self._prepare(stream)
         flags = torch.ones(rows, dtype=torch.bool, device=hidden_states.device)
         state: dict[str, torch.Tensor | None] = {
-            "keep": keep, "running": flags, "live": flags, "allowed": flags,
+            "keep": keep, "running": flags, "live": flags.clone(), "allowed": flags.clone(),
             "thresholds": torch.full((rows,), 2.0, device=hidden_states.device),
         }
         if self._decides:

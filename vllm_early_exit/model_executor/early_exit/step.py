@@ -201,15 +201,15 @@ class DecodeStep:
         its check, by name, or None where the step runs them apart. A unit serves a segment of
         the engine's plan that ends at a check, at no depth budget's end; a
         one-stage check (``stage``) only in a pure-decode step without replayed rows, whose
-        certainty is the engine's own (a forced exit, or no request threshold making one
-        read), with no request that turned early exit off (such a batch decided inside the unit
-        let those requests leave: the eager decision serves it), reading no pruned vocabulary,
-        with the row tensors the unit was compiled for (``CheckedGroup.accepts``)."""
+        certainty is the engine's own (a forced exit every row takes, or no request threshold
+        making one read; requests that turned early exit off are rows the unit's ``allowed``
+        keeps from leaving), reading no pruned vocabulary, with the row tensors the unit was compiled for
+        (``CheckedGroup.accepts``)."""
         stack, check, settings = self.stack, self.check, rows.settings
         if stack is None or not stack.has_checked(segment.bounds) or segment.last in settings.budget_layers:
             return None
         if not gate and (
-            check.two_stage or not rows.pure or rows.pinned is not None or settings.any_off
+            check.two_stage or not rows.pure or rows.pinned is not None
             or self.certain(rows) != check.always_confident
             or (check.vocab_top_k is not None and not check.always_confident)
         ):
