@@ -5,7 +5,7 @@ A decode token that leaves after check layer ``L`` still needs K/V in layers ``L
 propagation (the engine's rule) writes ``k, v = kv_proj_j(norm_j(h_L))``, the exit stream as if
 it were layer ``j``'s input. Every later token attends to it. Teacher-forced scores hide this
 (every earlier token has the original's K/V), so a setting calibrated in the engine agrees less
-than the teacher-forced figures promise. Three fills, decoded with the same exit rule:
+than the teacher-forced figures promise. Four ways, decoded with the same exit rule:
 
 * ``exact``: the token runs the deeper layers for their K/V anyway (what no fill can beat; it
   saves nothing);
@@ -13,7 +13,12 @@ than the teacher-forced figures promise. Three fills, decoded with the same exit
 * ``learned``: per check layer ``L`` and deeper layer ``j``, the least-squares map from the exit
   stream (RMS-normalized, as the engine's folded fill takes it) to the original's k and v of
   layer ``j`` at that position, fitted on the teacher data's replies. It has the shape of the
-  engine's folded K/V projection (one product per fill, plus a bias), so it would cost the same.
+  engine's folded K/V projection (one product per fill, plus a bias), so it would cost the same;
+* ``catch_up``: a token that left waits, and every later token carries the waiting ones through
+  each layer it runs before it attends there (``CatchUp``): exact K/V with no layer's weights
+  read twice. ``carried rows`` counts the rows it adds per layer run; ``waiting`` the tokens a
+  step would re-run if the engine re-scheduled them with the next token (vLLM's own multi-token
+  query: the tokens since the last one that ran every layer).
 
 Decoding is the suite's independent HF reference of the rule (``tests/reference.py``), greedy,
 with the exit heads of ``train-heads`` / ``exit_adapter_probe.py --export-heads`` and the
@@ -44,7 +49,7 @@ from vllm_early_exit.tools.assets import smollm2_checkpoint  # noqa: E402
 from vllm_early_exit.tools.finetune.data import TeacherData  # noqa: E402
 
 RESULTS = Path("benchmarks/results/finetune")
-FILLS = ("exact", "propagate", "learned", "catch_up", "learned_catch_up")
+FILLS = ("exact", "propagate", "learned", "catch_up")
 BUCKETS = ((1, 1), (2, 4), (5, 15), (16, 1 << 30))
 
 
@@ -168,8 +173,9 @@ class LearnedFill(ReferenceDecoder):
 class CatchUp:
     """FREE's and EE-LLM's deep pass, as a paged engine could run it: a token that left keeps its
     exit stream, and every later token that runs a layer carries the waiting tokens through that
-    layer beside it (one more row in the same weights), replacing their filled K/V there with
-    the real one. Until then later tokens read the fill (``propagate`` or ``learned``)."""
+    layer first (one more row in the same weights), replacing their filled K/V there with the
+    real one. A token reads only layers it runs, so it never reads a fill: the K/V it attends to
+    is exact by construction, and the fill (``propagate`` here) is never read."""
 
     ridden = 0
     """Layer rows carried for waiting tokens."""
@@ -205,10 +211,6 @@ class PropagateCatchUp(CatchUp, ReferenceDecoder):
     pass
 
 
-class LearnedCatchUp(CatchUp, LearnedFill):
-    pass
-
-
 def load_heads(folder: Path) -> tuple[list[int], dict]:
     meta = json.loads((folder / "heads.json").read_text())
     tensors = load_file(folder / "heads.safetensors")
@@ -221,7 +223,8 @@ def decode(decoder: ReferenceDecoder, model: LlamaForCausalLM, prompts, layers, 
            max_tokens: int) -> dict:
     """Per-position agreement with the original on the decoder's own prefix, and depth."""
     num_layers = decoder.num_layers
-    right, depth = [], []
+    right, depth, waiting = [], [], []
+    exits = [0] * num_layers
     ridden = getattr(decoder, "ridden", 0)
     for prompt in prompts:
         trace = decoder.generate(prompt, max_tokens, exit_layers=tuple(layers), threshold=threshold, heads=heads)
@@ -229,6 +232,12 @@ def decode(decoder: ReferenceDecoder, model: LlamaForCausalLM, prompts, layers, 
         picks = logits[len(prompt) - 1:-1].argmax(-1).tolist()
         right.append([a == b for a, b in zip(trace.tokens, picks)])
         depth.append([num_layers] + [num_layers if e is None else e + 1 for e in trace.exit_layers])
+        run = 0  # tokens that left since the last one that ran every layer
+        for exit_layer in trace.exit_layers:
+            if exit_layer is not None:
+                exits[exit_layer] += 1
+            waiting.append(run)
+            run = 0 if exit_layer is None else run + 1
     tokens = sum(len(r) for r in right)
     by_position = {}
     for first, last in BUCKETS:
@@ -238,7 +247,24 @@ def decode(decoder: ReferenceDecoder, model: LlamaForCausalLM, prompts, layers, 
             "mean_layers": sum(map(sum, depth)) / tokens,
             "decode_mean_layers": sum(sum(d[1:]) for d in depth) / max(tokens - len(depth), 1),
             "tokens": tokens, "by_position": by_position,
-            "carried_rows_per_layer": (getattr(decoder, "ridden", 0) - ridden) / sum(map(sum, depth))}
+            "carried_rows_per_layer": (getattr(decoder, "ridden", 0) - ridden) / sum(map(sum, depth)),
+            "waiting_per_decode_token": sum(waiting) / max(len(waiting), 1),
+            "waiting_max": max(waiting, default=0),
+            "stats": {"decode_tokens": len(waiting), "exits_per_layer": exits,
+                      "full_depth_tokens": len(waiting) - sum(exits), "sampled_from_checks": sum(exits)}}
+
+
+def predicted(run: dict, layers: list[int], shortlist: str | None) -> float | None:
+    """The cost model's weight-bytes limit at batch 1 (``tools/cost.py``) of the run's exits, the
+    checks read through ``shortlist`` (or the full LM head), the exit's K/V filled."""
+    if "stats" not in run:
+        return None
+    from vllm_early_exit.tools.cost import WeightBytes, predicted_ratio
+
+    settings = {"exit_layers": layers, "signal": "head", "heads": "exit heads", "threshold": 0.9}
+    if shortlist:
+        settings["shortlist"] = shortlist
+    return predicted_ratio(WeightBytes.from_pretrained(str(smollm2_checkpoint())), settings, run["stats"])
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -248,7 +274,11 @@ def write_report(result: dict, out: Path) -> None:
              f"({result['fit_positions']} positions), ridge {result['ridge']} | "
              f"{result['eval_prompts']} held-out prompts x {result['max_tokens']} tokens, greedy, free-running, "
              "agreement against the original on the decoder's own prefix (the engine's token agreement). "
-             "Decoder: the suite's HF reference of the rule (`tests/reference.py`).", "",
+             "Decoder: the suite's HF reference of the rule (`tests/reference.py`). `limit b1`: the cost "
+             "model's weight-bytes bound at batch 1 (`tools/cost.py`) of the run's exits, every exit's K/V "
+             "filled (catch-up needs no fill and reads slightly less), checks through the full LM head or "
+             f"the shortlist `{Path(result.get('shortlist') or '-').name}` (its decisions taken as the "
+             "full-vocabulary rule's).", "",
              "## Fill error on held-out replies (relative RMS error of the deeper layers' k / v)", "",
              "| check layer | propagate k | propagate v | learned k | learned v |", "|---|---|---|---|---|"]
     errors = result.get("errors", {})
@@ -256,13 +286,20 @@ def write_report(result: dict, out: Path) -> None:
         p, lrn = errors["propagate"][str(layer)], errors["learned"][str(layer)]
         lines.append(f"| {layer} | {p['k']:.3f} | {p['v']:.3f} | {lrn['k']:.3f} | {lrn['v']:.3f} |")
     lines += ["", "## Free-running decoding", "",
-              "| threshold | fill | agreement | mean layers (decode tokens) | pos 1 | 2-4 | 5-15 | 16+ |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| threshold | fill | agreement | mean layers (decode tokens) | pos 1 | 2-4 | 5-15 | 16+ "
+              "| carried rows per layer | waiting tokens per step (max) | limit b1, full-vocabulary checks "
+              "| limit b1, shortlist checks |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, run in result["runs"].items():
         threshold, fill = key.split("/")
         pos = run["by_position"]
         lines.append(f"| {threshold} | {fill} | {run['agreement']:.3f} | {run['decode_mean_layers']:.2f} | "
-                     + " | ".join(f"{v:.3f}" for v in pos.values()) + " |")
+                     + " | ".join(f"{v:.3f}" for v in pos.values())
+                     + f" | {run.get('carried_rows_per_layer', 0):.3f} | "
+                     + (f"{run['waiting_per_decode_token']:.2f} ({run['waiting_max']})" if "waiting_max" in run else "-")
+                     + "".join(f" | {limit:.3f}" if limit else " | -" for limit in (
+                         predicted(run, result["layers"], None), predicted(run, result["layers"], result.get("shortlist"))))
+                     + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(result, out.with_suffix(".png"))
 
@@ -273,7 +310,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for fill, marker in zip(FILLS, "osd"):
+    for fill, marker in zip(FILLS, "osdx"):
         runs = [(run["decode_mean_layers"], run["agreement"]) for key, run in result["runs"].items()
                 if key.endswith("/" + fill)]
         if runs:
@@ -301,6 +338,7 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.9,0.95,0.99")
     parser.add_argument("--fills", default=",".join(FILLS))
     parser.add_argument("--out", type=Path, default=RESULTS / "kv_fill")
+    parser.add_argument("--shortlist", help="a shortlist file, to price checks read through it")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model = LlamaForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32).eval()
@@ -322,14 +360,15 @@ def main() -> None:
         result["fit_positions"] = positions
     fills = load_file(fill_path)
     result.update(model="SmolLM2-135M-Instruct", heads=str(args.heads), layers=layers, ridge=args.ridge,
-                  fit_sequences=args.fit_sequences, eval_prompts=args.prompts, max_tokens=args.max_tokens)
+                  fit_sequences=args.fit_sequences, eval_prompts=args.prompts, max_tokens=args.max_tokens,
+                  shortlist=args.shortlist)
     result.setdefault("fit_positions", None)
     if "errors" not in result:
         result["errors"] = fit.errors(fills, TeacherData(held.prompts[:16], held.replies[:16], [], []))
         json_path.write_text(json.dumps(result, indent=1))
         print(json.dumps(result["errors"], indent=1), flush=True)
     decoders = {"exact": ExactFill(model), "propagate": ReferenceDecoder(model), "learned": LearnedFill(model, fills),
-                "catch_up": PropagateCatchUp(model), "learned_catch_up": LearnedCatchUp(model, fills)}
+                "catch_up": PropagateCatchUp(model)}
     prompts = held.prompts[:args.prompts]
     for threshold in [float(t) for t in args.thresholds.split(",")]:
         for fill in args.fills.split(","):
