@@ -85,6 +85,28 @@ def test_compiled_steps_decide_as_the_eager_ones(tiny_llama, reference, exact_tr
     check_alone_and_batched(result, prompts, traces, reference.num_layers)
 
 
+def test_chunks_the_token_budget_cuts_run_every_layer(tiny_llama, reference, mixed_traces):
+    """Every decode token leaves after layer 1 (per_token, three requests, a cap no run reaches),
+    so each request's group grows by a row a step, and a token budget of 20 per step cuts them:
+    a cut chunk is not sampled and runs every layer (exact, like any full-depth row), the rest of
+    its group is scheduled next and leaves. Tokens: the reference's with exact K/V; fewer rows are
+    re-run than without cuts (0 + 1 + ... + 22 per request)."""
+    from .reference import CatchUpReference
+
+    prompts, _ = mixed_traces
+    wide = CatchUpReference(reference.model, NEW_TOKENS)
+    expected = [wide.generate(p, NEW_TOKENS, exit_layers=(1,), threshold=0.0).tokens for p in prompts]
+    result = run_engine(
+        tiny_llama, [(p, NEW_TOKENS) for p in prompts], batched=True, max_num_batched_tokens=20, max_num_seqs=4,
+        early_exit={"exit_layers": [1], "threshold": 0.0, "policy": "per_token", **RECOMPUTE,
+                    "max_waiting": NEW_TOKENS},
+    )
+    assert result["outputs"] == expected
+    stats = result["stats"][0]
+    assert stats["exits_per_layer"][1] == stats["decode_tokens"] == len(prompts) * (NEW_TOKENS - 1)
+    assert 0 < stats["rerun_rows"] < len(prompts) * sum(range(NEW_TOKENS - 1))  # the budget cut groups
+
+
 def test_forced_exits_wait_until_max_waiting(tiny_llama, reference, catch_up_reference):
     """Every decode token leaves after layer 1 (policy all, one request): each step runs the
     tokens waiting since the last full-depth one again, and the group that would hold more than
