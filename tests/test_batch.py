@@ -324,6 +324,17 @@ def test_catch_up_decode_shaped_steps(backend):
 
 
 @pytest.mark.parametrize("backend", QUERY_START_LOC_BACKENDS)
+def test_catch_up_recompute_after_preemption_decides_its_last_row(backend):
+    """Prompt and generated tokens recomputed in one sampled chunk: the last row is a one-row group;
+    a prompt's own prefill (its last row is the prompt's) has none."""
+    batch, capped = groups(backend, Step([(32, 40, 20), DECODE]))
+    assert capped == ()
+    assert_mixed(batch, rows=[19, 20], requests=[0, 1])
+    assert batch.groups == Groups((0, 1), (19, 20), (1, 1)) and batch.leaders is None
+    assert groups(backend, Step([(0, 40, 40), (32, 40, 8)])) == (None, ())
+
+
+@pytest.mark.parametrize("backend", QUERY_START_LOC_BACKENDS)
 def test_catch_up_groups_past_max_waiting_run_every_layer(backend):
     batch, capped = groups(backend, Step([(40, 30, 5), DECODE]), max_waiting=4)
     assert capped == (5,)

@@ -31,7 +31,9 @@ in a step: ``[computed, computed + n)``, its waiting tokens and its new one. The
 decode *group* when ``computed`` is past the prompt, the last row is sampled
 (``computed + n == input_batch.num_tokens_no_spec[i]``) and ``n <= max_waiting``; the last
 row decides for the group and the others leave with it. Other rows run every layer: prompt
-rows, a group the token budget cut (its last row is not sampled), a group over the cap.
+rows, a group the token budget cut (its last row is not sampled), a group over the cap. A
+recompute after preemption (a sampled chunk that starts inside the prompt and ends at the last
+generated token) runs every layer but for its last row, a one-row group that decides.
 
 Layouts per attention backend (fields checked in vLLM 0.26 and 0.32):
 
@@ -284,6 +286,11 @@ def decode_groups(meta, input_batch, max_waiting: int) -> tuple[DecodeBatch | No
     sampled = (computed >= prompt) & (computed + sizes == total)
     group = sampled & (sizes <= max_waiting)
     capped = tuple(sizes[sampled & ~group].tolist())
+    # A recompute after preemption: a sampled chunk from inside the prompt to the last generated
+    # token. Its rows run every layer (exact), but its last row decides, as the decode row it stands for.
+    crossing = (computed < prompt) & (computed + sizes == total) & (total > prompt)
+    starts, sizes = np.where(crossing, starts + sizes - 1, starts), np.where(crossing, 1, sizes)
+    group |= crossing
     if not group.any():
         return None, capped
     requests, starts, sizes = requests[group], starts[group], sizes[group]
