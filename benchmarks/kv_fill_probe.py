@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.reference import ReferenceDecoder  # noqa: E402  (the suite's reference of the rule)
+from tests.reference import ExactFill, ReferenceDecoder  # noqa: E402  (the suite's reference of the rule)
 from vllm_early_exit.tools.assets import smollm2_checkpoint  # noqa: E402
 from vllm_early_exit.tools.finetune.data import TeacherData  # noqa: E402
 
@@ -138,16 +138,6 @@ class FillFit:
         return {name: {str(layer): {"k": float((sums[name][layer][0] / norms[layer][0]).sqrt()),
                                     "v": float((sums[name][layer][1] / norms[layer][1]).sqrt())}
                        for layer in self.layers} for name in sums}
-
-
-class ExactFill(ReferenceDecoder):
-    """A token that leaves still runs the deeper layers, for their K/V only."""
-
-    def _fill_exit(self, exit_layer, hidden, positions, cache):
-        for index in range(exit_layer + 1, self.num_layers):
-            layer = self.model.model.layers[index]
-            hidden = hidden + self._attention(index, layer, layer.input_layernorm(hidden), positions, cache)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 class LearnedFill(ReferenceDecoder):

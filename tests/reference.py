@@ -5,7 +5,9 @@ cache and attention, and the early-exit rule of the product: the prompt runs
 at full depth; every decode token leaves after ``exit_layer``; the deeper
 layers get K/V at that position from the exit-layer residual stream (state
 propagation), or, with ``propagate=False``, get none (later tokens attend only
-to the positions those layers really computed).
+to the positions those layers really computed). ``ExactFill`` gives them the K/V the full
+model computes instead (the token runs them anyway, for their K/V), and ``CatchUpReference``
+adds the engine's ``max_waiting`` rule of ``skipped_kv: "recompute"``, whose K/V that is.
 
 HF's ``Qwen2ForCausalLM`` has the same modules (its q/k/v projections carry a
 bias, which ``nn.Linear`` applies), so it works here unchanged (``test_qwen2.py``).
@@ -180,6 +182,41 @@ class ReferenceDecoder:
             trace.confidences.append(confidences)
             trace.readout_tokens.append(tops)
         return trace
+
+
+class ExactFill(ReferenceDecoder):
+    """A token that leaves still runs the deeper layers, for their K/V only: every later token
+    reads the K/V the full model computes (it saves nothing here; ``benchmarks/kv_fill_probe.py``
+    measures it as the bound of every fill)."""
+
+    def _fill_exit(self, exit_layer, hidden, positions, cache):
+        for index in range(exit_layer + 1, self.num_layers):
+            layer = self.model.model.layers[index]
+            hidden = hidden + self._attention(index, layer, layer.input_layernorm(hidden), positions, cache)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+class CatchUpReference(ExactFill):
+    """The engine's ``skipped_kv: "recompute"``: exact K/V of the layers a token left before
+    (the engine runs the token again with its request's next ones until a step runs every
+    layer, which writes the same K/V), and its cap: a token whose request already has
+    ``max_waiting`` tokens waiting runs every layer with no check, which completes them all."""
+
+    def __init__(self, model: LlamaForCausalLM, max_waiting: int) -> None:
+        super().__init__(model)
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        """Tokens of the sequence being decoded that left early since the last full-depth one."""
+
+    def generate(self, *args, **kwargs) -> Trace:
+        self.waiting = 0
+        return super().generate(*args, **kwargs)
+
+    def _step(self, token_ids, positions, cache, exit_layers, *args, **kwargs):
+        capped = self.waiting + 1 > self.max_waiting  # the group of waiting tokens and this one is too large
+        out = super()._step(token_ids, positions, cache, () if capped else exit_layers, *args, **kwargs)
+        self.waiting = self.waiting + 1 if out[1] is not None else 0
+        return out
 
 
 @dataclass

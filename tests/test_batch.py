@@ -20,8 +20,10 @@ import torch
 
 from vllm_early_exit.model_executor.early_exit.batch import (
     DecodeBatch,
+    Groups,
     current_decode_batch,
     decode_batch,
+    decode_groups,
     step_metadata,
 )
 
@@ -32,14 +34,17 @@ class InputBatch:
     """The fields of the V1 runner's ``InputBatch`` that the detection reads; arrays are
     sized for ``MAX_REQS`` with stale values past the live requests, as after ``condense``."""
 
-    def __init__(self, requests: list[tuple[int, int]]) -> None:
-        """``requests``: (tokens computed before the step, prompt length) per request, in batch order."""
+    def __init__(self, requests: list[tuple[int, int]], totals: list[int] = ()) -> None:
+        """``requests``: (tokens computed before the step, prompt length) per request, in batch order;
+        ``totals``: each request's tokens (``num_tokens_no_spec``, read by catch-up engines)."""
         self.req_id_to_index = {f"req-{i}": i for i in range(len(requests))}
         self.num_computed_tokens_cpu = np.full(MAX_REQS, 10_000, dtype=np.int32)
         self.num_prompt_tokens = np.zeros(MAX_REQS, dtype=np.int32)
+        self.num_tokens_no_spec = np.full(MAX_REQS, 20_000, dtype=np.int32)
         for i, (computed, prompt) in enumerate(requests):
             self.num_computed_tokens_cpu[i] = computed
             self.num_prompt_tokens[i] = prompt
+        self.num_tokens_no_spec[: len(totals)] = totals
 
     @property
     def req_ids(self) -> list[str]:
@@ -56,6 +61,8 @@ class Step:
 
     requests: list[tuple[int, int, int]]
     padding: int = 0
+    cut: tuple[int, ...] = ()
+    """Requests whose last row in the step is not sampled (the token budget cut their chunk)."""
 
     @property
     def lengths(self) -> list[int]:
@@ -66,7 +73,8 @@ class Step:
         return sum(self.lengths)
 
     def input_batch(self) -> InputBatch:
-        return InputBatch([(c, p) for c, p, _ in self.requests])
+        totals = [c + n + (i in self.cut) for i, (c, _, n) in enumerate(self.requests)]
+        return InputBatch([(c, p) for c, p, _ in self.requests], totals)
 
     def query_start_loc(self) -> torch.Tensor:
         # Padded to the runner's request capacity by repeating the last start, as vLLM does.
@@ -280,6 +288,59 @@ def test_entry_point_reads_the_forward_context():
     with override_forward_context(ForwardContext(no_compile_layers={}, attn_metadata=layers, slot_mapping={})):
         assert current_decode_batch(None) is None
     assert step_metadata([layers]) is meta
+
+
+# --- catch-up (skipped_kv: "recompute"): a request's rows [computed, computed + n), its last sampled ---
+
+WAITING = (40, 30, 3)  # two waiting tokens and the new one
+
+
+def groups(backend, step: Step, max_waiting: int = 4):
+    return decode_groups(backend(step), step.input_batch(), max_waiting)
+
+
+@pytest.mark.parametrize("backend", QUERY_START_LOC_BACKENDS)
+def test_catch_up_groups_ride_along_with_their_last_row(backend):
+    """A group of 3 beside a prefill chunk, a one-row group and a chunk the budget cut."""
+    step = Step([WAITING, (0, 20, 5), DECODE, (50, 30, 2)], cut=(3,))
+    batch, capped = groups(backend, step)
+    assert capped == ()
+    assert_mixed(batch, rows=[0, 1, 2, 8], requests=[0, 0, 0, 2])
+    assert batch.groups == Groups(requests=(0, 2), last_rows=(2, 8), sizes=(3, 1))
+    assert batch.leaders == (2, 2, 2, 8) and batch.num_live == 2 and batch.groups.rerun_rows == 2
+    assert not batch.every_row and not batch.ends_early
+    batch, _ = groups(backend, Step([WAITING, DECODE]))
+    assert batch.every_row and batch.ends_early and batch.leaders == (2, 2, 2, 3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_catch_up_decode_shaped_steps(backend):
+    """One row per request: the pure form (with its groups); a cut one-token chunk runs every layer."""
+    batch, capped = groups(backend, Step([DECODE, DECODE]))
+    assert batch == DecodeBatch(2, groups=Groups((0, 1), (0, 1), (1, 1))) and batch.pure and capped == ()
+    batch, _ = groups(backend, Step([DECODE, DECODE], cut=(0,)))
+    assert_mixed(batch, rows=[1], requests=[1])
+    assert batch.leaders is None
+
+
+@pytest.mark.parametrize("backend", QUERY_START_LOC_BACKENDS)
+def test_catch_up_recompute_after_preemption_decides_its_last_row(backend):
+    """Prompt and generated tokens recomputed in one sampled chunk: the last row is a one-row group;
+    a prompt's own prefill (its last row is the prompt's) has none."""
+    batch, capped = groups(backend, Step([(32, 40, 20), DECODE]))
+    assert capped == ()
+    assert_mixed(batch, rows=[19, 20], requests=[0, 1])
+    assert batch.groups == Groups((0, 1), (19, 20), (1, 1)) and batch.leaders is None
+    assert groups(backend, Step([(0, 40, 40), (32, 40, 8)])) == (None, ())
+
+
+@pytest.mark.parametrize("backend", QUERY_START_LOC_BACKENDS)
+def test_catch_up_groups_past_max_waiting_run_every_layer(backend):
+    batch, capped = groups(backend, Step([(40, 30, 5), DECODE]), max_waiting=4)
+    assert capped == (5,)
+    assert_mixed(batch, rows=[5], requests=[1])
+    assert groups(backend, Step([(40, 30, 5)]), max_waiting=4) == (None, (5,))
+    assert groups(backend, Step([(40, 30, 5)]), max_waiting=5)[0].groups.sizes == (5,)
 
 
 def test_the_flashinfer_stand_in_has_the_real_field_names():

@@ -15,7 +15,9 @@ first step.
 * ``compiled``: the ``threshold`` setting with compiled layer groups;
 * ``consensus``: a forced exit after layer 1 under the ``all`` policy (small cache only);
 * ``no_replay``: the ``threshold`` setting with the replay switched off in the
-  process: the control that shows preemption changes outputs without it.
+  process: the control that shows preemption changes outputs without it;
+* ``catch_up``: the ``threshold`` setting with ``skipped_kv: "recompute"`` (a cap no run of exits
+  reaches): no replay, the full-depth recompute is exact.
 
 Run as a script (``python test_preemption.py OUT.json MODEL``) it is the runner.
 """
@@ -41,6 +43,7 @@ CONSENSUS = {"exit_layers": [1], "threshold": 0.0, "policy": "all", "log_interva
 REQUESTS = 4
 PROMPT_LEN = 40
 NEW_TOKENS = 60
+CATCH_UP = {**THRESHOLD, "skipped_kv": "recompute", "max_waiting": NEW_TOKENS}
 SMALL_CACHE_BLOCKS = 10  # 4 requests of 100 tokens need 16 blocks of 32
 
 
@@ -84,6 +87,10 @@ def run_all(model: str) -> dict:
             "small": _run(model, early_exit, num_gpu_blocks_override=SMALL_CACHE_BLOCKS),
         }
     result["consensus"] = {"small": _run(model, CONSENSUS, num_gpu_blocks_override=SMALL_CACHE_BLOCKS)}
+    result["catch_up"] = {
+        "large": _run(model, CATCH_UP),
+        "small": _run(model, CATCH_UP, num_gpu_blocks_override=SMALL_CACHE_BLOCKS),
+    }
     original = replay.ExitRecord.replay
     replay.ExitRecord.replay = lambda self, *args, **kwargs: None
     try:
@@ -144,6 +151,18 @@ def test_exit_counts_do_not_count_replayed_tokens(runs):
     pair = runs["threshold"]
     assert pair["small"]["stats"]["decode_tokens"] == pair["large"]["stats"]["decode_tokens"]
     assert pair["small"]["stats"]["exits_per_layer"] == pair["large"]["stats"]["exits_per_layer"]
+
+
+def test_catch_up_recomputes_at_full_depth_and_decodes_as_if_never_preempted(runs):
+    """``skipped_kv: "recompute"``: a preempted request, its waiting tokens with it, is recomputed
+    at full depth, which is exact: nothing is replayed and every request decodes the same tokens."""
+    pair = runs["catch_up"]
+    assert pair["large"]["preemptions"] == 0
+    assert pair["small"]["preemptions"] > 0
+    stats = pair["small"]["stats"]
+    assert stats["replayed_tokens"] == 0
+    assert stats["early_exit_tokens"] > 0 and stats["rerun_rows"] > 0
+    assert _differing(pair) == []
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ def test_defaults_check_from_half_depth_to_second_to_last():
 
 def test_round_trip_through_dict():
     raw = {"signal": "entropy", "threshold": 0.5, "exit_layers": [2, 4], "policy": "quorum", "quorum": 0.5}
-    config = EarlyExitConfig.from_dict(raw)
-    assert EarlyExitConfig.from_dict(config.to_dict()) == config
-    json.dumps(config.to_dict())
+    for raw in (raw, {}, {"skipped_kv": "recompute", "max_waiting": 3}):
+        config = EarlyExitConfig.from_dict(raw)
+        assert EarlyExitConfig.from_dict(config.to_dict()) == config
+        json.dumps(config.to_dict())
 
 
 BAD_SETTINGS = [

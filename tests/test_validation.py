@@ -106,6 +106,13 @@ def engine_problems(raw: dict, layers: int = LAYERS) -> list[str]:
         bad.append("compile")
     if value("max_exit_batch") is not None and not count(value("max_exit_batch"), 1):
         bad.append("max_exit_batch")
+    recompute = value("skipped_kv", "propagate") == "recompute"
+    if value("skipped_kv", "propagate") not in ("propagate", "recompute"):
+        bad.append("skipped_kv")
+    if "max_waiting" in raw and not (count(raw["max_waiting"], 1) and recompute):
+        bad.append("max_waiting")
+    if recompute and layer_list(value("skip_layers", ())) and value("skip_layers"):
+        bad.append("skip_layers")
     if value("exit_layers") is not None and value("min_layer") is not None:
         bad.append("exclusive")
     if bad:
@@ -244,6 +251,8 @@ ENGINE_VALUES = {
     "skip_layers": either(LAYER_LISTS, st.just(list(range(LAYERS)))),
     "compile": either(st.none() | st.booleans()),
     "max_exit_batch": either(st.integers(1, 64), st.integers(-1, 1)),
+    "skipped_kv": either(st.sampled_from(["propagate", "recompute"]), st.sampled_from(["exact", "Recompute"])),
+    "max_waiting": either(st.integers(1, 64), st.integers(-1, 1)),
 }
 TYPOS = st.dictionaries(st.sampled_from(["treshold", "exit_layer", "Threshold", "early_exit", "max_layers"]), SCALAR,
                         max_size=1)

@@ -53,7 +53,7 @@ from vllm_early_exit.request_settings import (
 __all__ = [
     "ADDITIONAL_CONFIG_OPTION", "CONFIG_KEY", "CUDA_GRAPH_MODES", "EARLY_EXIT_CONFIG_OPTION", "ENGINE_SETTINGS",
     "FIELDS", "FLAT_REQUEST_KEYS", "HEAD_SIGNALS", "POLICIES", "REQUEST_EXTRA_ARGS", "REQUEST_FIELDS",
-    "REQUEST_KEYS", "REQUEST_VLLM_XARGS", "SIGNALS", "SOURCES", "THRESHOLD_RANGES", "EarlyExitConfig",
+    "REQUEST_KEYS", "REQUEST_VLLM_XARGS", "SIGNALS", "SKIPPED_KV", "SOURCES", "THRESHOLD_RANGES", "EarlyExitConfig",
     "EarlyExitConfigError", "EarlyExitUnsupportedError", "EngineLimits", "Field", "RequestEarlyExit",
     "RequestField",
 ]
@@ -65,6 +65,13 @@ HEAD_SIGNALS = ("head", "gate")
 CUDA_GRAPH_MODES: dict[str, str] = {
     "branches": "one CUDA graph per branch of the step, the host reading one flag per decision point",
     "conditional": "the whole step as one CUDA graph whose branches are conditional nodes (torch >= 2.12, one rank)",
+}
+
+# What the layers a decode token skipped hold for the tokens after it (``skipped_kv``).
+SKIPPED_KV: dict[str, str] = {
+    "propagate": "state propagation: the deeper layers' K/V from the stream the token left with",
+    "recompute": "catch-up: the token waits, and its request's next step runs it again with the new token, "
+                 "until a step runs every layer (exact K/V, as plain vLLM's)",
 }
 
 POLICIES: dict[str, str] = {
@@ -150,6 +157,12 @@ FIELDS: tuple[Field, ...] = (
         "cuda_graphs", None, _optional(lambda v: v in CUDA_GRAPH_MODES),
         f"allowed values are {sorted(CUDA_GRAPH_MODES)} or null (piecewise graphs of the compiled groups)",
     ),
+    Field("skipped_kv", "propagate", lambda v: v in SKIPPED_KV, f"allowed values are {sorted(SKIPPED_KV)}"),
+    Field(
+        "max_waiting", 16, lambda v: is_int(v) and v >= 1,
+        "expected a number of tokens >= 1 (the most decode tokens of a request that wait for their deeper "
+        "layers; with skipped_kv 'recompute' only)",
+    ),
 )
 
 
@@ -180,6 +193,7 @@ def _check_together(values: dict[str, Any], given: Mapping[str, Any], source: st
             )
         with _named(source):
             read_shortlist(values["shortlist"])  # a clear error when the file is not a shortlist
+    _check_skipped_kv(values, given, source)
     heads = values["heads"]
     if heads is None and signal in HEAD_SIGNALS:
         raise fail(
@@ -194,6 +208,26 @@ def _check_together(values: dict[str, Any], given: Mapping[str, Any], source: st
                 f"the heads in {given['heads']!r} were trained without gates (train-heads without --no-gates)",
                 source,
             )
+
+
+def _check_skipped_kv(values: dict[str, Any], given: Mapping[str, Any], source: str) -> None:
+    """``skipped_kv: "recompute"`` keeps every K/V a token reads exact: nothing may write another."""
+    if values["skipped_kv"] != "recompute":
+        if "max_waiting" in given:
+            raise fail("max_waiting", given["max_waiting"], "it only applies with skipped_kv 'recompute'", source)
+        return
+    if values["skip_layers"]:
+        raise fail(
+            "skip_layers", given["skip_layers"],
+            "with skipped_kv 'recompute' no layer may be skipped: its K/V would be propagated, never recomputed "
+            "(leave skip_layers empty, or use skipped_kv 'propagate')", source,
+        )
+    if values["cuda_graphs"] is not None:
+        raise fail(
+            "cuda_graphs", given["cuda_graphs"],
+            "the captured steps hold one token per request, and skipped_kv 'recompute' runs a request's waiting "
+            "tokens beside its new one (leave cuda_graphs unset, or use skipped_kv 'propagate')", source,
+        )
 
 
 class _named:
@@ -252,6 +286,10 @@ class EarlyExitConfig:
             read per decision point) or ``"conditional"`` (one graph, conditional nodes).
             None (the default): compiled groups with piecewise graphs. Experimental: not
             yet measured on a GPU.
+        skipped_kv: the K/V of the layers a decode token left before (``SKIPPED_KV``;
+            ``"recompute"``: ``plugin/catch_up.py``).
+        max_waiting: with ``"recompute"``, the most tokens of a request that wait: a group
+            of more rows (its waiting tokens and the new one) runs every layer.
     """
 
     enabled: bool = True
@@ -269,6 +307,8 @@ class EarlyExitConfig:
     compile: bool | None = None
     max_exit_batch: int | None = None
     cuda_graphs: str | None = None
+    skipped_kv: str = "propagate"
+    max_waiting: int = 16
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None, source: str = ENGINE_SETTINGS) -> "EarlyExitConfig":
@@ -327,6 +367,11 @@ class EarlyExitConfig:
         return raw
 
     @property
+    def catches_up(self) -> bool:
+        """Decode tokens that left early are run again until a step runs every layer (``skipped_kv``)."""
+        return self.enabled and self.skipped_kv == "recompute"
+
+    @property
     def may_compile(self) -> bool:
         """Whether the layer groups compile when the engine compiles (``compile`` not false; the
         start-up checks run ``compile: null`` eagerly where it is not the default)."""
@@ -377,7 +422,9 @@ class EarlyExitConfig:
         if self.exit_layers is not None:
             data["exit_layers"] = list(self.exit_layers)
         data["skip_layers"] = list(self.skip_layers)
-        return {k: v for k, v in data.items() if v is not None and v != []}
+        # Settings that only apply beside another are left out where they do not (from_dict refuses them).
+        inapplicable = {"quorum": self.policy != "quorum", "max_waiting": self.skipped_kv != "recompute"}
+        return {k: v for k, v in data.items() if v is not None and v != [] and not inapplicable.get(k)}
 
 
 assert [(f.name, f.default) for f in fields(EarlyExitConfig)] == [

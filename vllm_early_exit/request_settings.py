@@ -79,7 +79,7 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
         "max_layers", "early_exit_max_layers", None, lambda v: is_int(v) and v >= 1,
         "expected an integer number of layers in [1, the model's layers] (with skip_layers: at least one "
         "layer within the budget must not be skipped; null or absent: no budget); refused by an engine with "
-        "early_exit.enabled false",
+        "early_exit.enabled false or with skipped_kv 'recompute'",
         "depth budget: the request's decode tokens compute at most this many layers and leave after layer "
         "max_layers - 1 (state propagation fills the rest); exact under policy per_token, under all/quorum "
         "a row past its budget counts as confident",
@@ -105,11 +105,13 @@ class EngineLimits:
     num_layers: int
     enabled: bool = True
     skip_layers: tuple[int, ...] = ()
+    catches_up: bool = False
+    """The engine runs tokens that left early again until a step runs every layer (``skipped_kv``)."""
 
     @classmethod
     def of(cls, settings, num_layers: int) -> "EngineLimits":
         """``settings``: the engine's ``EarlyExitConfig``."""
-        return cls(settings.signal, num_layers, settings.enabled, tuple(settings.skip_layers))
+        return cls(settings.signal, num_layers, settings.enabled, tuple(settings.skip_layers), settings.catches_up)
 
     @property
     def fewest_layers(self) -> int:
@@ -134,6 +136,13 @@ class EngineLimits:
             low, high, rule = THRESHOLD_RANGES[self.signal]
             if not low <= value <= high:
                 raise invalid(key, value, source, f"this engine's signal is {self.signal!r}: {rule}")
+        if "max_layers" in given and self.catches_up:
+            key, value = given["max_layers"]
+            raise invalid(
+                key, value, source,
+                "this engine runs tokens that left early again until a step runs every layer (its "
+                "early_exit.skipped_kv is 'recompute'), so it cannot keep a depth budget",
+            )
         if "max_layers" in given:
             key, value = given["max_layers"]
             low, high = self.fewest_layers, self.num_layers

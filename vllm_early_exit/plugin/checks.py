@@ -16,6 +16,7 @@ from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
 from vllm_early_exit.model_executor.early_exit.shortlist import check_shortlist, read_shortlist
 from vllm_early_exit.model_executor.models.qwen2_early_exit import QWEN2_MODEL_TYPE, adapt_qwen2_config
 from vllm_early_exit.plugin.cli import settings_source
+from vllm_early_exit.plugin.catch_up import set_catch_up
 from vllm_early_exit.plugin.worker import WORKER_EXTENSION
 
 logger = logging.getLogger("vllm_early_exit")
@@ -87,6 +88,8 @@ def verify_and_update(vllm_config) -> None:
     _choose_model_runner(vllm_config)
     _check_cuda_graphs(vllm_config, settings)
     _set_execution_mode(vllm_config, settings)
+    if settings.catches_up:
+        set_catch_up(vllm_config, source)
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = WORKER_EXTENSION
     elif parallel.worker_extension_cls != WORKER_EXTENSION:

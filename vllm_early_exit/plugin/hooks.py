@@ -9,6 +9,8 @@
   settings of ``checks.py``.
 * The V1 model runner's ``load_model`` is wrapped (``loading.py``): the runner hands itself to
   the early-exit model it builds, which reads its requests and batch before each step.
+* The V1 model runner's ``sample_tokens`` is wrapped (``rewind.py``): a catch-up engine's
+  output says which tokens wait, for its scheduler (``scheduler.py``).
 * ``CUDAGraphWrapper.__call__`` is wrapped (``graphs.py``): with ``cuda_graphs``,
   an early-exit model's captured steps replay where vLLM replays its full graph.
 * ``SamplingParams._verify_args`` is wrapped to check the form of a request's own
@@ -203,8 +205,11 @@ def install_hooks() -> None:
     from vllm_early_exit.plugin.graphs import install_graph_dispatch
     from vllm_early_exit.plugin.loading import install_runner_hook
     from vllm_early_exit.plugin.prefix_cache import install_prefix_cache_guard
+    from vllm_early_exit.plugin.rewind import install_rewind_hook
 
     install_runner_hook()  # vLLM's V1 runner hands itself to the model it builds
+
+    install_rewind_hook()  # skipped_kv 'recompute': the runner's output says which tokens wait
 
     install_graph_dispatch()  # cuda_graphs: the model's captured steps where vLLM replays its full graph
 

@@ -25,6 +25,16 @@ step. Every request of such a step is checked (one vectorised numpy comparison
 per step): all decode rows give the fast pure-decode form ``DecodeBatch(n)``;
 some give a mixed step, whose other rows run every layer; none give None.
 
+Catch-up engines (``skipped_kv: "recompute"``, ``decode_groups``). A token that left early
+waits, and the scheduler gives it back to its request, so a request may have several rows
+in a step: ``[computed, computed + n)``, its waiting tokens and its new one. They form a
+decode *group* when ``computed`` is past the prompt, the last row is sampled
+(``computed + n == input_batch.num_tokens_no_spec[i]``) and ``n <= max_waiting``; the last
+row decides for the group and the others leave with it. Other rows run every layer: prompt
+rows, a group the token budget cut (its last row is not sampled), a group over the cap. A
+recompute after preemption (a sampled chunk that starts inside the prompt and ends at the last
+generated token) runs every layer but for its last row, a one-row group that decides.
+
 Layouts per attention backend (fields checked in vLLM 0.26 and 0.32):
 
 - ``max_query_len`` and ``query_start_loc`` (CPU_ATTN ``CPUAttentionMetadata``,
@@ -59,6 +69,28 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 
 
 @dataclass(frozen=True)
+class Groups:
+    """The decode groups of a catch-up step (``skipped_kv: "recompute"``), one per request.
+
+    A request's rows in the step are ``[computed, computed + size)``, its tokens from the first
+    that waits to the one just sampled; its group is a decode group when ``computed`` is past
+    its prompt and the last row is sampled. Its last row decides; the others (tokens that left
+    early in earlier steps, run again) ride along and leave with it."""
+
+    requests: tuple[int, ...]
+    """The groups' requests, by index in the runner's batch."""
+    last_rows: tuple[int, ...]
+    """Each group's last (sampled) token row."""
+    sizes: tuple[int, ...]
+    """Each group's rows."""
+
+    @property
+    def rerun_rows(self) -> int:
+        """Rows run again for tokens that waited."""
+        return sum(self.sizes) - len(self.sizes)
+
+
+@dataclass(frozen=True)
 class DecodeBatch:
     """The decode tokens of the running step."""
 
@@ -74,10 +106,23 @@ class DecodeBatch:
     that decides live; None when no row is pinned."""
     positions: tuple[int, ...] | None = None
     """With ``pinned``: each row's position (-1: the request's next position, as for decode)."""
+    groups: Groups | None = None
+    """A catch-up step's decode groups (``skipped_kv: "recompute"``); None in other engines."""
+    leaders: tuple[int, ...] | None = None
+    """With ``groups`` of several rows: per decode row, the token row of its group's sampled
+    row, which decides for it; None when every group is one row."""
+    every_row: bool = False
+    """Every token row of the step is a decode row, though rows are not requests (groups of
+    several rows): the stack may end early, as in a pure-decode step."""
 
     @property
     def pure(self) -> bool:
         return self.rows is None
+
+    @property
+    def ends_early(self) -> bool:
+        """No row of the step must run every layer: the stack stops when every row has left."""
+        return self.pure or self.every_row
 
     @property
     def request_indices(self) -> tuple[int, ...] | range:
@@ -85,7 +130,9 @@ class DecodeBatch:
 
     @property
     def num_live(self) -> int:
-        """Decode rows that decide live (not pinned)."""
+        """Decode rows that decide live (not pinned, not riding along with their group's last row)."""
+        if self.groups is not None:
+            return len(self.groups.last_rows)
         return self.num_tokens if self.pinned is None else sum(p < 0 for p in self.pinned)
 
     @property
@@ -136,9 +183,35 @@ def _decode_rows(
     )
 
 
-def decode_batch(meta, input_batch) -> DecodeBatch | None:
-    """The decode tokens of a step with attention metadata ``meta`` (one layer's), given the
-    runner's batch; None when it has none (the whole step then runs every layer)."""
+@dataclass(frozen=True)
+class Spans:
+    """The token rows of a step's requests, as far as its metadata layout tells them."""
+
+    requests: np.ndarray
+    """Indices in the runner's batch of the requests whose rows are known (all of them, or with
+    FlashInfer's layout the leading one-token decodes)."""
+    starts: np.ndarray
+    """Each one's first token row."""
+    sizes: np.ndarray
+    """Each one's tokens in the step."""
+    num_tokens: int
+    """The step's token rows (``num_actual_tokens``)."""
+    num_reqs: int
+
+    @property
+    def every_request(self) -> bool:
+        """Every request of the step has one token, and its row is its index (a decode-shaped step)."""
+        return self.requests.size == self.num_reqs == self.num_tokens and bool((self.sizes == 1).all())
+
+
+def _token_device(meta) -> torch.device:
+    """The device of the step's tokens."""
+    return getattr(getattr(meta, "slot_mapping", None), "device", torch.device("cpu"))
+
+
+def step_spans(meta, input_batch) -> Spans | None:
+    """The requests' token rows in a step with attention metadata ``meta``; None when the layout
+    does not say them or disagrees with the runner's batch (the step then runs every layer)."""
     if meta is None or input_batch is None:
         return None
     num_tokens = getattr(meta, "num_actual_tokens", None)
@@ -148,29 +221,41 @@ def decode_batch(meta, input_batch) -> DecodeBatch | None:
     num_reqs = _num_requests(input_batch)
     if num_reqs == 0:
         return None
-    device = getattr(getattr(meta, "slot_mapping", None), "device", torch.device("cpu"))  # the step's token device
-
     max_query_len = getattr(meta, "max_query_len", None)
     if max_query_len is None:
-        return _split_batch_decodes(meta, input_batch, num_tokens, num_reqs, device)
+        return _split_batch_spans(meta, num_tokens, num_reqs)
+    everyone = np.arange(num_reqs)
     if max_query_len == 1:
         # Every scheduled request has one token: request i is row i.
         if num_tokens != num_reqs:
             return None
-        everyone = np.arange(num_reqs)
-        return _decode_rows(input_batch, everyone, everyone, pure_if_all=True, device=device)
+        return Spans(everyone, everyone, np.ones(num_reqs, dtype=np.int64), num_tokens, num_reqs)
     starts = getattr(meta, "query_start_loc", None)
     if starts is None:
         return None
     starts = starts[: num_reqs + 1].cpu().numpy()
     if starts.size != num_reqs + 1 or int(starts[-1]) != num_tokens:
         return None
-    one_token = np.flatnonzero(np.diff(starts) == 1)
-    return _decode_rows(input_batch, one_token, starts[one_token], pure_if_all=False, device=device)
+    return Spans(everyone, starts[:-1], np.diff(starts), num_tokens, num_reqs)
 
 
-def _split_batch_decodes(meta, input_batch, num_tokens: int, num_reqs: int, device) -> DecodeBatch | None:
-    """Backends that count decodes and prefills instead (FlashInfer): decodes come first."""
+def decode_batch(meta, input_batch) -> DecodeBatch | None:
+    """The decode tokens of a step with attention metadata ``meta`` (one layer's), given the
+    runner's batch; None when it has none (the whole step then runs every layer)."""
+    spans = step_spans(meta, input_batch)
+    if spans is None:
+        return None
+    device = _token_device(meta)
+    one_token = spans.sizes == 1
+    return _decode_rows(
+        input_batch, spans.requests[one_token], spans.starts[one_token], pure_if_all=spans.every_request,
+        device=device,
+    )
+
+
+def _split_batch_spans(meta, num_tokens: int, num_reqs: int) -> Spans | None:
+    """Backends that count decodes and prefills instead (FlashInfer): decodes come first, one
+    token each; the rows of the prefills that follow are not told."""
     num_decodes = getattr(meta, "num_decodes", None)
     num_decode_tokens = getattr(meta, "num_decode_tokens", None)
     num_prefills = getattr(meta, "num_prefills", None)
@@ -181,7 +266,48 @@ def _split_batch_decodes(meta, input_batch, num_tokens: int, num_reqs: int, devi
     if num_decodes > num_tokens:
         return None
     candidates = np.arange(num_decodes)
-    return _decode_rows(input_batch, candidates, candidates, pure_if_all=num_prefills == 0, device=device)
+    return Spans(candidates, candidates, np.ones(num_decodes, dtype=np.int64), num_tokens, num_reqs)
+
+
+def decode_groups(meta, input_batch, max_waiting: int) -> tuple[DecodeBatch | None, tuple[int, ...]]:
+    """The decode groups of a catch-up step (``Groups``), and the sizes of the groups that hold
+    more than ``max_waiting`` rows: those run every layer (their new token is a full-depth decode
+    token, and every token that waited is then complete).
+
+    Rows that are not in a group run every layer: prompt rows, and a chunk whose last row is
+    not sampled (the token budget cut a group; the rest is scheduled in the next step)."""
+    spans = step_spans(meta, input_batch)
+    if spans is None:
+        return None, ()
+    requests, starts, sizes = spans.requests, spans.starts, spans.sizes
+    computed = np.asarray(input_batch.num_computed_tokens_cpu)[requests]
+    prompt = np.asarray(input_batch.num_prompt_tokens)[requests]
+    total = np.asarray(input_batch.num_tokens_no_spec)[requests]
+    sampled = (computed >= prompt) & (computed + sizes == total)
+    group = sampled & (sizes <= max_waiting)
+    capped = tuple(sizes[sampled & ~group].tolist())
+    # A recompute after preemption: a sampled chunk from inside the prompt to the last generated
+    # token. Its rows run every layer (exact), but its last row decides, as the decode row it stands for.
+    crossing = (computed < prompt) & (computed + sizes == total) & (total > prompt)
+    starts, sizes = np.where(crossing, starts + sizes - 1, starts), np.where(crossing, 1, sizes)
+    group |= crossing
+    if not group.any():
+        return None, capped
+    requests, starts, sizes = requests[group], starts[group], sizes[group]
+    lasts = starts + sizes - 1
+    groups = Groups(tuple(requests.tolist()), tuple(lasts.tolist()), tuple(sizes.tolist()))
+    if spans.every_request and bool(group.all()):
+        return DecodeBatch(int(requests.size), groups=groups), capped
+    device = _token_device(meta)
+    rows = np.concatenate([np.arange(start, start + size) for start, size in zip(starts, sizes)])
+    return DecodeBatch(
+        int(rows.size),
+        torch.tensor(rows.tolist(), dtype=torch.long, device=device),
+        tuple(np.repeat(requests, sizes).tolist()),
+        groups=groups,
+        leaders=None if bool((sizes == 1).all()) else tuple(np.repeat(lasts, sizes).tolist()),
+        every_row=rows.size == spans.num_tokens,
+    ), capped
 
 
 def current_step_metadata():

@@ -17,7 +17,9 @@ the logits it is sampled from, and the counters.
 Which rows decide: the decode rows that are still running (``running``). Prompt
 rows of a mixed step and padding rows never leave. A replayed row of a recompute
 after preemption (``pinned >= 0``) leaves exactly after its recorded layer and is
-not counted as an exit again.
+not counted as an exit again. In a catch-up step (``skipped_kv: "recompute"``) a
+request's waiting tokens ride along with its new token: they do not decide, leave
+when it leaves (``lead``) and are not counted as exits.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class RowState:
         counters: ExitCounters,
         pinned: torch.Tensor | None = None,
         pure: bool = True,
+        leaders: torch.Tensor | None = None,
     ) -> None:
         self.hidden_states = hidden_states.clone()
         self.residual = torch.zeros_like(hidden_states)
@@ -56,7 +59,13 @@ class RowState:
         """Decode rows still running."""
         self.pinned = pinned
         """Per row, the layer after which a replayed row leaves (-1: it decides live); None: none."""
-        self.live = decode if pinned is None else decode & (pinned < 0)
+        self.leaders = leaders
+        """Per row, the row that decides for it (``[rows]``, long): in a catch-up step, the last row of
+        its request's group (``batch.Groups``); None when every row decides for itself."""
+        live = decode if pinned is None else decode & (pinned < 0)
+        if leaders is not None:
+            live = live & (leaders == torch.arange(leaders.shape[0], device=leaders.device))
+        self.live = live
         """Decode rows that decide live (counted as exits)."""
         self.depths = torch.full_like(decode, num_layers, dtype=torch.int16)
         """Per row, the depth code of its walk (``replay.py``): last layer run + 1."""
@@ -187,6 +196,11 @@ def pin(leave: torch.Tensor, pinned: torch.Tensor | None, running: torch.Tensor,
     if pinned is None:
         return leave
     return torch.where(pinned >= 0, running & (pinned == layer), leave)
+
+
+def lead(leave: torch.Tensor, leaders: torch.Tensor | None) -> torch.Tensor:
+    """``leave`` with every row leaving when the row that decides for it does (``RowState.leaders``)."""
+    return leave if leaders is None else leave.index_select(0, leaders)
 
 
 def leave_rows(

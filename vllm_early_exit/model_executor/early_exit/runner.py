@@ -12,7 +12,8 @@ reading device data, the view:
 * writes the per-request settings of the batch's slots into the model's
   ``RequestTable`` (only the slots whose request changed);
 * finds the step's decode rows (``batch.py``), with the rows of a recompute after
-  preemption pinned to their recorded exits (``replay.py``).
+  preemption pinned to their recorded exits (``replay.py``), or, in an engine that catches
+  up (``skipped_kv: "recompute"``), its decode groups.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from contextvars import ContextVar
 import torch
 
 from vllm_early_exit.config import EarlyExitConfigError, EarlyExitUnsupportedError, RequestEarlyExit
-from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch, current_step_metadata, decode_batch
+from vllm_early_exit.model_executor.early_exit.batch import (
+    DecodeBatch,
+    current_step_metadata,
+    decode_batch,
+    decode_groups,
+)
 from vllm_early_exit.model_executor.early_exit.replay import ExitRecord, with_replay
 from vllm_early_exit.model_executor.early_exit.requests import RequestTable
 
@@ -118,6 +124,16 @@ class RunnerView:
             return batch, 0
         replayed = sum(p >= 0 for p in replay.pinned)
         return with_replay(batch, replay, meta, keep_live=per_row, device=device), replayed
+
+    def decode_groups(self, max_waiting: int) -> tuple[DecodeBatch | None, tuple[int, ...]]:
+        """A catch-up step's decode groups, and the sizes of those that run every layer for want
+        of room to wait (``batch.decode_groups``)."""
+        return decode_groups(current_step_metadata(), self.input_batch, max_waiting)
+
+    def request_ids(self, indices) -> list[str]:
+        """The ids of the batch's requests at ``indices``."""
+        req_ids = self.input_batch.req_ids
+        return [req_ids[i] for i in indices]
 
 
 __all__ = ["DecodeBatch", "RunnerView", "is_v1_runner", "loading"]

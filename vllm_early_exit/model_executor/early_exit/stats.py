@@ -67,6 +67,10 @@ class ExitStats:
     leave with a full-vocabulary check's logits)."""
     unchecked_steps: int = 0
     """Steps with more decode rows than ``max_exit_batch``: they ran the full depth, no check."""
+    rerun_rows: int = 0
+    """Rows run again for decode tokens that waited (``skipped_kv: "recompute"``): a request's
+    tokens that left early ride along with its next token until a step runs every layer. They
+    are not decode tokens and not in ``mean_layers``; they cost compute, not weight reads."""
 
     def __post_init__(self) -> None:
         if not self.exits_per_layer:
@@ -125,6 +129,7 @@ class ExitStats:
             "decode_steps": self.decode_steps,
             "sampling_products": self.sampling_products,
             "unchecked_steps": self.unchecked_steps,
+            "rerun_rows": self.rerun_rows,
         }
 
     @classmethod
@@ -141,6 +146,7 @@ class ExitStats:
             full_depth_steps=data.get("full_depth_steps", 0),
             sampling_products=data.get("sampling_products", 0),
             unchecked_steps=data.get("unchecked_steps", 0),
+            rerun_rows=data.get("rerun_rows", 0),
         )
 
     def summary(self) -> str:
@@ -243,6 +249,7 @@ class ExitCounters:
         self.full_readouts = 0
         self.sampling_products = 0
         self.replayed_tokens = 0
+        self.rerun_rows = 0
 
     # --- inside a step: device counts, no host read ---------------------------------------
 
@@ -286,6 +293,7 @@ class ExitCounters:
             full_depth_steps=self.full_depth_steps,
             sampling_products=self.sampling_products,
             unchecked_steps=self.unchecked_steps,
+            rerun_rows=self.rerun_rows,
         )
 
     def reset(self) -> None:

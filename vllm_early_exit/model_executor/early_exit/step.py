@@ -46,7 +46,7 @@ from vllm_early_exit.model_executor.early_exit.kv_fill import KVPropagator, run_
 from vllm_early_exit.model_executor.early_exit.plan import Segment, StepPlan
 from vllm_early_exit.model_executor.early_exit.policies import ExitPolicy
 from vllm_early_exit.model_executor.early_exit.requests import RowSettings
-from vllm_early_exit.model_executor.early_exit.rows import RowState, finished, leave_rows, pin
+from vllm_early_exit.model_executor.early_exit.rows import RowState, finished, lead, leave_rows, pin
 from vllm_early_exit.model_executor.early_exit.stats import ExitCounters
 
 
@@ -85,10 +85,15 @@ class DecodeStep:
         counters: ExitCounters,
         norm: nn.Module,
         stack: CompiledStack | None = None,
+        fills_exits: bool = True,
     ) -> None:
         self.layers, self.start, self.end = layers, start, end
         self.check, self.policy, self.kv, self.counters, self.norm = check, policy, kv, counters, norm
         self.stack = stack
+        self.fills_exits = fills_exits
+        """When every row has left, the deeper layers get K/V by state propagation; False in an engine
+        that catches up (``skipped_kv: "recompute"``): every row then waits, and no token reads those
+        layers at its position before its request's next step has run it there again."""
         self.first_check = min(check.check_layers, default=None)
         """The step's first check reads the full vocabulary (``vocab_top_k`` keeps its top tokens)."""
         self._branches: dict[tuple, BranchPlan] = {}
@@ -200,7 +205,8 @@ class DecodeStep:
         """The row tensors of the compiled unit (``groups.CheckedGroup``) that runs the segment and
         its check, by name, or None where the step runs them apart. A unit serves a segment of
         the engine's plan that ends at a check, at no depth budget's end; a
-        one-stage check (``stage``) only in a pure-decode step without replayed rows, whose
+        one-stage check (``stage``) only in a pure-decode step without replayed rows or rows that
+        ride along with their group's last row (``skipped_kv: "recompute"``), whose
         certainty is the engine's own (a forced exit every row takes, or no request threshold
         making one read; requests that turned early exit off are rows the unit's ``allowed``
         keeps from leaving), reading no pruned vocabulary, with the row tensors the unit was compiled for
@@ -209,7 +215,7 @@ class DecodeStep:
         if stack is None or not stack.has_checked(segment.bounds) or segment.last in settings.budget_layers:
             return None
         if not gate and (
-            check.two_stage or not rows.pure or rows.pinned is not None
+            check.two_stage or not rows.pure or rows.pinned is not None or rows.leaders is not None
             or self.certain(rows) != check.always_confident
             or (check.vocab_top_k is not None and not check.always_confident)
         ):
@@ -261,7 +267,7 @@ class DecodeStep:
         out = self.decision(
             segment.last, rows.stream(), rows.previous, rows.state(), self.counters.rows, settings.allowed,
             settings.thresholds, reads=segment.check and not certain, certain=certain, forced=forced,
-            pinned=rows.pinned, pure=rows.pure,
+            pinned=rows.pinned, pure=rows.pure, leaders=rows.leaders,
         )
         rows.flag.copy_(out.pop("flag"))  # in place, as ``RowState.leave`` writes it
         rows.take(**out)
@@ -270,13 +276,14 @@ class DecodeStep:
         self, layer: int, stream: torch.Tensor, previous: torch.Tensor | None, state: dict[str, torch.Tensor | None],
         counts: torch.Tensor, allowed: torch.Tensor, thresholds: torch.Tensor, *, reads: bool = True,
         certain: bool = False, forced: torch.Tensor | None = None, pinned: torch.Tensor | None = None,
-        pure: bool = True,
+        pure: bool = True, leaders: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """A one-stage decision after ``layer``, tensors in and out (the one definition the eager
         step and the compiled unit ``groups.CheckedGroup`` share): with ``reads`` the check's
         reading of every row (``certain``: every row is confident), the policy with ``forced``
-        rows (a depth budget's end) and ``pinned`` ones (replayed exits), then the exits
-        (``rows.leave_rows``); the new row tensors, ``flag``: does any row still run."""
+        rows (a depth budget's end), ``pinned`` ones (replayed exits) and rows that leave with their
+        ``leaders``, then the exits (``rows.leave_rows``); the new row tensors, ``flag``: does any row
+        still run."""
         running = state["running"]
         exit_stream = self.check.exit_stream(layer, stream) if (reads or certain) and self.check.heads is not None else None
         confident, logits = torch.zeros_like(running), None
@@ -288,18 +295,18 @@ class DecodeStep:
                 first=layer == self.first_check,
             )
             confident, logits = reading.confident, reading.logits
-        leave = self.leaving(layer, confident & allowed, running, state["live"], forced, pinned)
+        leave = self.leaving(layer, confident & allowed, running, state["live"], forced, pinned, leaders)
         return leave_rows(state, counts, leave, layer, stream, logits if pure else None, exit_stream)
 
     def leaving(
         self, layer: int, votes: torch.Tensor, running: torch.Tensor, live: torch.Tensor,
-        forced: torch.Tensor | None, pinned: torch.Tensor | None,
+        forced: torch.Tensor | None, pinned: torch.Tensor | None, leaders: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The rows that leave after ``layer``: the policy over the deciding rows' ``votes`` and
-        the ``forced`` ones, replayed rows at their recorded layer."""
+        the ``forced`` ones, replayed rows at their recorded layer, every row with its leader."""
         if forced is not None:
             votes = votes | forced
-        return pin(self.policy.rows_to_exit(votes, running & live), pinned, running, layer)
+        return lead(pin(self.policy.rows_to_exit(votes, running & live), pinned, running, layer), leaders)
 
     def first_stage(self, segment: Segment, rows: RowState) -> None:
         """A shortlist's first stage, eagerly (``gate``)."""
@@ -369,7 +376,9 @@ class DecodeStep:
     ) -> None:
         settings = rows.settings
         forced = rows.forced(layer) if layer in settings.budget_layers else None
-        leave = self.leaving(layer, confident & settings.allowed, rows.running, rows.live, forced, rows.pinned)
+        leave = self.leaving(
+            layer, confident & settings.allowed, rows.running, rows.live, forced, rows.pinned, rows.leaders
+        )
         rows.leave(leave, layer, stream, logits, exit_stream, read)
 
     def exit_stream(self, segment: Segment, stream: torch.Tensor) -> torch.Tensor | None:
@@ -395,8 +404,10 @@ class DecodeStep:
     ) -> torch.Tensor:
         """The ``exit`` branch after ``layer``, tensors in and out (the one definition the eager step
         and the compiled unit ``groups.ExitBranch`` share): the deeper layers' K/V from each row's
-        stream (state propagation), then the final norm of the rows' last streams."""
-        self.kv.fill(positions, hidden_states + residual, layer + 1, self.end)
+        stream (state propagation; none when the engine catches up), then the final norm of the rows'
+        last streams."""
+        if self.fills_exits:
+            self.kv.fill(positions, hidden_states + residual, layer + 1, self.end)
         return self.norm(*finished(hidden_states, residual, emitted, emits))[0]
 
     def finish(self, rows: RowState) -> None:

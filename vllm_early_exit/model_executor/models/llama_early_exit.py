@@ -24,6 +24,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from vllm_early_exit.config import EarlyExitConfig
 from vllm_early_exit.model_executor.early_exit.batch import DecodeBatch
+from vllm_early_exit.model_executor.early_exit.catch_up import WaitingTokens
 from vllm_early_exit.model_executor.early_exit.checks import ExitCheck, LogitReadout
 from vllm_early_exit.model_executor.early_exit.graphs import GraphedSteps
 from vllm_early_exit.model_executor.early_exit.groups import CompiledStack, compiling
@@ -66,7 +67,11 @@ class EarlyExitLlamaModel(LlamaModel):
             num_layers, config.skip_layers, counter_file, config.log_interval_s if config.enabled and first_rank else 0
         )
         self.runner = RunnerView.of_loading_runner() if config.enabled else None
-        self.exit_record = ExitRecord(num_layers, self.runner.live_requests) if self.runner is not None else None
+        # A catch-up engine recomputes a preempted request at full depth, which is exact: no replay.
+        replays = self.runner is not None and not config.catches_up
+        self.exit_record = ExitRecord(num_layers, self.runner.live_requests) if replays else None
+        self.waiting = WaitingTokens(num_layers) if config.catches_up and self.runner is not None else None
+        """With ``skipped_kv: "recompute"``: the requests whose tokens wait after the last step."""
         scheduler = vllm_config.scheduler_config
         self.requests = RequestTable(
             max(scheduler.max_num_seqs, scheduler.max_num_batched_tokens), num_layers, config.threshold,
@@ -84,7 +89,7 @@ class EarlyExitLlamaModel(LlamaModel):
         self.kv_propagator = KVPropagator(self.layers, self.start_layer, self.end_layer, self.check.check_layers)
         self.decode_step = DecodeStep(
             self.layers, self.start_layer, self.end_layer, self.check, self.policy, self.kv_propagator,
-            self.exit_counters, self.norm, self.compiled_stack,
+            self.exit_counters, self.norm, self.compiled_stack, fills_exits=not config.catches_up,
         )
         if self.compiled_stack is not None:
             self.compiled_stack.bind(
@@ -127,7 +132,7 @@ class EarlyExitLlamaModel(LlamaModel):
         rows = RowState(
             hidden_states, positions, self._decode_rows(batch, num_rows, positions.device), settings,
             self.config.num_hidden_layers, self.exit_counters, self._pins(batch, num_rows, positions.device),
-            pure=batch.pure,
+            pure=batch.ends_early, leaders=self._leaders(batch, num_rows, positions.device),
         )
         points = settings.budget_layers | batch.pinned_layers
         branches = self.decode_step.branches(self.plan_with(points), rows, points)
@@ -140,12 +145,9 @@ class EarlyExitLlamaModel(LlamaModel):
         if self.runner is None:
             return None
         self.kv_propagator.ensure_kv_projections()
-        batch, replayed = self.runner.decode_batch(
-            self.exit_record, self.policy.per_row, bool(self.exit_config.skip_layers), positions.device
-        )
+        batch = self._step_batch(positions.device)
         if batch is None:
             return None
-        self.exit_counters.replayed_tokens += replayed
         self.runner.write_settings(self.requests)
         num_rows = positions.shape[0]
         settings = (
@@ -158,14 +160,38 @@ class EarlyExitLlamaModel(LlamaModel):
             return None
         return batch, settings
 
+    def _step_batch(self, device: torch.device) -> DecodeBatch | None:
+        """The step's decode rows: with replayed exits after a preemption, or in an engine that
+        catches up, its decode groups (their waiting tokens and the requests that run every
+        layer for want of room to wait counted)."""
+        counters = self.exit_counters
+        if self.waiting is None:
+            batch, replayed = self.runner.decode_batch(
+                self.exit_record, self.policy.per_row, bool(self.exit_config.skip_layers), device
+            )
+            counters.replayed_tokens += replayed
+            return batch
+        self.waiting.clear()
+        batch, capped = self.runner.decode_groups(self.exit_config.max_waiting)
+        if capped:
+            counters.rows[self.config.num_hidden_layers] += len(capped)
+            counters.rerun_rows += sum(capped) - len(capped)
+        if batch is not None:
+            counters.rerun_rows += batch.groups.rerun_rows
+        return batch
+
     def walk(self, batch: DecodeBatch, rows: RowState, run: Callable[[StepLog], torch.Tensor]) -> torch.Tensor:
         """Runs a step's branches (``run``: eagerly, or replaying graphs) and records it."""
-        log = StepLog(batch.pure, batch.num_tokens)
+        log = StepLog(batch.ends_early, batch.num_tokens)
         hidden_states = run(log)
         self.last_step = log
         if batch.pure and rows.logits is not None:
             self.step_logits = (log, rows.logits, rows.taken)
-        if batch.num_live:
+        if self.waiting is not None:
+            groups = batch.groups
+            last_rows = torch.tensor(groups.last_rows, dtype=torch.long, device=rows.depths.device)
+            self.waiting.note(self.runner.request_ids(groups.requests), groups.sizes, rows.depths[last_rows])
+        elif batch.num_live:
             depths = rows.depths[: batch.num_tokens] if batch.pure else rows.depths[batch.rows]
             note_step(self.exit_record, self.runner.input_batch, batch, depths.clone())
         self.exit_counters.after_step()
@@ -191,6 +217,16 @@ class EarlyExitLlamaModel(LlamaModel):
         return decode
 
     @staticmethod
+    def _leaders(batch: DecodeBatch, num_rows: int, device: torch.device) -> torch.Tensor | None:
+        """Per token row, the row that decides for it (``RowState.leaders``); None when every row
+        decides for itself."""
+        if batch.leaders is None:
+            return None
+        leaders = torch.arange(num_rows, device=device)
+        leaders[batch.rows] = torch.tensor(batch.leaders, dtype=torch.long, device=device)
+        return leaders
+
+    @staticmethod
     def _pins(batch: DecodeBatch, num_rows: int, device: torch.device) -> torch.Tensor | None:
         """Per token row, the layer a replayed row leaves after (-1: it decides live)."""
         if batch.pinned is None:
@@ -209,7 +245,7 @@ class EarlyExitLlamaModel(LlamaModel):
             return settings.any_off and bool(self.exit_config.skip_layers)
         # The step leaves as a whole: not while it prefills too (but for replayed rows of a
         # recompute, ``replay.py``), nor when a request turned early exit off.
-        return settings.any_off or not (batch.pure or batch.num_live == 0)
+        return settings.any_off or not (batch.ends_early or batch.num_live == 0)
 
     def _over_exit_batch(self, batch: DecodeBatch, settings: RowSettings) -> bool:
         """More decode rows than ``max_exit_batch``: the step runs the full depth unchecked, unless
@@ -220,8 +256,8 @@ class EarlyExitLlamaModel(LlamaModel):
     def _count_full_depth(self, batch: DecodeBatch) -> None:
         """A step with decode rows that runs every layer for every row: counted as such."""
         counters = self.exit_counters
-        self.last_step = StepLog(batch.pure, batch.num_tokens)
-        if batch.pure:
+        self.last_step = StepLog(batch.ends_early, batch.num_tokens)
+        if batch.ends_early:
             counters.step(None)
         counters.rows[self.config.num_hidden_layers] += batch.num_live
         counters.after_step()
@@ -259,6 +295,12 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         mode = self.model.exit_config.cuda_graphs
         self.graphed_steps = GraphedSteps(self.model, mode) if mode and self.model.runner is not None else None
         """With ``cuda_graphs``: the captured decode steps vLLM's full-graph wrapper replays (``plugin/graphs.py``)."""
+
+    def take_waiting(self) -> dict[str, int] | None:
+        """``{req_id: waiting tokens}`` of the last step, once, for the scheduler (``plugin/rewind.py``);
+        None when the engine does not catch up (``skipped_kv: "propagate"``)."""
+        waiting = self.model.waiting
+        return None if waiting is None else waiting.take()
 
     def load_weights(self, weights):
         """vLLM's loading, then the K/V-only projections state propagation fills with
