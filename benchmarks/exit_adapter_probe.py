@@ -45,10 +45,6 @@ from vllm_early_exit.tools.oracle import TokenReadouts, max_prob_exits
 RESULTS = Path("benchmarks/results/finetune")
 
 
-def load_split(folder: Path, split: str) -> TeacherData:
-    return TeacherData.concat([TeacherData.load(p) for p in sorted(folder.glob(f"{split}-*.pt"))])
-
-
 class ExitAdapter(nn.Module):
     """A final norm of its own after one decoder layer (``layer``: attention and MLP) or, as
     Kangaroo's, its attention alone (``attention``: about a quarter of a SmolLM2 layer's
@@ -286,9 +282,9 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     probe = Probe(smollm2_checkpoint(), layers, args.work, args.streams or args.work / "streams", args.target,
                   args.adapter)
-    train = load_split(args.data, "train")
+    train = TeacherData.load_split(args.data, "train")
     train = TeacherData(*(getattr(train, name)[:args.train] for name in ("prompts", "replies", "top_ids", "top_logprobs")))
-    held = load_split(args.data, "held-out")
+    held = TeacherData.load_split(args.data, "held-out")
     held_streams = probe.streams(held, "held-out")
     train_streams = probe.streams(train, "train")
     log_path = args.work / "log.json"

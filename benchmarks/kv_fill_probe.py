@@ -53,10 +53,6 @@ FILLS = ("exact", "propagate", "learned", "catch_up")
 BUCKETS = ((1, 1), (2, 4), (5, 15), (16, 1 << 30))
 
 
-def load_split(folder: Path, split: str) -> TeacherData:
-    return TeacherData.concat([TeacherData.load(p) for p in sorted(folder.glob(f"{split}-*.pt"))])
-
-
 def rms_normalized(stream: torch.Tensor, eps: float) -> torch.Tensor:
     return stream * torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -156,8 +152,7 @@ class LearnedFill(ReferenceDecoder):
             k = kv[:, offset, 0].transpose(0, 1)
             v = kv[:, offset, 1].transpose(0, 1)
             _, k = self._rotate(hidden, positions, k, k)
-            keys, values, key_pos = cache[index]
-            cache[index] = (torch.cat([keys, k], 1), torch.cat([values, v], 1), torch.cat([key_pos, positions]))
+            self._store(index, k, v, positions, cache)
 
 
 class CatchUp:
@@ -178,23 +173,24 @@ class CatchUp:
         super()._fill_exit(exit_layer, hidden, positions, cache)
         self.waiting.append([positions, hidden, exit_layer])
 
-    def _attention(self, index, layer, x_normed, positions, cache):
+    def _layer(self, index, hidden, positions, cache):
         for entry in self.waiting:
             at, stream, done = entry
-            if done != index - 1:
-                continue
-            q, k, v = self._project_kv(layer, layer.input_layernorm(stream), at)
-            keys, values, key_pos = cache[index]
-            slot = int((key_pos == at).nonzero())
-            keys, values = keys.clone(), values.clone()
-            keys[:, slot], values[:, slot] = k[:, 0], v[:, 0]
-            cache[index] = (keys, values, key_pos)
-            stream = stream + self._attend(layer, q, cache[index], at, 1)
-            entry[1] = stream + layer.mlp(layer.post_attention_layernorm(stream))
-            entry[2] = index
-            self.ridden += 1
+            if done == index - 1:  # carried through this layer first: its K/V here becomes exact
+                entry[1], entry[2] = super()._layer(index, stream, at, cache), index
+                self.ridden += 1
         self.waiting = [e for e in self.waiting if e[2] < self.num_layers - 1]
-        return super()._attention(index, layer, x_normed, positions, cache)
+        return super()._layer(index, hidden, positions, cache)
+
+    def _store(self, index, k, v, positions, cache):
+        """A carried token's K/V replaces its fill at its position; other K/V is appended."""
+        keys, values, key_pos = cache[index]
+        slot = (key_pos == positions[0]).nonzero() if len(positions) == 1 else ()
+        if len(slot) == 0:
+            return super()._store(index, k, v, positions, cache)
+        keys, values, slot = keys.clone(), values.clone(), int(slot)
+        keys[:, slot], values[:, slot] = k[:, 0], v[:, 0]
+        cache[index] = (keys, values, key_pos)
 
 
 class PropagateCatchUp(CatchUp, ReferenceDecoder):
@@ -335,7 +331,7 @@ def main() -> None:
     layers, heads = load_heads(args.heads)
     args.work.mkdir(parents=True, exist_ok=True)
     fill_path = args.work / "fill.safetensors"
-    train, held = load_split(args.data, "train"), load_split(args.data, "held-out")
+    train, held = TeacherData.load_split(args.data, "train"), TeacherData.load_split(args.data, "held-out")
     fit = FillFit(model, layers)
     json_path = args.out.with_suffix(".json")
     result = json.loads(json_path.read_text()) if json_path.exists() else {"runs": {}}

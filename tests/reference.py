@@ -47,9 +47,19 @@ class ReferenceDecoder:
 
     def _attention(self, index, layer, x_normed, positions, cache):
         q, k, v = self._project_kv(layer, x_normed, positions)
+        self._store(index, k, v, positions, cache)
+        return self._attend(layer, q, cache[index], positions, x_normed.shape[0])
+
+    def _store(self, index, k, v, positions, cache):
+        """Layer ``index``'s cache gets K/V ``[kv_heads, rows, head_dim]`` at ``positions``."""
         keys, values, key_pos = cache[index]
         cache[index] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1), torch.cat([key_pos, positions]))
-        return self._attend(layer, q, cache[index], positions, x_normed.shape[0])
+
+    def _layer(self, index, hidden, positions, cache):
+        """Decoder layer ``index`` on the stream ``hidden`` (its K/V into the cache)."""
+        layer = self.model.model.layers[index]
+        hidden = hidden + self._attention(index, layer, layer.input_layernorm(hidden), positions, cache)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _attend(self, layer, q, entry, positions, rows):
         """The layer's attention output for queries ``q`` at ``positions`` over the cached ``entry``."""
@@ -75,8 +85,7 @@ class ReferenceDecoder:
         """State propagation: layer ``index`` gets K/V at ``positions`` from the stream ``hidden``."""
         layer = self.model.model.layers[index]
         _, k, v = self._project_kv(layer, layer.input_layernorm(hidden), positions)
-        keys, values, key_pos = cache[index]
-        cache[index] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1), torch.cat([key_pos, positions]))
+        self._store(index, k, v, positions, cache)
 
     def _fill_exit(self, exit_layer, hidden, positions, cache):
         """K/V of the layers after ``exit_layer`` for a token that left there with stream ``hidden``."""
@@ -103,15 +112,12 @@ class ReferenceDecoder:
         layers = self.model.model.layers
         heads = heads or {}
         exit_layer, confidences, tops, top_k_tokens = None, {}, {}, None
-        for index, layer in enumerate(layers):
+        for index in range(len(layers)):
             if index in skip_layers:
                 self._fill_kv(index, hidden, positions, cache)
                 continue
             before = hidden
-            hidden = hidden + self._attention(
-                index, layer, layer.input_layernorm(hidden), positions, cache
-            )
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self._layer(index, hidden, positions, cache)
             if index in exit_layers and signal == "saturation":
                 confidence = float(torch.cosine_similarity(hidden[-1], before[-1], dim=0))
                 confidences[index] = confidence
@@ -191,9 +197,7 @@ class ExactFill(ReferenceDecoder):
 
     def _fill_exit(self, exit_layer, hidden, positions, cache):
         for index in range(exit_layer + 1, self.num_layers):
-            layer = self.model.model.layers[index]
-            hidden = hidden + self._attention(index, layer, layer.input_layernorm(hidden), positions, cache)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self._layer(index, hidden, positions, cache)
 
 
 class CatchUpReference(ExactFill):

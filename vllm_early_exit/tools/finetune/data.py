@@ -56,6 +56,11 @@ class TeacherData:
     def load(cls, path: Path) -> TeacherData:
         return cls(**torch.load(path, weights_only=True))
 
+    @classmethod
+    def load_split(cls, folder: Path, split: str) -> TeacherData:
+        """Every part of ``split`` (``train``, ``held-out``) in a run's data folder, in order."""
+        return cls.concat([cls.load(p) for p in sorted(folder.glob(f"{split}-*.pt"))])
+
 
 def save_whole(obj, path: Path) -> None:
     """``torch.save`` into a temporary file renamed at the end: a stopped run never leaves half a file."""
