@@ -182,3 +182,19 @@ def test_catch_up_is_not_a_request_setting_and_refuses_depth_budgets():
 def test_engine_refuses_what_would_keep_tokens_waiting(tiny_llama, engine, message):
     with pytest.raises(EarlyExitUnsupportedError, match=message):
         _start(tiny_llama, additional_config={"early_exit": RECOMPUTE}, **engine)
+
+
+def test_max_exit_batch_counts_requests_not_waiting_rows(tiny_llama, catch_up_reference):
+    """``max_exit_batch: 1`` with one request: its steps of several rows (waiting tokens and the
+    new one) are one request, so they stay checked and the tokens are the reference's, as without
+    the limit; counting rows would run them unchecked at full depth."""
+    prompt = tiny_prompts(1, seed=4)[0]
+    trace = catch_up_reference.generate(prompt, NEW_TOKENS, exit_layers=(1,), threshold=0.0)
+    result = run_engine(
+        tiny_llama, [(prompt, NEW_TOKENS)],
+        early_exit={"exit_layers": [1], "threshold": 0.0, **RECOMPUTE, "max_exit_batch": 1},
+    )
+    assert result["outputs"] == [trace.tokens]
+    stats = result["stats"][0]
+    assert stats["unchecked_steps"] == 0 and stats["early_exit_tokens"] == 19
+    assert stats["rerun_rows"] == rerun_rows(trace)

@@ -275,8 +275,9 @@ class EarlyExitConfig:
             None (the default): on CPU, as vLLM does, compile unless the engine runs
             with ``enforce_eager``; on other platforms run eagerly (compiled groups are
             not measured there yet).
-        max_exit_batch: the most decode rows a step may have for its checks to run;
-            a larger step runs the full depth with no check, as plain vLLM would (a
+        max_exit_batch: the most requests a step may decode for its checks to run
+            (with ``skipped_kv: "recompute"`` a request's waiting tokens ride in its one
+            group); a larger step runs the full depth with no check, as plain vLLM would (a
             step reads each layer once for all its rows, so with many rows few steps
             leave early and the checks cost more than they save). Optional: a
             request's tokens then depend on how many requests decode beside it.

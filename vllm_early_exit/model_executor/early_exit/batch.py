@@ -120,6 +120,11 @@ class DecodeBatch:
         return self.rows is None
 
     @property
+    def num_requests(self) -> int:
+        """Requests with decode rows in the step (a catch-up group is one request's rows)."""
+        return self.num_tokens if self.groups is None else len(self.groups.requests)
+
+    @property
     def ends_early(self) -> bool:
         """No row of the step must run every layer: the stack stops when every row has left."""
         return self.pure or self.every_row

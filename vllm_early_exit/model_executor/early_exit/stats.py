@@ -66,7 +66,7 @@ class ExitStats:
     """Pure-decode steps whose sampling logits took vLLM's LM-head product (some row did not
     leave with a full-vocabulary check's logits)."""
     unchecked_steps: int = 0
-    """Steps with more decode rows than ``max_exit_batch``: they ran the full depth, no check."""
+    """Steps with more requests decoding than ``max_exit_batch``: they ran the full depth, no check."""
     rerun_rows: int = 0
     """Rows run again for decode tokens that waited (``skipped_kv: "recompute"``): a request's
     tokens that left early ride along with its next token until a step runs every layer. They

@@ -248,10 +248,13 @@ class EarlyExitLlamaModel(LlamaModel):
         return settings.any_off or not (batch.ends_early or batch.num_live == 0)
 
     def _over_exit_batch(self, batch: DecodeBatch, settings: RowSettings) -> bool:
-        """More decode rows than ``max_exit_batch``: the step runs the full depth unchecked, unless
-        a row is replayed after preemption (it must leave where it left) or has a depth budget."""
+        """More requests decoding than ``max_exit_batch`` (a catch-up group counts once): the step
+        runs the full depth unchecked, unless a row is replayed after preemption (it must leave
+        where it left) or has a depth budget."""
         limit = self.exit_config.max_exit_batch
-        return limit is not None and batch.num_tokens > limit and batch.pinned is None and not settings.budget_layers
+        return (
+            limit is not None and batch.num_requests > limit and batch.pinned is None and not settings.budget_layers
+        )
 
     def _count_full_depth(self, batch: DecodeBatch) -> None:
         """A step with decode rows that runs every layer for every row: counted as such."""
