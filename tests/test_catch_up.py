@@ -63,6 +63,9 @@ def check_alone_and_batched(result: dict, prompts, traces, num_layers: int) -> N
     assert stats["exits_per_layer"] == [2 * n for n in exit_counts(traces, num_layers)]
     assert stats["decode_tokens"] == 2 * len(prompts) * (NEW_TOKENS - 1)
     assert stats["rerun_rows"] == 2 * sum(rerun_rows(t) for t in traces) > 0
+    # A step whose rows all left is sampled from its checks' logits, groups of several rows too:
+    # vLLM's LM-head product runs only after steps that reached the last layer.
+    assert stats["sampling_products"] == stats["full_depth_steps"] < stats["decode_steps"]
 
 
 def test_threshold_exits_match_the_exact_reference_alone_and_batched(tiny_llama, reference, exact_traces):

@@ -99,7 +99,7 @@ class EarlyExitLlamaModel(LlamaModel):
         self.last_step: StepLog | None = None
         """What the host knows of the last step with decode rows (None: a full-depth step)."""
         self.step_logits: tuple[StepLog, torch.Tensor, torch.Tensor] | None = None
-        """The last pure-decode step's kept logits (its log, the logits, which rows took them)."""
+        """The last step's kept logits of its sampled rows (its log, the logits, which rows took them)."""
 
     def plan_with(self, extra_points: frozenset[int]) -> StepPlan:
         """The step plan with the engine's decision points and ``extra_points`` (budget ends,
@@ -185,17 +185,28 @@ class EarlyExitLlamaModel(LlamaModel):
         log = StepLog(batch.ends_early, batch.num_tokens)
         hidden_states = run(log)
         self.last_step = log
-        if batch.pure and rows.logits is not None:
-            self.step_logits = (log, rows.logits, rows.taken)
+        last_rows = None
         if self.waiting is not None:
             groups = batch.groups
             last_rows = torch.tensor(groups.last_rows, dtype=torch.long, device=rows.depths.device)
             self.waiting.note(self.runner.request_ids(groups.requests), groups.sizes, rows.depths[last_rows])
+        if batch.ends_early and rows.logits is not None:
+            self.step_logits = self._sampled(batch, log, rows, last_rows)
         elif batch.num_live:
             depths = rows.depths[: batch.num_tokens] if batch.pure else rows.depths[batch.rows]
             note_step(self.exit_record, self.runner.input_batch, batch, depths.clone())
         self.exit_counters.after_step()
         return hidden_states
+
+    @staticmethod
+    def _sampled(
+        batch: DecodeBatch, log: StepLog, rows: RowState, last_rows: torch.Tensor | None
+    ) -> tuple[StepLog, torch.Tensor, torch.Tensor]:
+        """The kept logits of the rows vLLM samples, in request order: the decode rows of a
+        pure-decode step, each group's last row in a catch-up step of groups only."""
+        if batch.pure:
+            return log, rows.logits[: batch.num_tokens], rows.taken[: batch.num_tokens]
+        return log, rows.logits.index_select(0, last_rows), rows.taken.index_select(0, last_rows)
 
     def capture_rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> RowState:
         """The persistent rows a captured pure-decode step of ``len(positions)`` rows runs on
@@ -276,13 +287,14 @@ class EarlyExitLlamaModel(LlamaModel):
         return hidden_states
 
     def take_step_logits(self, num_rows: int) -> tuple[bool, torch.Tensor, torch.Tensor] | None:
-        """The kept logits of the last step, once, if it was a pure-decode step of ``num_rows``
-        logits rows: (whether every row took them, the logits, which rows took them)."""
+        """The kept logits of the last step, once, if it sampled ``num_rows`` rows that may all
+        have left (a pure-decode step, or a catch-up step of groups only): (whether every row
+        took them, the logits, which rows took them)."""
         kept, self.step_logits = self.step_logits, None
-        if kept is None or kept[0].rows != num_rows:
+        if kept is None or kept[1].shape[0] != num_rows:
             return None
         log, logits, taken = kept
-        return log.logits_complete, logits[:num_rows], taken[:num_rows]
+        return log.logits_complete, logits, taken
 
 
 class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
