@@ -190,11 +190,11 @@ class EarlyExitLlamaModel(LlamaModel):
             groups = batch.groups
             last_rows = torch.tensor(groups.last_rows, dtype=torch.long, device=rows.depths.device)
             self.waiting.note(self.runner.request_ids(groups.requests), groups.sizes, rows.depths[last_rows])
-        if batch.ends_early and rows.logits is not None:
-            self.step_logits = self._sampled(batch, log, rows, last_rows)
         elif batch.num_live:
             depths = rows.depths[: batch.num_tokens] if batch.pure else rows.depths[batch.rows]
             note_step(self.exit_record, self.runner.input_batch, batch, depths.clone())
+        if batch.ends_early and rows.logits is not None:
+            self.step_logits = self._sampled(batch, log, rows, last_rows)
         self.exit_counters.after_step()
         return hidden_states
 
