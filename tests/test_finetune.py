@@ -285,13 +285,13 @@ def test_oracle_measures_against_the_reference(tiny_chat_llama, tmp_path):
         assert depth == (identical[0] if identical else len(per_depth))
 
 
-def test_fetch_model_says_why_no_exit_ready_smollm2_ships(capsys):
+def test_fetch_model_says_why_when_no_exit_weights_ship(monkeypatch, tmp_path):
+    """A version that ships neither exit heads nor an adapter for the model refuses with what to do."""
     from vllm_early_exit.__main__ import main
     from vllm_early_exit.tools import exit_ready
 
-    if (exit_ready.shipped_dir(exit_ready.SMOLLM2_EXIT_READY) / exit_adapter.WEIGHTS).exists():
-        pytest.skip("an exit-ready SmolLM2 ships: fetch-model builds it")
+    monkeypatch.setattr(exit_ready, "SHIPPED", tmp_path)
     with pytest.raises(SystemExit) as stopped:
         main(["fetch-model", exit_ready.SMOLLM2_EXIT_READY])
-    assert "no smollm2-exit-ready adapter ships with this version" in str(stopped.value)
-    assert "finetune --out DIR" in str(stopped.value)
+    assert "no smollm2-exit-ready exit weights ship with this version" in str(stopped.value)
+    assert "finetune --out DIR" in str(stopped.value) and "train-heads" in str(stopped.value)

@@ -39,3 +39,31 @@ def test_smollm2_exits_are_counted(smollm2, smollm2_requests):
     assert stats["decode_tokens"] == 3 * (NEW_TOKENS - 1)
     assert stats["early_exit_tokens"] > 0
     assert stats["mean_layers"] < 30
+
+
+def test_the_shipped_exit_ready_smollm2_keeps_the_originals_tokens(smollm2, smollm2_requests, capsys):
+    """``fetch-model smollm2-exit-ready`` builds the original with the shipped float16 exit heads
+    (its files linked, the heads beside them, the certified settings with their files resolved);
+    served with those settings, tokens leave early and the replies follow the original's."""
+    from vllm_early_exit import EarlyExitConfig
+    from vllm_early_exit.__main__ import main
+    from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
+    from vllm_early_exit.tools import exit_ready
+
+    main(["fetch-model", exit_ready.SMOLLM2_EXIT_READY])
+    folder = exit_ready.exit_ready_checkpoint()
+    assert capsys.readouterr().out.splitlines()[0] == str(folder)
+    assert (folder / "config.json").resolve() == (smollm2 / "config.json").resolve()
+    settings = exit_ready.served_settings()
+    config = EarlyExitConfig.from_dict(settings)
+    assert config.heads == str(folder / "heads") and config.skipped_kv == "recompute"
+    ExitHeads.load(config.heads).check_base(30, 576, 49152, config.heads)
+
+    plain = run_engine(smollm2, smollm2_requests, batched=True)
+    early = run_engine(folder, smollm2_requests, batched=True, early_exit=settings)
+    stats = early["stats"][0]
+    assert stats["early_exit_tokens"] > 0.1 * stats["decode_tokens"]
+    same = [next((i for i, (a, b) in enumerate(zip(e, p)) if a != b), len(p))
+            for e, p in zip(early["outputs"], plain["outputs"])]
+    print("identical prefixes:", same, stats["early_exit_tokens"], stats["decode_tokens"])
+    assert min(same) >= 8 and sum(same) >= 0.75 * sum(len(p) for p in plain["outputs"])

