@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 CHECKS = [20, 22, 24, 26, 28]
-SETTINGS: dict[str, dict | None] = {
+SETTINGS: dict[str, dict | str | None] = {
     "plain": None,
     "never": {"threshold": 1.0, "exit_layers": CHECKS},
     "forced_50": {"exit_layers": [14], "threshold": 0.0, "policy": "all"},
@@ -36,7 +36,10 @@ SETTINGS: dict[str, dict | None] = {
     "per_token_shortlist": {
         "signal": "max_prob", "threshold": 0.9, "exit_layers": CHECKS, "policy": "per_token", "shortlist": "SHORTLIST",
     },
+    "exit_ready": "EXIT_READY",
 }
+"""Settings per engine; ``"EXIT_READY"``: the shipped exit-ready SmolLM2 (``fetch-model
+smollm2-exit-ready``) with its certified settings, ``max_exit_batch`` lifted so every batch checks."""
 BATCHES = (1, 8)
 TIMED_BATCHES = (1, 8, 32)
 NEW_TOKENS = 24
@@ -55,6 +58,11 @@ def measure(name: str, settings: dict | None, compiled: bool = False, timed_toke
     from vllm_early_exit.tools.step_times import StepTimer
 
     model = str(smollm2_checkpoint())
+    if settings == "EXIT_READY":
+        from vllm_early_exit.tools.exit_ready import exit_ready_checkpoint, served_settings
+
+        model = str(exit_ready_checkpoint())
+        settings = {key: value for key, value in served_settings().items() if key != "max_exit_batch"}
     if settings is not None and settings.get("shortlist") == "SHORTLIST":
         settings = {**settings, "shortlist": str(ensure_shortlist(model))}
     if settings is None:

@@ -8,7 +8,8 @@ depth, the ideal speedup (layers / mean depth) and the efficiency
 (measured ratio / ideal). Only plain vLLM and one other engine are alive at a time; each engine's ratio is
 taken against the plain runs alternated with it. Results go to JSON, Markdown and a PNG.
 
-Modes (each an early-exit engine):
+Modes (each an early-exit engine, but for two of plain vLLM):
+  plain_eager / plain_sync  plain vLLM eager / with synchronous scheduling (``PLAIN_OPTIONS``)
   forced_50 / forced_75   every decode token leaves at 50% / 75% depth (systems side)
   never / never_top_k     checks run and nothing leaves (check overhead), full / pruned vocabulary
   never_shortlist         the same with a token shortlist as the checks' first stage
@@ -49,6 +50,11 @@ DEFAULT_OUT = Path("benchmarks/results")
 PREFILL = "plain_prefill"
 """Plain vLLM's runs with one output token: the time the prompts' prefill takes."""
 
+PLAIN_OPTIONS = {"plain_eager": {"enforce_eager": True}, "plain_sync": {"async_scheduling": False}}
+"""Plain vLLM with one engine option changed: eager (no compiled model), or synchronous
+scheduling (what ``skipped_kv: "recompute"`` runs with: the price of scheduling each step
+after the last one's output)."""
+
 COMPILED = (
     "forced_50", "never", "never_top_k", "never_shortlist", "per_token", "per_token_shortlist", "per_token_shortlist_max4",
 )
@@ -66,6 +72,7 @@ def engine_modes(
     modes: dict[str, dict | None] = {
         "plain": None,
         "plain_eager": None,
+        "plain_sync": None,
         # per_token: decode rows that share a step with a prefill leave too.
         "forced_50": {"exit_layers": [half], "threshold": 0.0, "policy": "per_token", "compile": False},
         "forced_75": {"exit_layers": [three_quarters], "threshold": 0.0, "policy": "per_token", "compile": False},
@@ -200,12 +207,10 @@ def run_benchmark(
     # The results are written after every engine, so a stopped run keeps what it measured.
     others = [name for name in modes if name != "plain" and name not in finished]
     for name in tqdm(others, desc="engines", file=sys.stdout):
-        kwargs = dict(common)
-        if name == "plain_eager":
-            kwargs["enforce_eager"] = True
+        kwargs = {**common, **PLAIN_OPTIONS.get(name, {})}
         if modes[name] is not None:
             kwargs["early_exit"] = {**modes[name], "log_interval_s": 0}
-        plain_engine = modes[name] is None  # plain_eager: plain vLLM too, on the reference
+        plain_engine = modes[name] is None  # plain_eager, plain_sync: plain vLLM too, on the reference
         llm = build_engine((reference or model) if plain_engine else model, **kwargs)
         block: list[Measurement] = []
         for batch in batches:
