@@ -44,7 +44,8 @@ def test_smollm2_exits_are_counted(smollm2, smollm2_requests):
 def test_the_shipped_exit_ready_smollm2_keeps_the_originals_tokens(smollm2, smollm2_requests, capsys):
     """``fetch-model smollm2-exit-ready`` builds the original with the shipped float16 exit heads
     (its files linked, the heads beside them, the certified settings with their files resolved);
-    served with those settings, tokens leave early and the replies follow the original's."""
+    served with those settings, tokens leave early and the replies follow the original's; in a
+    batch the steps run unchecked, as plain vLLM."""
     from vllm_early_exit import EarlyExitConfig
     from vllm_early_exit.__main__ import main
     from vllm_early_exit.model_executor.early_exit.heads import ExitHeads
@@ -59,11 +60,14 @@ def test_the_shipped_exit_ready_smollm2_keeps_the_originals_tokens(smollm2, smol
     assert config.heads == str(folder / "heads") and config.skipped_kv == "recompute"
     ExitHeads.load(config.heads).check_base(30, 576, 49152, config.heads)
 
-    plain = run_engine(smollm2, smollm2_requests, batched=True)
-    early = run_engine(folder, smollm2_requests, batched=True, early_exit=settings)
+    # One request at a time, as the settings check only then (max_exit_batch: 1).
+    plain = run_engine(smollm2, smollm2_requests)
+    early = run_engine(folder, smollm2_requests, early_exit=settings)
     stats = early["stats"][0]
     assert stats["early_exit_tokens"] > 0.1 * stats["decode_tokens"]
     same = [next((i for i, (a, b) in enumerate(zip(e, p)) if a != b), len(p))
             for e, p in zip(early["outputs"], plain["outputs"])]
     print("identical prefixes:", same, stats["early_exit_tokens"], stats["decode_tokens"])
     assert min(same) >= 8 and sum(same) >= 0.75 * sum(len(p) for p in plain["outputs"])
+    batched = run_engine(folder, smollm2_requests[:3], batched=True, early_exit=settings)["stats"][0]
+    assert batched["early_exit_tokens"] == 0 and batched["unchecked_steps"] > 0
