@@ -57,7 +57,10 @@ def default_engines() -> list[str]:
     return [*SETTINGS, *([EXIT_READY] if certified_settings() is not None else [])]
 
 
-START_NOTES = {None: "compiling, about 90 s", "calibrated": "compiling, about 2 min", "faster": "compiling, about 2 min"}
+START_NOTES = {
+    None: "compiling, about 90 s", "calibrated": "compiling, about 2 min", "faster": "compiling, about 2 min",
+    EXIT_READY: "compiling, about 2 min",
+}
 """What the start lines say (first start on 2 CPU cores; vLLM caches the compiled code, later starts are faster)."""
 
 PLAIN = "plain vLLM"
