@@ -61,8 +61,9 @@ def measure(name: str, settings: dict | None, compiled: bool = False, timed_toke
     if settings == "EXIT_READY":
         from vllm_early_exit.tools.exit_ready import exit_ready_checkpoint, served_settings
 
-        model = str(exit_ready_checkpoint())
-        settings = {key: value for key, value in served_settings().items() if key != "max_exit_batch"}
+        folder = exit_ready_checkpoint()
+        model = str(folder)
+        settings = {key: value for key, value in served_settings(folder).items() if key != "max_exit_batch"}
     if settings is not None and settings.get("shortlist") == "SHORTLIST":
         settings = {**settings, "shortlist": str(ensure_shortlist(model))}
     if settings is None:

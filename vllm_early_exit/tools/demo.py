@@ -104,18 +104,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the cache being $VLLM_EARLY_EXIT_CACHE or ~/.cache/vllm-early-exit)")
 
 
-def chosen_settings(args: argparse.Namespace, shortlist: str) -> dict[str, dict]:
-    """Engine name -> early_exit settings, each with the model's shortlist unless it names one."""
+def engine_names(args: argparse.Namespace) -> list[str]:
+    """The early-exit engines ``--engines`` names (an unknown one is refused)."""
+    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(default_engines()))
+    if unknown or not names:
+        raise SystemExit(f"demo: unknown engine(s) {unknown or names}; choose from {default_engines()}")
+    return names
+
+
+def chosen_settings(args: argparse.Namespace, shortlist: str, exit_ready: Path | None = None) -> dict[str, dict]:
+    """Engine name -> early_exit settings, each with the model's shortlist unless it names one;
+    ``exit_ready``: the built exit-ready folder, whose certified settings its engine serves."""
     if args.early_exit_config is not None:
         chosen = {"early exit": json.loads(args.early_exit_config)}
     else:
-        names = [n.strip() for n in args.engines.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(default_engines()))
-        if unknown or not names:
-            raise SystemExit(f"demo: unknown engine(s) {unknown or names}; choose from {default_engines()}")
         from vllm_early_exit.tools.exit_ready import served_settings
 
-        chosen = {name: SETTINGS[name] if name != EXIT_READY else served_settings() for name in names}
+        chosen = {
+            name: SETTINGS[name] if name != EXIT_READY else served_settings(exit_ready) for name in engine_names(args)
+        }
     logit_signals = ("max_prob", "margin", "entropy", "head")
     return {
         name: {**s, "shortlist": shortlist}
@@ -244,7 +252,13 @@ def run(args: argparse.Namespace) -> dict:
     with console.phase("token shortlist for the checks' first stage") as step:
         shortlist = str(ensure_shortlist(model))
         step.done("ready")
-    settings = chosen_settings(args, shortlist)
+    exit_ready = None
+    if args.early_exit_config is None and EXIT_READY in engine_names(args):
+        from vllm_early_exit.tools.exit_ready import exit_ready_checkpoint
+
+        with console.phase("the exit-ready model: SmolLM2 with its shipped exit weights (built once)"):
+            exit_ready = exit_ready_checkpoint()
+    settings = chosen_settings(args, shortlist, exit_ready)
     num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompt_ids = [
@@ -255,12 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     common = {"dtype": args.dtype, "max_model_len": 2048, "kv_cache_gib": 1}
 
-    models = {name: model for name in settings}
-    if EXIT_READY in settings:
-        from vllm_early_exit.tools.exit_ready import exit_ready_checkpoint
-
-        with console.phase("the exit-ready model: SmolLM2 with its shipped exit weights (built once)"):
-            models[EXIT_READY] = str(exit_ready_checkpoint())
+    models = {name: str(exit_ready) if name == EXIT_READY else model for name in settings}
     engines = {PLAIN: build_engine(model, label=PLAIN, note=START_NOTES[None], **common)}
     for name, s in settings.items():
         engines[name] = build_engine(models[name], early_exit={**s, "log_interval_s": 0}, label=f"early exit, {name}",

@@ -49,41 +49,29 @@ class NotShipped(RuntimeError):
     """No exit weights for the exit-ready model ship with this version; the message says why and what to do."""
 
 
-def ships_heads(name: str = SMOLLM2_EXIT_READY) -> bool:
-    from vllm_early_exit.files import HEADS_WEIGHTS_FILE
-
-    return (shipped_dir(name) / HEADS_WEIGHTS_FILE).is_file()
-
-
-def ships_adapter(name: str = SMOLLM2_EXIT_READY) -> bool:
-    from vllm_early_exit.tools.finetune.adapter import WEIGHTS
-
-    return (shipped_dir(name) / WEIGHTS).is_file()
-
-
 def exit_ready_checkpoint(name: str = SMOLLM2_EXIT_READY) -> Path:
     """The exit-ready model's HF checkpoint, built on first use under the cache, with its
     certified settings beside the weights (``early_exit.json``, its files resolved)."""
+    from vllm_early_exit.files import HEADS_WEIGHTS_FILE
     from vllm_early_exit.tools.cache import cache_dir
+    from vllm_early_exit.tools.finetune.adapter import WEIGHTS, build_merged
 
     source = shipped_dir(name)
-    target = cache_dir() / FOLDERS[name]
-    if ships_heads(name):
-        out = build_with_heads(original_checkpoint(name), source, target)
-    elif ships_adapter(name):
-        from vllm_early_exit.tools.finetune.adapter import build_merged
-
-        out = build_merged(original_checkpoint(name), source, target)
+    if (source / HEADS_WEIGHTS_FILE).is_file():
+        build = build_with_heads
+    elif (source / WEIGHTS).is_file():
+        build = build_merged
     else:
         raise NotShipped(
             f"no {name} exit weights ship with this version (docs/finetune.md). Make an exit-ready "
             "model with `python -m vllm_early_exit finetune --out DIR` (DIR/model is its checkpoint) "
             "or train exit heads with `python -m vllm_early_exit train-heads`"
         )
+    original = original_checkpoint(name)
+    out = build(original, source, cache_dir() / FOLDERS[name])
     settings = certified_settings(name)
     if settings is not None:
-        resolved = resolve_settings(settings, out, original_checkpoint(name))
-        (out / SETTINGS_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+        (out / SETTINGS_FILE).write_text(json.dumps(resolve_settings(settings, out, original), indent=2) + "\n")
     return out
 
 
@@ -140,6 +128,7 @@ def certified_settings(name: str = SMOLLM2_EXIT_READY) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def served_settings(name: str = SMOLLM2_EXIT_READY) -> dict:
-    """The settings a server of the exit-ready model reads: the built folder's ``early_exit.json``."""
-    return json.loads((exit_ready_checkpoint(name) / SETTINGS_FILE).read_text())
+def served_settings(folder: Path) -> dict:
+    """The settings a server of a built exit-ready folder (``exit_ready_checkpoint``) reads: its
+    ``early_exit.json``."""
+    return json.loads((Path(folder) / SETTINGS_FILE).read_text())

@@ -194,19 +194,19 @@ class EarlyExitLlamaModel(LlamaModel):
             depths = rows.depths[: batch.num_tokens] if batch.pure else rows.depths[batch.rows]
             note_step(self.exit_record, self.runner.input_batch, batch, depths.clone())
         if batch.ends_early and rows.logits is not None:
-            self.step_logits = self._sampled(batch, log, rows, last_rows)
+            self.step_logits = (log, *self._sampled(batch, rows, last_rows))
         self.exit_counters.after_step()
         return hidden_states
 
     @staticmethod
     def _sampled(
-        batch: DecodeBatch, log: StepLog, rows: RowState, last_rows: torch.Tensor | None
-    ) -> tuple[StepLog, torch.Tensor, torch.Tensor]:
-        """The kept logits of the rows vLLM samples, in request order: the decode rows of a
-        pure-decode step, each group's last row in a catch-up step of groups only."""
+        batch: DecodeBatch, rows: RowState, last_rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept logits, and which rows took them, of the rows vLLM samples, in request order:
+        the decode rows of a pure-decode step, each group's last row in a catch-up step of groups only."""
         if batch.pure:
-            return log, rows.logits[: batch.num_tokens], rows.taken[: batch.num_tokens]
-        return log, rows.logits.index_select(0, last_rows), rows.taken.index_select(0, last_rows)
+            return rows.logits[: batch.num_tokens], rows.taken[: batch.num_tokens]
+        return rows.logits.index_select(0, last_rows), rows.taken.index_select(0, last_rows)
 
     def capture_rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> RowState:
         """The persistent rows a captured pure-decode step of ``len(positions)`` rows runs on
