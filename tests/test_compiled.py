@@ -125,6 +125,33 @@ def test_compiled_two_stage_checks_match_reference(tiny_llama, reference, even_s
     assert result["stats"][0]["early_exit_tokens"] > 0
 
 
+def test_compiled_confirmation_of_one_row_is_one_unit(tiny_llama, reference, even_shortlist):
+    """A request decoding alone, two-stage checks: the shortlist's confirmation reads every row, so
+    the step's first one runs as one compiled unit (``ConfirmBranch``, compiled without kept
+    logits); the tokens and exits are the reference's, and in a pure-decode step with at most one
+    confirmation the host runs no op between two compiled calls (an eager one runs dozens; a
+    second confirmation in a step, with the first one's logits kept, runs eagerly)."""
+    from .conftest import EVEN_TOKENS
+    from .engine_runner import STEP_OPS_ENV
+    from .test_capture_guard import pure_steps
+
+    rule = {"exit_layers": (1, 3), "threshold": 0.2}
+    prompt = tiny_prompts(1, seed=7)[0]
+    trace = reference.generate(prompt, NEW_TOKENS, **rule, shortlist=EVEN_TOKENS)
+    assert any(layer is not None for layer in trace.exit_layers)  # some confirmation lets the row leave
+    settings = {"exit_layers": [1, 3], "threshold": 0.2, "policy": "per_token", "shortlist": str(even_shortlist),
+                "compile": True, "log_interval_s": 0}
+    result = run_engine(
+        tiny_llama, [(prompt, NEW_TOKENS)], early_exit=settings, env={STEP_OPS_ENV: "1"}, **COMPILED_ENGINE
+    )
+    assert result["outputs"] == [trace.tokens]
+    assert result["stats"][0]["exits_per_layer"] == exit_counts([trace], reference.num_layers)
+    one_confirmation = [step for step in pure_steps(result) if step["decisions"] == 3]  # two gates, one confirmation
+    assert one_confirmation
+    for step in one_confirmation:
+        assert step["between"] == 0, step["names"]
+
+
 def test_compiled_forced_exit_runs_as_two_units(tiny_llama, reference):
     """A forced exit after layer 2, compiled: each pure-decode step is the segment with its
     decision (``CheckedGroup``) and the exit branch (``ExitBranch``: the deeper layers' K/V by
@@ -175,7 +202,7 @@ def test_a_compiled_unit_is_first_called_with_inputs_of_their_own():
     dynamo's ``a is b`` guard): its first call refuses inputs that share memory."""
     import torch
 
-    from vllm_early_exit.model_executor.early_exit.groups import _distinct
+    from vllm_early_exit.model_executor.early_exit.units import _distinct
 
     flags = torch.ones(4, dtype=torch.bool)
     _distinct({"running": flags, "allowed": flags.clone(), "logits": None, "emitted": None})

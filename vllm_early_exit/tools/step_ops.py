@@ -232,7 +232,7 @@ class StepRecorder:
 
         from vllm_early_exit.model_executor.early_exit import groups
 
-        units = [getattr(groups, name, None) for name in ("LayerGroup", "CheckedGroup", "ExitBranch", "FullStack")]
+        units = [getattr(groups, name, None) for name in ("LayerGroup", "CheckedGroup", "ConfirmBranch", "ExitBranch", "FullStack")]
         for cls in (LlamaModel, *(unit for unit in units if unit is not None)):
             cls.__call__ = self._compiled_call(cls.__call__)
 

@@ -5,9 +5,9 @@ real engine (the model in the caller's process: ``VLLM_ENABLE_V1_MULTIPROCESSING
 each part of every step as *exclusive* time (a part's time less that of the parts
 inside it), so the parts of a step add up to the step:
 
-* ``compiled segment`` / ``compiled check`` / ``compiled stack`` / ``compiled model``:
-  the calls of compiled units (``groups.LayerGroup``, ``groups.CheckedGroup``, the
-  whole stack, plain vLLM's ``LlamaModel``);
+* ``compiled segment`` / ``compiled check`` / ``compiled confirm`` / ``compiled stack`` /
+  ``compiled model``: the calls of compiled units (``groups.LayerGroup``,
+  ``groups.CheckedGroup``, ``units.ConfirmBranch``, the whole stack, plain vLLM's ``LlamaModel``);
 * ``read``: the host's reads of a step's flag or count (``RowState.read_flag``,
   ``read_count``): the wait for the device, and on the CPU nothing else;
 * ``branch run``, ``branch confirm``, ``branch forced``, ``branch exit``, ``branch
@@ -137,6 +137,7 @@ def _install_parts() -> None:
         (CompiledStack, "run_checked", lambda *a: "compiled check"),
         (CompiledStack, "run_all", lambda *a: "compiled stack"),
         (CompiledStack, "run_exit", lambda *a: "compiled exit"),
+        (CompiledStack, "run_confirm", lambda *a: "compiled confirm"),
         (RowState, "read_flag", lambda *a: "read"),
         (RowState, "read_count", lambda *a: "read"),
         (DecodeStep, "work", lambda step, branch, *a: f"branch {branch.kind}"),

@@ -17,7 +17,8 @@ the unit does not fit (prompt rows, a depth budget's end, a replayed row, a requ
 threshold or early exit off beside a forced exit, a pruned vocabulary) run the segment's
 ``LayerGroup`` and the same check eagerly. When every row has left, the ``exit``
 branch (the deeper layers' K/V by state propagation, the final norm) is one unit
-too (``ExitBranch``).
+too, and so is a shortlist's confirmation when it reads every row of a pure-decode
+step (``units.py``: ``ExitBranch``, ``ConfirmBranch``).
 
 Rows that left earlier in the step stay in the batch, frozen: ``keep`` is 0 for
 them, and ``kv_fill.run_layers_holding`` holds them at the stream they entered
@@ -39,23 +40,24 @@ from vllm.config import CompilationMode, VllmConfig
 
 from vllm_early_exit.model_executor.early_exit.kv_fill import run_layers_holding
 from vllm_early_exit.model_executor.early_exit.plan import StepPlan
+from vllm_early_exit.model_executor.early_exit.units import (
+    DECISION_ARGS,
+    LAYER_ARGS,
+    ROW_ARGS,
+    ConfirmBranch,
+    ExitBranch,
+    OptionalInputs,
+    _absent,
+    _distinct,
+    _named,
+    confirm_class,
+    exit_class,
+)
 
 
 def compiling(vllm_config: VllmConfig) -> bool:
     """True when vLLM will compile ``support_torch_compile`` modules under this config."""
     return vllm_config.compilation_config.mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE)
-
-
-LAYER_ARGS = ("positions", "hidden_states", "residual", "keep")
-"""A group's inputs: the step's positions, and its rows' hidden state, residual and ``keep``."""
-
-ROW_ARGS = ("running", "live", "allowed", "thresholds")
-"""The per-row tensors a check reads besides the stream (``RowState`` and ``RowSettings``)."""
-
-DECISION_ARGS = ("depths", "counts", "logits", "taken", "emitted", "emits")
-"""What a one-stage check's exits update besides the stream (``rows.leave_rows``): None for a
-shortlist's first stage, which decides nothing; ``logits`` and ``emitted`` are None until a
-first exit keeps some; ``counts`` (the counters) keeps its shape."""
 
 
 @support_torch_compile(dynamic_arg_dims={name: 0 for name in LAYER_ARGS})
@@ -79,40 +81,6 @@ class LayerGroup(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``keep``: ``[rows, 1]``, 1 for rows that run these layers, 0 for rows held at their stream."""
         return run_layers_holding(self.layers, positions, hidden_states, residual, keep)
-
-
-class OptionalInputs:
-    """A compiled unit with inputs that may be None: it is compiled for the pattern of its first
-    call (``CompiledStack``), and vLLM drops the guards that would tell another pattern apart,
-    so a call with another pattern must not reach it (``accepts``). The same holds for inputs
-    that are one tensor: traced so, the graph has one input for them and reads it for each
-    ever after, so the first call must give every input a tensor of its own (``_distinct``)."""
-
-    absent: frozenset[str] | None = None
-    """The inputs the unit was compiled without (set by its first call)."""
-
-    def accepts(self, inputs: dict[str, torch.Tensor | None]) -> bool:
-        """Whether a call with ``inputs`` runs the graph compiled for it (or compiles it first)."""
-        return self.absent is None or self.absent == _absent(inputs)
-
-
-def _absent(inputs: dict[str, torch.Tensor | None]) -> frozenset[str]:
-    return frozenset(name for name, value in inputs.items() if value is None)
-
-
-def _distinct(inputs: dict[str, torch.Tensor | None]) -> None:
-    """Refuses a first call whose inputs share memory: dynamo traces two arguments that are one
-    tensor as one graph input, guarded by ``a is b``, and vLLM drops that guard, so the unit
-    would read the first for both in every later call (a warm-up that passed one tensor as
-    ``running`` and ``allowed`` let requests with early exit off leave)."""
-    seen: dict[int, str] = {}
-    for name, value in inputs.items():
-        if value is None:
-            continue
-        key = value.untyped_storage().data_ptr()
-        if key in seen:
-            raise ValueError(f"compiled unit first called with {seen[key]!r} and {name!r} sharing memory")
-        seen[key] = name
 
 
 @support_torch_compile(
@@ -167,30 +135,6 @@ class CheckedGroup(OptionalInputs, nn.Module):
         return {"hidden_states": hidden_states, "residual": residual, **out}
 
 
-@support_torch_compile(dynamic_arg_dims={name: 0 for name in ("positions", "hidden_states", "residual", "emitted", "emits")})
-class ExitBranch(OptionalInputs, nn.Module):
-    """The ``exit`` branch after a decision layer as one compiled unit: every row has left, so
-    the deeper layers' K/V come from each row's stream (state propagation), then the final
-    norm; ``branch`` (``DecodeStep.exit_output``, the one definition the eager step runs too)
-    is bound with the checked groups' stage (``CompiledStack.bind``)."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer: int) -> None:
-        super().__init__()
-        self.layer = layer
-        self.branch = None
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden_states: torch.Tensor,
-        residual: torch.Tensor,
-        emitted: torch.Tensor | None = None,
-        emits: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The stack's output for every row."""
-        return self.branch(self.layer, positions, hidden_states, residual, emitted, emits)
-
-
 @functools.cache
 def group_class(first: int, stop: int, checked: bool = False) -> type[nn.Module]:
     """The ``LayerGroup`` (with ``checked``: ``CheckedGroup``) subclass for layers ``first..stop-1``.
@@ -216,21 +160,6 @@ def group_class(first: int, stop: int, checked: bool = False) -> type[nn.Module]
         return LayerGroup.forward(self, positions, hidden_states, residual, keep)
 
     return _named(LayerGroup, f"LayerGroup_{first}_{stop}", forward)
-
-
-@functools.cache
-def exit_class(layer: int) -> type[nn.Module]:
-    """The ``ExitBranch`` subclass after ``layer`` (named for vLLM's compile cache, as ``group_class``)."""
-
-    def forward(self, positions, hidden_states, residual, emitted=None, emits=None):
-        return ExitBranch.forward(self, positions, hidden_states, residual, emitted, emits)
-
-    return _named(ExitBranch, f"ExitBranch_{layer}", forward)
-
-
-def _named(base: type[nn.Module], name: str, forward: Callable) -> type[nn.Module]:
-    forward.__qualname__ = f"{name}.forward"
-    return type(name, (base,), {"forward": forward, "__qualname__": name})
 
 
 @support_torch_compile(dynamic_arg_dims={"positions": 0, "hidden_states": 0})
@@ -266,12 +195,16 @@ class CompiledStack:
         plan: StepPlan,
         prefix: str,
         checks: bool = False,
+        confirms: bool = False,
     ) -> None:
-        """``checks``: each segment that ends at a check also runs with its check as one unit."""
+        """``checks``: each segment that ends at a check also runs with its check as one unit;
+        ``confirms``: each check's shortlist confirmation is one unit too."""
         self.bounds = plan.bounds
         self.groups: dict[tuple[int, int], nn.Module] = {}
         self.checked: dict[tuple[int, int], CheckedGroup] = {}
         self.exits: dict[int, ExitBranch] = {}
+        self.confirms: dict[int, ConfirmBranch] = {}
+        self._reads_previous = False
         for segment in plan.segments:
             first, stop = segment.bounds
             with set_model_tag(f"early_exit_layers_{first}_{stop}"):
@@ -283,6 +216,12 @@ class CompiledStack:
                     self.checked[(first, stop)] = group_class(first, stop, checked=True)(
                         vllm_config=vllm_config, prefix=f"{prefix}.checked.{first}", layers=layers[first:stop],
                         last=segment.last, reads_previous=segment.reads_previous,
+                    )
+            if confirms and segment.check and not segment.skipped:
+                self._reads_previous = segment.reads_previous
+                with set_model_tag(f"early_exit_confirm_{segment.last}"):
+                    self.confirms[segment.last] = confirm_class(segment.last)(
+                        vllm_config=vllm_config, prefix=f"{prefix}.confirms.{segment.last}", layer=segment.last
                     )
             if segment.decision:
                 with set_model_tag(f"early_exit_exit_{segment.last}"):
@@ -306,10 +245,10 @@ class CompiledStack:
 
     def bind(
         self, stage: Callable, exit_output: Callable, prepare: Callable[[torch.Tensor], None], decides: bool,
-        counts: torch.Tensor, heads: bool,
+        counts: torch.Tensor, heads: bool, confirmation: Callable | None = None,
     ) -> None:
         """The checked groups' stage (``DecodeStep.stage``), the exit branches' work
-        (``DecodeStep.exit_output``), what must be ready before they are traced
+        (``DecodeStep.exit_output``), the confirmations' (``DecodeStep.confirmation``), what must be ready before they are traced
         (``ExitCheck.prepare``: built on the host, once), whether the stage decides (a one-stage
         check), the counters it adds to (``ExitCounters.rows``, for their dtype) and whether rows
         leave through exit heads (they emit their head's stream)."""
@@ -317,6 +256,8 @@ class CompiledStack:
             group.stage = stage
         for unit in self.exits.values():
             unit.branch = exit_output
+        for unit in self.confirms.values():
+            unit.branch = confirmation
         self._prepare, self._decides, self._counts, self._heads = prepare, decides, counts, heads
 
     def has(self, bounds: tuple[int, int]) -> bool:
@@ -343,6 +284,10 @@ class CompiledStack:
         """``CheckedGroup.forward``'s outputs for layers ``bounds``; ``inputs``: its row tensors
         by name. The first call fixes which optional inputs the unit goes without."""
         return self._call_once_fixed(self.checked[bounds], positions, inputs)
+
+    def run_confirm(self, layer: int, positions: torch.Tensor, **inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``ConfirmBranch.forward``'s outputs at ``layer``; ``inputs``: its row tensors by name."""
+        return self._call_once_fixed(self.confirms[layer], positions, inputs)
 
     def run_exit(self, layer: int, positions: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
         """``ExitBranch.forward``'s output after ``layer``; ``inputs``: its row tensors by name."""
@@ -399,17 +344,22 @@ class CompiledStack:
             "keep": keep, "running": flags, "live": flags.clone(), "allowed": flags.clone(),
             "thresholds": torch.full((rows,), 2.0, device=hidden_states.device),
         }
+        decision = {  # what a one-stage check's exits, and a confirmation's, update
+            "depths": torch.zeros(rows, dtype=torch.int16, device=hidden_states.device),
+            "counts": torch.zeros_like(self._counts), "logits": None, "taken": torch.zeros_like(flags),
+            "emitted": None, "emits": torch.zeros_like(flags),
+        }
         if self._decides:
-            state.update(
-                depths=torch.zeros(rows, dtype=torch.int16, device=hidden_states.device),
-                counts=torch.zeros_like(self._counts), logits=None, taken=torch.zeros_like(flags), emitted=None,
-                emits=torch.zeros_like(flags),
-            )
+            state.update(decision)
         for bounds in self.bounds:
             if bounds in self.checked:
                 out = self.run_checked(bounds, positions, hidden_states=stream, residual=residual, **state)
                 state.update((name, out[name]) for name in ("logits", "emitted") if name in out)
             stream, residual = self.run(bounds, positions, stream, residual, keep)
+        for layer in self.confirms:  # no row passed a first stage: none leaves
+            previous = stream.clone() if self._reads_previous else None
+            self.run_confirm(layer, positions, hidden_states=stream, residual=residual,
+                             passing=torch.zeros_like(flags), previous=previous, **{**state, **decision})
         for layer in self.exits:  # (the K/V it writes goes to the warm-up's own slots)
             emitted = torch.zeros_like(stream) if self._heads else None
             self.run_exit(layer, positions, hidden_states=stream, residual=residual, emitted=emitted,

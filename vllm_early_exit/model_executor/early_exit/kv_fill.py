@@ -62,7 +62,7 @@ def _project_kv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def write_kv(k: torch.Tensor, v: torch.Tensor, layer_name: str) -> None:
     """vLLM's cache update (``unified_kv_cache_update``: the step's slot mapping and the layer's
     cache from the forward context) as an op with a side effect, so that a compiled unit keeps
-    it although nothing uses its result (``groups.ExitBranch``)."""
+    it although nothing uses its result (``units.ExitBranch``)."""
     unified_kv_cache_update(k, v, layer_name)
 
 

@@ -16,7 +16,8 @@ state in place and ends by writing one flag (``DecodeStep.work``):
   and its check (the first stage, or the whole one-stage decision with its
   exits) are one unit (``groups.CheckedGroup``, ``stage``) whose outputs become
   the rows' state: one call and one read per decision point;
-* ``confirm`` (a shortlist): the full-vocabulary confirmation, then the exits;
+* ``confirm`` (a shortlist): the full-vocabulary confirmation, then the exits (compiled,
+  one unit when it reads every row: ``units.ConfirmBranch``, ``confirmation``);
 * ``forced`` (a shortlist's gate stayed shut): the exits of budgets and replays;
 * ``exit``: every row has left after layer L: the deeper layers get their K/V by
   state propagation (``kv_fill.KVPropagator``), then the final norm;
@@ -338,6 +339,10 @@ class DecodeStep:
         """A shortlist's confirmation: the full readout of the rows that passed the first stage
         (``width`` of them, gathered; None: every row), confident where both stages are, then the
         exits; ``rows.flag``: does any row still run."""
+        inputs = self.confirm_inputs(segment, rows, width)
+        if inputs is not None:  # every row read, as one compiled unit
+            rows.take(**self.stack.run_confirm(segment.last, rows.positions, **inputs))
+            return
         stream = rows.stream()
         exit_stream = self.exit_stream(segment, stream)
         if width is None:
@@ -349,6 +354,35 @@ class DecodeStep:
         confident_read, logits = self.read(segment, rows, stream, exit_stream, read)
         confident = torch.zeros_like(rows.passing).index_copy_(0, read, confident_read)
         self.leave(segment.last, rows, confident & rows.passing, stream, logits, exit_stream, read)
+
+    def confirm_inputs(
+        self, segment: Segment, rows: RowState, width: int | None
+    ) -> dict[str, torch.Tensor | None] | None:
+        """The row tensors of the compiled confirmation (``units.ConfirmBranch``) by name, or None
+        where it runs eagerly: the unit reads every row, so it serves a confirmation of them all in
+        a pure-decode step with no replayed or group rows, no budget's end here, and the tensors
+        it was compiled for (``accepts``)."""
+        stack, settings = self.stack, rows.settings
+        if (
+            stack is None or segment.last not in stack.confirms or segment.last in settings.budget_layers
+            or not rows.pure or rows.pinned is not None or rows.leaders is not None
+            or (width is not None and width < rows.running.shape[0])
+        ):
+            return None
+        names = ("hidden_states", "residual", "passing", "keep", "running", "live", "depths", "logits", "taken",
+                 "emitted", "emits")
+        inputs = {name: getattr(rows, name) for name in names}
+        inputs.update(previous=rows.previous if self.check.reads_previous else None, allowed=settings.allowed,
+                      thresholds=settings.thresholds, counts=self.counters.rows)
+        return inputs if stack.confirms[segment.last].accepts(inputs) else None
+
+    def confirmation(self, layer: int, previous: torch.Tensor | None, passing: torch.Tensor, state: dict,
+                     counts: torch.Tensor, allowed: torch.Tensor, thresholds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A shortlist's confirmation of every row after ``layer``, tensors in and out (what the
+        compiled unit ``units.ConfirmBranch`` runs): the one-stage ``decision`` over the full
+        vocabulary, where only rows that ``passing`` the first stage may leave."""
+        stream = state["hidden_states"] + state["residual"]
+        return self.decision(layer, stream, previous, state, counts, allowed & passing, thresholds)
 
     def read(
         self, segment: Segment, rows: RowState, stream: torch.Tensor, exit_stream: torch.Tensor | None,
@@ -389,7 +423,7 @@ class DecodeStep:
 
     def exit(self, layer: int, rows: RowState) -> None:
         """Every row left by ``layer`` (``exit_output``): compiled, one unit
-        (``groups.ExitBranch``) whose output becomes the step's."""
+        (``units.ExitBranch``) whose output becomes the step's."""
         inputs = {"hidden_states": rows.hidden_states, "residual": rows.residual, "emitted": rows.emitted,
                   "emits": rows.emits}
         stack = self.stack
@@ -403,7 +437,7 @@ class DecodeStep:
         emitted: torch.Tensor | None, emits: torch.Tensor,
     ) -> torch.Tensor:
         """The ``exit`` branch after ``layer``, tensors in and out (the one definition the eager step
-        and the compiled unit ``groups.ExitBranch`` share): the deeper layers' K/V from each row's
+        and the compiled unit ``units.ExitBranch`` share): the deeper layers' K/V from each row's
         stream (state propagation; none when the engine catches up), then the final norm of the rows'
         last streams."""
         if self.fills_exits:

@@ -82,7 +82,10 @@ class EarlyExitLlamaModel(LlamaModel):
         self._plans: dict[frozenset[int], StepPlan] = {}
         self.engine_plan = self.plan_with(frozenset())
         self.compiled_stack = (
-            CompiledStack(vllm_config, self.layers, self.engine_plan, prefix, checks=self.check.fusable)
+            CompiledStack(
+                vllm_config, self.layers, self.engine_plan, prefix, checks=self.check.fusable,
+                confirms=self.check.two_stage and self.check.vocab_top_k is None,
+            )
             if config.may_compile and compiling(vllm_config)
             else None
         )
@@ -94,7 +97,7 @@ class EarlyExitLlamaModel(LlamaModel):
         if self.compiled_stack is not None:
             self.compiled_stack.bind(
                 self.decode_step.stage, self.decode_step.exit_output, self.check.prepare, not self.check.two_stage,
-                self.exit_counters.rows, self.check.heads is not None,
+                self.exit_counters.rows, self.check.heads is not None, self.decode_step.confirmation,
             )
         self.last_step: StepLog | None = None
         """What the host knows of the last step with decode rows (None: a full-depth step)."""
