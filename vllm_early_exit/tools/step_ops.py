@@ -232,7 +232,9 @@ class StepRecorder:
 
         from vllm_early_exit.model_executor.early_exit import groups
 
-        units = [getattr(groups, name, None) for name in ("LayerGroup", "CheckedGroup", "ConfirmBranch", "ExitBranch", "FullStack")]
+        # (the units by the names ``groups`` has them under: also in trees older than ``units.py``)
+        names = ("LayerGroup", "CheckedGroup", "ConfirmBranch", "ExitBranch", "FullStack")
+        units = [getattr(groups, name, None) for name in names]
         for cls in (LlamaModel, *(unit for unit in units if unit is not None)):
             cls.__call__ = self._compiled_call(cls.__call__)
 

@@ -109,6 +109,12 @@ class ExitCheck:
         exit reads none)."""
         return self.two_stage or self.vocab_top_k is None or self.always_confident
 
+    @property
+    def confirmation_fusable(self) -> bool:
+        """A shortlist's confirmation may run as one compiled unit (``units.ConfirmBranch``): it
+        reads the full vocabulary (no pruned one)."""
+        return self.two_stage and self.vocab_top_k is None
+
     def bind_readout(self, readout: LogitReadout) -> None:
         self.readout = readout
 

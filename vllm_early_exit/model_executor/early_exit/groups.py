@@ -204,7 +204,6 @@ class CompiledStack:
         self.checked: dict[tuple[int, int], CheckedGroup] = {}
         self.exits: dict[int, ExitBranch] = {}
         self.confirms: dict[int, ConfirmBranch] = {}
-        self._reads_previous = False
         for segment in plan.segments:
             first, stop = segment.bounds
             with set_model_tag(f"early_exit_layers_{first}_{stop}"):
@@ -218,7 +217,6 @@ class CompiledStack:
                         last=segment.last, reads_previous=segment.reads_previous,
                     )
             if confirms and segment.check and not segment.skipped:
-                self._reads_previous = segment.reads_previous
                 with set_model_tag(f"early_exit_confirm_{segment.last}"):
                     self.confirms[segment.last] = confirm_class(segment.last)(
                         vllm_config=vllm_config, prefix=f"{prefix}.confirms.{segment.last}", layer=segment.last
@@ -245,13 +243,13 @@ class CompiledStack:
 
     def bind(
         self, stage: Callable, exit_output: Callable, prepare: Callable[[torch.Tensor], None], decides: bool,
-        counts: torch.Tensor, heads: bool, confirmation: Callable | None = None,
+        counts: torch.Tensor, heads: bool, confirmation: Callable,
     ) -> None:
         """The checked groups' stage (``DecodeStep.stage``), the exit branches' work
-        (``DecodeStep.exit_output``), the confirmations' (``DecodeStep.confirmation``), what must be ready before they are traced
-        (``ExitCheck.prepare``: built on the host, once), whether the stage decides (a one-stage
-        check), the counters it adds to (``ExitCounters.rows``, for their dtype) and whether rows
-        leave through exit heads (they emit their head's stream)."""
+        (``DecodeStep.exit_output``), the confirmations' (``DecodeStep.confirmation``), what must be
+        ready before they are traced (``ExitCheck.prepare``: built on the host, once), whether the
+        stage decides (a one-stage check), the counters it adds to (``ExitCounters.rows``, for their
+        dtype) and whether rows leave through exit heads (they emit their head's stream)."""
         for group in self.checked.values():
             group.stage = stage
         for unit in self.exits.values():
@@ -285,7 +283,7 @@ class CompiledStack:
         by name. The first call fixes which optional inputs the unit goes without."""
         return self._call_once_fixed(self.checked[bounds], positions, inputs)
 
-    def run_confirm(self, layer: int, positions: torch.Tensor, **inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def run_confirm(self, layer: int, positions: torch.Tensor, **inputs: torch.Tensor | None) -> dict:
         """``ConfirmBranch.forward``'s outputs at ``layer``; ``inputs``: its row tensors by name."""
         return self._call_once_fixed(self.confirms[layer], positions, inputs)
 
@@ -357,9 +355,8 @@ class CompiledStack:
                 state.update((name, out[name]) for name in ("logits", "emitted") if name in out)
             stream, residual = self.run(bounds, positions, stream, residual, keep)
         for layer in self.confirms:  # no row passed a first stage: none leaves
-            previous = stream.clone() if self._reads_previous else None
             self.run_confirm(layer, positions, hidden_states=stream, residual=residual,
-                             passing=torch.zeros_like(flags), previous=previous, **{**state, **decision})
+                             passing=torch.zeros_like(flags), previous=stream.clone(), **{**state, **decision})
         for layer in self.exits:  # (the K/V it writes goes to the warm-up's own slots)
             emitted = torch.zeros_like(stream) if self._heads else None
             self.run_exit(layer, positions, hidden_states=stream, residual=residual, emitted=emitted,

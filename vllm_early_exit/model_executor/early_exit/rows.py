@@ -137,6 +137,18 @@ class RowState:
         """``leave`` with replayed rows leaving exactly after their recorded layer."""
         return pin(leave, self.pinned, self.running, layer)
 
+    @property
+    def plain(self) -> bool:
+        """A pure-decode step with no replayed rows and no rows that ride along with their group's
+        last row (``skipped_kv: "recompute"``): the steps a compiled decision serves."""
+        return self.pure and self.pinned is None and self.leaders is None
+
+    def check_inputs(self) -> dict[str, torch.Tensor]:
+        """The row tensors every compiled check reads (``units.LAYER_ARGS`` but the positions, and
+        ``units.ROW_ARGS``), by name."""
+        inputs = {name: getattr(self, name) for name in ("hidden_states", "residual", "keep", "running", "live")}
+        return {**inputs, "allowed": self.settings.allowed, "thresholds": self.settings.thresholds}
+
     def state(self) -> dict[str, torch.Tensor | None]:
         """The tensors an exit updates (``leave_rows``), by attribute name."""
         return {name: getattr(self, name) for name in STATE}

@@ -212,22 +212,25 @@ class DecodeStep:
         making one read; requests that turned early exit off are rows the unit's ``allowed``
         keeps from leaving), reading no pruned vocabulary, with the row tensors the unit was compiled for
         (``CheckedGroup.accepts``)."""
-        stack, check, settings = self.stack, self.check, rows.settings
-        if stack is None or not stack.has_checked(segment.bounds) or segment.last in settings.budget_layers:
+        stack, check = self.stack, self.check
+        if stack is None or not stack.has_checked(segment.bounds) or segment.last in rows.settings.budget_layers:
             return None
         if not gate and (
-            check.two_stage or not rows.pure or rows.pinned is not None or rows.leaders is not None
+            check.two_stage or not rows.plain
             or self.certain(rows) != check.always_confident
             or (check.vocab_top_k is not None and not check.always_confident)
         ):
             return None
-        inputs = {name: getattr(rows, name) for name in ("hidden_states", "residual", "keep", "running", "live")}
-        inputs.update(allowed=settings.allowed, thresholds=settings.thresholds)
+        inputs = rows.check_inputs()
         if gate:
             return inputs
-        inputs.update(depths=rows.depths, counts=self.counters.rows, logits=rows.logits, taken=rows.taken,
-                      emitted=rows.emitted, emits=rows.emits)
+        inputs.update(self.decision_inputs(rows))
         return inputs if stack.checked[segment.bounds].accepts(inputs) else None
+
+    def decision_inputs(self, rows: RowState) -> dict[str, torch.Tensor | None]:
+        """What a decision's exits update besides the stream (``units.DECISION_ARGS``), by name."""
+        return {"depths": rows.depths, "counts": self.counters.rows, "logits": rows.logits, "taken": rows.taken,
+                "emitted": rows.emitted, "emits": rows.emits}
 
     def stage(
         self, layer: int, stream: torch.Tensor, previous: torch.Tensor | None, state: dict[str, torch.Tensor | None],
@@ -362,18 +365,14 @@ class DecodeStep:
         where it runs eagerly: the unit reads every row, so it serves a confirmation of them all in
         a pure-decode step with no replayed or group rows, no budget's end here, and the tensors
         it was compiled for (``accepts``)."""
-        stack, settings = self.stack, rows.settings
+        stack = self.stack
         if (
-            stack is None or segment.last not in stack.confirms or segment.last in settings.budget_layers
-            or not rows.pure or rows.pinned is not None or rows.leaders is not None
-            or (width is not None and width < rows.running.shape[0])
+            stack is None or segment.last not in stack.confirms or segment.last in rows.settings.budget_layers
+            or not rows.plain or (width is not None and width < rows.running.shape[0])
         ):
             return None
-        names = ("hidden_states", "residual", "passing", "keep", "running", "live", "depths", "logits", "taken",
-                 "emitted", "emits")
-        inputs = {name: getattr(rows, name) for name in names}
-        inputs.update(previous=rows.previous if self.check.reads_previous else None, allowed=settings.allowed,
-                      thresholds=settings.thresholds, counts=self.counters.rows)
+        inputs = {**rows.check_inputs(), **self.decision_inputs(rows), "passing": rows.passing,
+                  "previous": rows.previous}
         return inputs if stack.confirms[segment.last].accepts(inputs) else None
 
     def confirmation(self, layer: int, previous: torch.Tensor | None, passing: torch.Tensor, state: dict,

@@ -111,7 +111,7 @@ class ConfirmBranch(OptionalInputs, nn.Module):
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, passing: torch.Tensor,
-        previous: torch.Tensor | None, keep: torch.Tensor, running: torch.Tensor, live: torch.Tensor,
+        previous: torch.Tensor, keep: torch.Tensor, running: torch.Tensor, live: torch.Tensor,
         allowed: torch.Tensor, thresholds: torch.Tensor, depths: torch.Tensor, counts: torch.Tensor,
         logits: torch.Tensor | None = None, taken: torch.Tensor | None = None, emitted: torch.Tensor | None = None,
         emits: torch.Tensor | None = None,

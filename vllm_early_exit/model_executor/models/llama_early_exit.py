@@ -84,7 +84,7 @@ class EarlyExitLlamaModel(LlamaModel):
         self.compiled_stack = (
             CompiledStack(
                 vllm_config, self.layers, self.engine_plan, prefix, checks=self.check.fusable,
-                confirms=self.check.two_stage and self.check.vocab_top_k is None,
+                confirms=self.check.confirmation_fusable,
             )
             if config.may_compile and compiling(vllm_config)
             else None
